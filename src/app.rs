@@ -1,0 +1,153 @@
+//! Wiring: broker choice, the MQTT side, the demo device and the HTTP server, from one config.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so tests run exactly what the
+//! binary runs, on port 0.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::config::{BrokerUrl, ServeArgs};
+use crate::http::{self, AppState, Limits};
+use crate::mqtt::{Gateway, GatewayOptions};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("could not start the embedded broker: {0}")]
+    EmbeddedBroker(std::io::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Where the broker is, and whether we started it.
+#[derive(Debug, Clone)]
+pub struct BrokerChoice {
+    pub url: BrokerUrl,
+    /// Set when the embedded broker was started for this process.
+    pub embedded: bool,
+}
+
+/// Uses `--mqtt-url`, or starts the embedded broker when none is given.
+pub fn choose_broker(args: &ServeArgs) -> Result<BrokerChoice, StartError> {
+    if let Some(raw) = &args.mqtt.mqtt_url {
+        let url = BrokerUrl::parse(raw).map_err(StartError::Config)?;
+        return Ok(BrokerChoice {
+            url,
+            embedded: false,
+        });
+    }
+    #[cfg(feature = "embedded-broker")]
+    {
+        let broker = crate::broker::EmbeddedBroker::start(args.embedded_broker_listen)
+            .map_err(StartError::EmbeddedBroker)?;
+        let url = BrokerUrl::parse(&broker.url()).map_err(StartError::Config)?;
+        Ok(BrokerChoice {
+            url,
+            embedded: true,
+        })
+    }
+    #[cfg(not(feature = "embedded-broker"))]
+    Err(StartError::Config(
+        "no --mqtt-url given, and this build has no embedded broker (feature `embedded-broker`)"
+            .into(),
+    ))
+}
+
+/// The gateway's id: the given one, checked, or a random one.
+pub fn gateway_id(args: &ServeArgs) -> Result<String, StartError> {
+    match &args.id {
+        Some(id) => crate::names::DeviceId::parse(id.clone())
+            .map(|_| id.clone())
+            .map_err(|e| StartError::Config(format!("invalid --id {id:?}: {e}"))),
+        None => Ok(format!(
+            "gw-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        )),
+    }
+}
+
+/// Runs the gateway until `shutdown` completes.
+pub async fn run(
+    args: ServeArgs,
+    broker: BrokerChoice,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
+        return Err(StartError::Config(format!(
+            "--default-timeout-ms must be from 1 to --max-timeout-ms ({})",
+            args.max_timeout_ms
+        )));
+    }
+    let gateway_id = gateway_id(&args)?;
+    let options = GatewayOptions {
+        mqtt: args
+            .mqtt
+            .options(&broker.url, &format!("mqtt-gateway-{gateway_id}")),
+        gateway_id,
+        topics: args.topic_template.clone(),
+        request_queue: args.mqtt_request_queue.max(1),
+    };
+    let (gateway, mqtt_task) = Gateway::start(options);
+
+    let demo_id = match (&args.demo_device, args.no_demo_device, broker.embedded) {
+        (Some(id), _, _) => Some(id.clone()),
+        (None, false, true) => Some("demo-1".to_owned()),
+        _ => None,
+    };
+    let demo = match &demo_id {
+        Some(id) => {
+            let options = args.mqtt.options(&broker.url, &format!("demo-device-{id}"));
+            let host = crate::demo::host(options, &args.topic_template, id)
+                .map_err(|e| StartError::Config(format!("invalid demo device id {id:?}: {e}")))?;
+            Some(host.start())
+        }
+        None => None,
+    };
+
+    let local = listener.local_addr().map_err(StartError::Http)?;
+    print_banner(&local.to_string(), &broker, demo_id.as_deref());
+
+    let state = AppState {
+        gateway: gateway.clone(),
+        limits: Arc::new(Limits {
+            default_timeout_ms: args.default_timeout_ms,
+            max_timeout_ms: args.max_timeout_ms,
+            max_body_bytes: args.max_body_bytes,
+        }),
+    };
+    let served = http::serve(listener, state, shutdown).await;
+
+    info!("shutting down");
+    gateway.shutdown();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), mqtt_task).await;
+    if let Some(demo) = demo {
+        demo.shutdown().await;
+    }
+    served.map_err(StartError::Http)
+}
+
+fn print_banner(listen: &str, broker: &BrokerChoice, demo: Option<&str>) {
+    let broker_addr = format!("mqtt://{}:{}", broker.url.host, broker.url.port);
+    let mut text = format!("mqtt-gateway listening on http://{listen}\n");
+    if broker.embedded {
+        text += &format!(
+            "  embedded MQTT 5 broker: {broker_addr} (your own MQTT clients can connect here)\n"
+        );
+    } else {
+        text += &format!("  MQTT broker: {broker_addr}\n");
+    }
+    if let Some(id) = demo {
+        text += &format!(
+            "  demo device {id:?} offers echo, get_config, control and delay. Try:\n\n    \
+             curl -X POST {listen}/api/v1/devices/{id}/services/echo \
+             -H 'content-type: application/json' -d '{{\"hello\":\"world\"}}'\n"
+        );
+    }
+    println!("{text}");
+}

@@ -1,0 +1,54 @@
+//! Reconnect delays: exponential with full jitter, so a fleet of gateways and devices that lost
+//! the same broker do not all knock on its door in the same millisecond when it returns.
+
+use std::time::Duration;
+
+/// The first delay after a failure: short, so a broker restart costs callers little.
+pub const MIN_DELAY: Duration = Duration::from_millis(100);
+/// The longest delay: a returning broker is found within this long.
+pub const MAX_DELAY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: MIN_DELAY }
+    }
+}
+
+impl Backoff {
+    /// The delay to wait now; each call doubles the ceiling up to [`MAX_DELAY`].
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(MAX_DELAY);
+        // Full jitter between half the ceiling and the ceiling: never zero, never a herd.
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    /// Called once connected again.
+    pub fn reset(&mut self) {
+        self.next = MIN_DELAY;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(first <= MIN_DELAY && first >= MIN_DELAY / 2);
+        for _ in 0..20 {
+            assert!(b.next_delay() <= MAX_DELAY);
+        }
+        assert!(b.next_delay() >= MAX_DELAY / 2);
+        b.reset();
+        assert!(b.next_delay() <= MIN_DELAY);
+    }
+}

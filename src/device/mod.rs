@@ -1,0 +1,450 @@
+//! The device-side library: answer MQTT 5 requests from the gateway, or from any MQTT 5 client.
+//!
+//! Register services (a topic filter and an async handler), then run the host. Each request's
+//! reply goes to its Response Topic with its Correlation Data echoed; a request without a
+//! Response Topic is handled as one-way; a request whose Message Expiry has passed is dropped.
+//!
+//! ```no_run
+//! use mqtt_gateway::device::{Reply, ServiceHost};
+//! use rumqttc::v5::MqttOptions;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut host = ServiceHost::new(MqttOptions::new("thermostat-7", "127.0.0.1", 1883));
+//! // `+` matches any device id; the handler sees it in `request.params[0]`.
+//! host.register("devices/+/get_temperature", |request| async move {
+//!     Reply::json(&serde_json::json!({ "device": request.params[0], "celsius": 21.5 }))
+//! })?;
+//! host.register("devices/+/reboot", |_request| async move {
+//!     Reply::new("rebooting").with_status(202)
+//! })?;
+//! host.run().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Backpressure: at most [`ServiceHost::max_concurrent`] handlers run at once, and at most
+//! [`ServiceHost::max_queued`] more requests wait for a slot. Past that, a request is answered at
+//! once with status 503 (`device busy`) instead of queueing without bound. (Holding back the
+//! PUBACK is no alternative: MQTT 5 requires QoS 1 acks in the order the requests arrived, so
+//! one slow handler would stall every request behind it.) Several processes can split one
+//! service's load with `$share/<group>/<filter>` filters.
+
+mod filter;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, Packet, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
+use rumqttc::Outgoing;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+pub use filter::{FilterError, TopicFilter};
+
+use crate::backoff::Backoff;
+use crate::protocol;
+
+/// How many handlers run at once unless [`ServiceHost::max_concurrent`] says otherwise: enough
+/// to keep a small device busy, few enough that a burst cannot exhaust its memory.
+pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+/// How many requests may wait for a handler slot unless [`ServiceHost::max_queued`] says
+/// otherwise: a burst of this size is absorbed, anything larger is told the device is busy.
+pub const DEFAULT_MAX_QUEUED: usize = 1024;
+
+/// One request, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The concrete topic the request arrived on.
+    pub topic: String,
+    /// The topic levels matched by the registration's wildcards, in order: one per `+`, then
+    /// the remainder for a `#`.
+    pub params: Vec<String>,
+    pub payload: Bytes,
+    /// The request's Content Type property.
+    pub content_type: Option<String>,
+    /// The request's user properties, in order.
+    pub user_properties: Vec<(String, String)>,
+    /// When the caller stops waiting, from the Message Expiry Interval; None if it had none.
+    pub deadline: Option<Instant>,
+    /// Where the reply goes; None for a one-way request.
+    pub response_topic: Option<String>,
+}
+
+impl Request {
+    /// The payload as UTF-8 text, if it is.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
+
+    /// The payload parsed as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_slice(&self.payload)
+    }
+
+    /// The first user property with this key.
+    pub fn user_property(&self, key: &str) -> Option<&str> {
+        self.user_properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a handler answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub payload: Bytes,
+    pub content_type: Option<String>,
+    /// Sent as the [`protocol::STATUS_PROPERTY`] user property; None means 200.
+    pub status: Option<u16>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Reply {
+    /// A reply with this payload and no content type.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            payload: payload.into(),
+            ..Self::default()
+        }
+    }
+
+    /// A JSON reply (`application/json`).
+    pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => Self::new(body).with_content_type("application/json"),
+            Err(e) => Self::new(format!("reply could not be serialized: {e}"))
+                .with_content_type("text/plain")
+                .with_status(500),
+        }
+    }
+
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    pub fn with_user_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.user_properties.push((key.into(), value.into()));
+        self
+    }
+
+    fn into_properties(self, correlation_data: Option<Bytes>) -> (Bytes, PublishProperties) {
+        let mut user_properties = self.user_properties;
+        if let Some(status) = self.status {
+            user_properties.push((protocol::STATUS_PROPERTY.to_owned(), status.to_string()));
+        }
+        let properties = PublishProperties {
+            payload_format_indicator: protocol::payload_format(
+                self.content_type.as_deref(),
+                &self.payload,
+            ),
+            correlation_data,
+            content_type: self.content_type,
+            user_properties,
+            ..Default::default()
+        };
+        (self.payload, properties)
+    }
+}
+
+type BoxHandler = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+
+struct Service {
+    filter: TopicFilter,
+    handler: BoxHandler,
+}
+
+/// A set of services on one MQTT connection.
+pub struct ServiceHost {
+    options: MqttOptions,
+    services: Vec<Service>,
+    max_concurrent: usize,
+    max_queued: usize,
+}
+
+impl ServiceHost {
+    /// A host for this connection. TCP_NODELAY is switched on: request/response traffic is
+    /// small packets, which Nagle's algorithm would hold back for tens of milliseconds.
+    pub fn new(mut options: MqttOptions) -> Self {
+        let mut network = options.network_options();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
+        Self {
+            options,
+            services: Vec::new(),
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            max_queued: DEFAULT_MAX_QUEUED,
+        }
+    }
+
+    /// Bounds the handlers running at once (at least 1).
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.max_concurrent = n.max(1);
+        self
+    }
+
+    /// Bounds the requests waiting for a handler slot; beyond it they get a 503 reply at once.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n;
+        self
+    }
+
+    /// Registers a handler for every request whose topic matches `filter` (`+` and `#` allowed,
+    /// and `$share/<group>/<filter>` to split the load with other hosts). When several filters
+    /// match, the first registered wins.
+    pub fn register<F, Fut>(&mut self, filter: &str, handler: F) -> Result<&mut Self, FilterError>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
+        let filter = TopicFilter::parse(filter)?;
+        let handler: BoxHandler = Arc::new(move |request| Box::pin(handler(request)));
+        self.services.push(Service { filter, handler });
+        Ok(self)
+    }
+
+    /// Connects and serves until the process ends, reconnecting as needed.
+    pub async fn run(self) {
+        let running = self.start();
+        let _ = running.task.await;
+    }
+
+    /// Connects and serves in a background task.
+    pub fn start(self) -> RunningHost {
+        // Room for every running handler's reply plus the busy replies of a burst, so replies
+        // rarely wait for the event loop.
+        let (client, eventloop) = AsyncClient::new(self.options, 2 * self.max_concurrent + 64);
+        let ready = watch::Sender::new(false);
+        let shared = Arc::new(Shared {
+            client: client.clone(),
+            services: self.services,
+            running: Arc::new(Semaphore::new(self.max_concurrent)),
+            admitted: AtomicUsize::new(0),
+            capacity: self.max_concurrent + self.max_queued,
+            ready: ready.clone(),
+        });
+        let task = tokio::spawn(serve(eventloop, shared));
+        RunningHost {
+            client,
+            ready,
+            task,
+        }
+    }
+}
+
+/// A host serving in the background.
+pub struct RunningHost {
+    client: AsyncClient,
+    ready: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningHost {
+    /// Waits until connected and subscribed to every service.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Sends DISCONNECT and waits (up to two seconds) for the task to end.
+    pub async fn shutdown(self) {
+        let _ = self.client.try_disconnect();
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+struct Shared {
+    client: AsyncClient,
+    services: Vec<Service>,
+    /// One permit per handler allowed to run.
+    running: Arc<Semaphore>,
+    /// Requests running or waiting for a permit.
+    admitted: AtomicUsize,
+    /// The most requests that may be admitted at once (running + queued).
+    capacity: usize,
+    ready: watch::Sender<bool>,
+}
+
+async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
+    let mut backoff = Backoff::default();
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                if ack.session_present {
+                    shared.ready.send_replace(true);
+                } else if !shared.services.is_empty() {
+                    let filters = shared
+                        .services
+                        .iter()
+                        .map(|s| Filter::new(s.filter.subscription(), QoS::AtLeastOnce));
+                    eventloop
+                        .pending
+                        .push_back(MqttRequest::Subscribe(Subscribe::new_many(filters, None)));
+                } else {
+                    shared.ready.send_replace(true);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused: Vec<_> = ack
+                    .return_codes
+                    .iter()
+                    .zip(&shared.services)
+                    .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
+                    .map(|(code, s)| format!("{} ({code:?})", s.filter.subscription()))
+                    .collect();
+                if refused.is_empty() {
+                    info!(services = shared.services.len(), "device ready");
+                } else {
+                    error!(?refused, "the broker refused some service subscriptions");
+                }
+                shared.ready.send_replace(true);
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => dispatch(&shared, publish),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => {
+                shared.ready.send_replace(false);
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "device connection failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Finds the handler and runs it in its own task; never blocks the event loop.
+fn dispatch(shared: &Arc<Shared>, publish: Publish) {
+    let received = Instant::now();
+    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+    let Some((index, params)) = shared
+        .services
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| s.filter.matches(&topic).map(|params| (i, params)))
+    else {
+        debug!(%topic, "no service registered for this topic");
+        return;
+    };
+    let properties = publish.properties.unwrap_or_default();
+    let deadline = properties
+        .message_expiry_interval
+        .map(|s| received + Duration::from_secs(u64::from(s)));
+    let request = Request {
+        topic,
+        params,
+        payload: publish.payload,
+        content_type: properties.content_type,
+        user_properties: properties.user_properties,
+        deadline,
+        response_topic: properties.response_topic,
+    };
+    let correlation = properties.correlation_data;
+
+    if shared.admitted.fetch_add(1, Ordering::SeqCst) >= shared.capacity {
+        shared.admitted.fetch_sub(1, Ordering::SeqCst);
+        warn!(topic = %request.topic, "device busy: request refused");
+        let busy = Reply::new("the device is busy; retry later")
+            .with_content_type("text/plain")
+            .with_status(503);
+        // Never await in the event loop: if even the client's queue is full, the caller's
+        // timeout answers instead.
+        if let Some(response_topic) = &request.response_topic {
+            let (payload, props) = busy.into_properties(correlation);
+            let _ = shared.client.try_publish_with_properties(
+                response_topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                props,
+            );
+        }
+        return;
+    }
+
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _admitted = Admitted(&shared.admitted);
+        // The semaphore is never closed, so acquiring cannot fail.
+        let Ok(_permit) = shared.running.clone().acquire_owned().await else {
+            return;
+        };
+        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| Instant::now() >= d);
+        if expired(deadline) {
+            debug!(topic = %request.topic, "dropping an expired request");
+            return;
+        }
+        let topic = request.topic.clone();
+        let response_topic = request.response_topic.clone();
+        let handler = shared.services[index].handler.clone();
+        let reply = match AssertUnwindSafe(handler(request)).catch_unwind().await {
+            Ok(reply) => reply,
+            Err(_) => {
+                error!(%topic, "service handler panicked");
+                Reply::new("the device's handler failed")
+                    .with_content_type("text/plain")
+                    .with_status(500)
+            }
+        };
+        match response_topic {
+            Some(_) if expired(deadline) => {
+                debug!(%topic, "the caller's deadline passed; reply dropped")
+            }
+            Some(response_topic) => {
+                let (payload, props) = reply.into_properties(correlation);
+                if let Err(e) = shared
+                    .client
+                    .publish_with_properties(
+                        response_topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                        props,
+                    )
+                    .await
+                {
+                    warn!(error = %e, "could not queue the reply");
+                }
+            }
+            None => {}
+        }
+    });
+}
+
+/// Counts a request as admitted until dropped, whatever way its task ends.
+struct Admitted<'a>(&'a AtomicUsize);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

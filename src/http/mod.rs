@@ -1,0 +1,91 @@
+//! The HTTP front end: routes, the shared state, and problem+json errors.
+//!
+//! This module knows nothing of rumqttc: it parses the call and hands a
+//! [`crate::mqtt::DeviceCall`] to the [`crate::mqtt::Gateway`].
+
+pub mod devices;
+pub mod error;
+pub mod health;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::Method;
+use axum::Router;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::mqtt::Gateway;
+pub use error::ApiError;
+
+/// Caller-facing limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Used when a call gives no `timeout_ms`.
+    pub default_timeout_ms: u64,
+    /// The largest `timeout_ms` a caller may ask for.
+    pub max_timeout_ms: u64,
+    /// The largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            default_timeout_ms: 10_000,
+            max_timeout_ms: 300_000,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// What every handler needs: one struct, cloned per request, so handlers take a single
+/// `State` and adding a dependency touches one place.
+#[derive(Clone)]
+pub struct AppState {
+    pub gateway: Gateway,
+    pub limits: Arc<Limits>,
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.limits.max_body_bytes;
+    Router::new()
+        .merge(devices::router())
+        .merge(health::router())
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the application on an already-bound listener until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn not_found(method: Method, request: Request) -> ApiError {
+    ApiError::NotFound {
+        method: method.to_string(),
+        path: request.uri().path().to_owned(),
+    }
+}
+
+/// A fallback for a known path with the wrong method.
+fn method_not_allowed(
+    allowed: &'static str,
+) -> impl Fn(Method) -> std::future::Ready<ApiError> + Clone + Send + Sync + 'static {
+    move |method: Method| {
+        std::future::ready(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            allowed,
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! The `mqtt-gateway` binary: parses the command line, sets up logging, and calls the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mqtt_gateway::config::BrokerUrl;
+use mqtt_gateway::config::{Cli, Command, DeviceArgs, LogFormat, ServeArgs};
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Device(args)) => device(args).await,
+        #[cfg(feature = "embedded-broker")]
+        Some(Command::Broker(args)) => broker(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::server::broker=off,rumqttc=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    init_logging(args.log_format);
+    let broker = mqtt_gateway::app::choose_broker(&args).map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    mqtt_gateway::app::run(args, broker, listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn device(args: DeviceArgs) -> Result<(), String> {
+    init_logging(args.log_format);
+    let raw = args
+        .mqtt
+        .mqtt_url
+        .as_deref()
+        .ok_or("the device needs --mqtt-url (or GATEWAY_MQTT_URL)")?;
+    let url = BrokerUrl::parse(raw)?;
+    let options = args
+        .mqtt
+        .options(&url, &format!("demo-device-{}", args.device_id));
+    let host = mqtt_gateway::demo::host(options, &args.topic_template, &args.device_id)
+        .map_err(|e| format!("invalid --device-id {:?}: {e}", args.device_id))?
+        .max_concurrent(args.max_concurrent);
+    println!(
+        "demo device {:?} serving echo, get_config, control and delay via mqtt://{}:{}",
+        args.device_id, url.host, url.port
+    );
+    let running = host.start();
+    shutdown_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+#[cfg(feature = "embedded-broker")]
+async fn broker(args: mqtt_gateway::config::BrokerArgs) -> Result<(), String> {
+    init_logging(LogFormat::Text);
+    let broker = mqtt_gateway::broker::EmbeddedBroker::start(args.broker_listen)
+        .map_err(|e| e.to_string())?;
+    println!("embedded MQTT 5 broker listening on {}", broker.url());
+    shutdown_signal().await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,426 @@
+//! The gateway's one MQTT connection and the one task that polls it.
+//!
+//! rumqttc's `publish` returns no packet id, yet the broker's PUBACK (with its reason code) names
+//! only the packet id. The link works because the event loop turns requests into packets in
+//! exactly the order they entered its channel, and reports each as `Outgoing::Publish(pkid)`:
+//! every call pushes its correlation id onto `unsent` under the same lock that sends its
+//! request into the channel, so the n-th `Outgoing::Publish` belongs to the n-th id in `unsent`.
+//! From then on the packet id maps to the call until its PUBACK arrives. The mapping is rebuilt
+//! from scratch on every reconnect: everything queued or unacknowledged is failed (503) and
+//! dropped from rumqttc's retransmission queue, so no stale packet can shift the order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, Packet, PubAckReason, Publish, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
+use rumqttc::Outgoing;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use super::pending::PendingRequests;
+use super::{CallError, CallOutcome, CorrelationId, DeviceCall, DeviceReply, PublishRefusal};
+use crate::backoff::Backoff;
+use crate::names::TopicTemplate;
+use crate::protocol::STATUS_PROPERTY;
+
+/// Everything the gateway's MQTT side needs to start.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// Broker address, client id, keep-alive, packet size limit, TCP_NODELAY: see
+    /// [`crate::config::MqttArgs::options`].
+    pub mqtt: MqttOptions,
+    /// This gateway's id: it names the response topic, so gateways sharing a broker never see
+    /// each other's replies.
+    pub gateway_id: String,
+    /// Where requests go.
+    pub topics: TopicTemplate,
+    /// Capacity of the channel into the event loop: requests beyond it are refused at once
+    /// (503) instead of queueing without bound.
+    pub request_queue: usize,
+}
+
+impl GatewayOptions {
+    /// The topic this gateway subscribes to for every reply.
+    pub fn response_topic(&self) -> String {
+        format!("gateway/{}/replies", self.gateway_id)
+    }
+}
+
+/// Counters an operator wants to see; read them with [`Gateway::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    reconnects: AtomicU64,
+    /// Replies whose correlation data matched no parked call (late, duplicated or forged).
+    unmatched_replies: AtomicU64,
+    /// Messages on the response topic with no usable correlation data.
+    replies_without_correlation: AtomicU64,
+}
+
+/// A snapshot of the connection's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayStats {
+    pub parked: usize,
+    pub reconnects: u64,
+    pub unmatched_replies: u64,
+    pub replies_without_correlation: u64,
+}
+
+/// The handle the web layer uses to call devices. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: AsyncClient,
+    pending: PendingRequests,
+    link: Mutex<Link>,
+    ready: watch::Sender<bool>,
+    topics: TopicTemplate,
+    response_topic: String,
+    /// The broker's Maximum Packet Size from CONNACK; 0 when it set none.
+    broker_max_packet: AtomicU32,
+    shutting_down: AtomicBool,
+    counters: Counters,
+}
+
+/// What must change together: whether requests may be sent, and the order they were sent in.
+#[derive(Default)]
+struct Link {
+    /// Connected and subscribed to the response topic.
+    ready: bool,
+    /// Calls whose request is in rumqttc's channel but has no packet id yet, oldest first.
+    unsent: VecDeque<CorrelationId>,
+}
+
+impl Gateway {
+    /// Starts the connection task. The gateway connects (and reconnects) on its own; watch
+    /// [`Gateway::is_ready`] or await [`Gateway::wait_ready`].
+    pub fn start(options: GatewayOptions) -> (Gateway, JoinHandle<()>) {
+        let response_topic = options.response_topic();
+        let (client, eventloop) = AsyncClient::new(options.mqtt.clone(), options.request_queue);
+        let inner = Arc::new(Inner {
+            client,
+            pending: PendingRequests::default(),
+            link: Mutex::new(Link::default()),
+            ready: watch::Sender::new(false),
+            topics: options.topics,
+            response_topic,
+            broker_max_packet: AtomicU32::new(0),
+            shutting_down: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let task = tokio::spawn(run(eventloop, inner.clone()));
+        (Gateway { inner }, task)
+    }
+
+    /// Publishes the request, parks the call, and waits for its outcome.
+    pub async fn call(&self, call: DeviceCall) -> Result<DeviceReply, CallError> {
+        let inner = &self.inner;
+        let mut parked = inner.pending.park();
+        let publish = call.to_publish(&inner.topics, &inner.response_topic, parked.id());
+
+        let limit = inner.broker_max_packet.load(Ordering::Relaxed);
+        let size = publish.size();
+        if limit != 0 && size > limit as usize {
+            return Err(CallError::PacketTooLarge { size, limit });
+        }
+
+        {
+            let mut link = inner.lock_link();
+            if !link.ready {
+                return Err(CallError::NotConnected);
+            }
+            let Publish {
+                topic,
+                payload,
+                properties,
+                ..
+            } = publish;
+            // The topic came from the template and parsed names, so it is valid UTF-8.
+            let topic = String::from_utf8_lossy(&topic).into_owned();
+            let sent = inner.client.try_publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                properties.unwrap_or_default(),
+            );
+            if sent.is_err() {
+                // The channel is full (or the task is gone): refuse now, queue nothing.
+                return Err(CallError::Overloaded);
+            }
+            link.unsent.push_back(parked.id());
+        }
+
+        match tokio::time::timeout(call.timeout, parked.outcome()).await {
+            Ok(CallOutcome::Reply(reply)) => Ok(reply),
+            Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
+            Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
+            Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
+            Err(_) => Err(CallError::Timeout(call.timeout)),
+        }
+    }
+
+    /// Connected to the broker and subscribed to the response topic.
+    pub fn is_ready(&self) -> bool {
+        *self.inner.ready.borrow()
+    }
+
+    /// Waits until [`Gateway::is_ready`].
+    pub async fn wait_ready(&self) {
+        let mut rx = self.inner.ready.subscribe();
+        // The sender lives in `inner`, which we hold, so the channel cannot close.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    /// The topic replies must be published to.
+    pub fn response_topic(&self) -> &str {
+        &self.inner.response_topic
+    }
+
+    pub fn stats(&self) -> GatewayStats {
+        let c = &self.inner.counters;
+        GatewayStats {
+            parked: self.inner.pending.len(),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+            unmatched_replies: c.unmatched_replies.load(Ordering::Relaxed),
+            replies_without_correlation: c.replies_without_correlation.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops sending, fails parked calls, and sends DISCONNECT; the task then ends.
+    pub fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.shutting_down.store(true, Ordering::SeqCst);
+        inner.lock_link().ready = false;
+        inner.ready.send_replace(false);
+        inner.pending.fail_all(CallOutcome::ConnectionLost);
+        let _ = inner.client.try_disconnect();
+    }
+}
+
+impl Inner {
+    fn lock_link(&self) -> std::sync::MutexGuard<'_, Link> {
+        // Every critical section leaves `Link` consistent, so a poisoned lock is still usable.
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.lock_link().ready = ready;
+        self.ready.send_replace(ready);
+    }
+
+    /// The connection dropped: nothing queued or unacknowledged will reach the broker in a new
+    /// clean session, and replies to what did reach it would go to a subscription that no
+    /// longer exists. Fail every parked call now (503) rather than let it run into its timeout.
+    fn connection_lost(&self, eventloop: &mut EventLoop) {
+        {
+            let mut link = self.lock_link();
+            link.ready = false;
+            // Drain what entered the channel since rumqttc's own clean-up, then drop it all:
+            // under the lock, so no call can slip a request in between.
+            eventloop.clean();
+            eventloop.pending.clear();
+            eventloop.state.events.clear();
+            link.unsent.clear();
+        }
+        self.ready.send_replace(false);
+        let failed = self.pending.fail_all(CallOutcome::ConnectionLost);
+        if failed > 0 {
+            warn!(failed, "connection lost: failed the calls it carried");
+        }
+    }
+
+    fn route_reply(&self, publish: Publish) {
+        if publish.topic != self.response_topic.as_bytes() {
+            debug!(topic = ?publish.topic, "ignoring a message on a topic we did not subscribe to");
+            return;
+        }
+        let properties = publish.properties.unwrap_or_default();
+        let Some(id) = properties
+            .correlation_data
+            .as_deref()
+            .and_then(CorrelationId::from_bytes)
+        else {
+            self.counters
+                .replies_without_correlation
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("ignoring a reply without 16 bytes of correlation data");
+            return;
+        };
+        let outcome = match split_status(properties.user_properties) {
+            Ok((status, user_properties)) => CallOutcome::Reply(DeviceReply {
+                payload: publish.payload,
+                content_type: properties.content_type,
+                status,
+                user_properties,
+            }),
+            Err(why) => CallOutcome::InvalidStatus(why),
+        };
+        if !self.pending.resolve(&id, outcome) {
+            self.counters
+                .unmatched_replies
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("ignoring a reply that matches no waiting call (late, duplicate or forged)");
+        }
+    }
+}
+
+type UserProperties = Vec<(String, String)>;
+
+/// Takes the status property out of a reply's user properties.
+fn split_status(user_properties: UserProperties) -> Result<(Option<u16>, UserProperties), String> {
+    let mut status = None;
+    let mut rest = Vec::with_capacity(user_properties.len());
+    for (key, value) in user_properties {
+        if key != STATUS_PROPERTY {
+            rest.push((key, value));
+        } else if status.is_none() {
+            let code = value
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+                .ok_or_else(|| {
+                    format!("{STATUS_PROPERTY:?} is {value:?}, not an HTTP status code (100-599)")
+                })?;
+            status = Some(code);
+        }
+    }
+    Ok((status, rest))
+}
+
+fn refusal(reason: PubAckReason) -> Option<PublishRefusal> {
+    Some(match reason {
+        PubAckReason::Success => return None,
+        PubAckReason::NoMatchingSubscribers => PublishRefusal::NoMatchingSubscribers,
+        PubAckReason::NotAuthorized => PublishRefusal::NotAuthorized,
+        PubAckReason::QuotaExceeded => PublishRefusal::QuotaExceeded,
+        PubAckReason::PayloadFormatInvalid => PublishRefusal::PayloadFormatInvalid,
+        PubAckReason::TopicNameInvalid => PublishRefusal::TopicNameInvalid,
+        PubAckReason::UnspecifiedError => PublishRefusal::Other(0x80),
+        PubAckReason::ImplementationSpecificError => PublishRefusal::Other(0x83),
+        PubAckReason::PacketIdentifierInUse => PublishRefusal::Other(0x91),
+    })
+}
+
+/// The event loop. Nothing else polls it, and it never awaits the client (rumqtt issue 1025):
+/// its own requests (the subscription) go straight into the event loop's queue.
+async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
+    // Packet id → call, from the moment the request is written until its PUBACK.
+    let mut in_flight: HashMap<u16, CorrelationId> = HashMap::new();
+    let mut backoff = Backoff::default();
+    let mut connected_once = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                if connected_once {
+                    inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                connected_once = true;
+                let max_packet = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.max_packet_size)
+                    .unwrap_or(0);
+                inner.broker_max_packet.store(max_packet, Ordering::Relaxed);
+                info!(
+                    response_topic = %inner.response_topic,
+                    broker_max_packet = max_packet,
+                    "connected to the MQTT broker"
+                );
+                let filter = Filter::new(inner.response_topic.clone(), QoS::AtLeastOnce);
+                eventloop
+                    .pending
+                    .push_back(Request::Subscribe(Subscribe::new(filter, None)));
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted = ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                if granted {
+                    inner.set_ready(true);
+                    info!(response_topic = %inner.response_topic, "ready: subscribed to the response topic");
+                } else {
+                    error!(
+                        response_topic = %inner.response_topic,
+                        reasons = ?ack.return_codes,
+                        "the broker refused the response topic subscription; check its ACL"
+                    );
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                match inner.lock_link().unsent.pop_front() {
+                    Some(id) => {
+                        in_flight.insert(pkid, id);
+                    }
+                    None => warn!(pkid, "a request left with no call waiting for its PUBACK"),
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(id) = in_flight.remove(&ack.pkid) {
+                    if let Some(refusal) = refusal(ack.reason) {
+                        inner.pending.resolve(&id, CallOutcome::Refused(refusal));
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => inner.route_reply(publish),
+            Ok(Event::Outgoing(Outgoing::Disconnect))
+                if inner.shutting_down.load(Ordering::SeqCst) =>
+            {
+                info!("disconnected from the MQTT broker");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if inner.shutting_down.load(Ordering::SeqCst) {
+                    break;
+                }
+                inner.connection_lost(&mut eventloop);
+                in_flight.clear();
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "MQTT connection failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_taken_out_of_the_user_properties() {
+        let props = vec![
+            ("a".to_string(), "1".to_string()),
+            ("status".to_string(), " 404".to_string()),
+        ];
+        let (status, rest) = split_status(props).unwrap();
+        assert_eq!(status, Some(404));
+        assert_eq!(rest, vec![("a".to_string(), "1".to_string())]);
+        assert!(split_status(vec![("status".into(), "abc".into())]).is_err());
+        assert!(split_status(vec![("status".into(), "99".into())]).is_err());
+        assert_eq!(split_status(vec![]).unwrap().0, None);
+    }
+
+    #[test]
+    fn response_topic_is_per_gateway() {
+        let opts = |id: &str| GatewayOptions {
+            mqtt: MqttOptions::new("c", "localhost", 1883),
+            gateway_id: id.into(),
+            topics: TopicTemplate::default(),
+            request_queue: 1,
+        };
+        assert_ne!(opts("a").response_topic(), opts("b").response_topic());
+    }
+}

@@ -1,0 +1,99 @@
+//! Building the MQTT 5 request for one device call.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+
+use super::CorrelationId;
+use crate::names::{DeviceId, ServiceName, TopicTemplate};
+use crate::protocol;
+
+/// One call to a device service, as the web layer hands it over.
+#[derive(Debug, Clone)]
+pub struct DeviceCall {
+    pub device: DeviceId,
+    pub service: ServiceName,
+    /// The request body, published unchanged.
+    pub payload: Bytes,
+    /// Sent as the Content Type property.
+    pub content_type: Option<String>,
+    /// Sent as user properties, in order.
+    pub user_properties: Vec<(String, String)>,
+    /// How long the caller waits; also sent as the Message Expiry Interval.
+    pub timeout: Duration,
+}
+
+impl DeviceCall {
+    /// The request PUBLISH: QoS 1 (so the broker's PUBACK tells us whether anyone listens),
+    /// Response Topic, Correlation Data, and a Message Expiry Interval equal to the caller's
+    /// deadline rounded up to whole seconds, so no device acts on a request its caller has
+    /// given up on.
+    pub fn to_publish(
+        &self,
+        topics: &TopicTemplate,
+        response_topic: &str,
+        id: CorrelationId,
+    ) -> Publish {
+        let properties = PublishProperties {
+            payload_format_indicator: protocol::payload_format(
+                self.content_type.as_deref(),
+                &self.payload,
+            ),
+            message_expiry_interval: Some(expiry_seconds(self.timeout)),
+            response_topic: Some(response_topic.to_owned()),
+            correlation_data: Some(Bytes::copy_from_slice(id.as_bytes())),
+            user_properties: self.user_properties.clone(),
+            content_type: self.content_type.clone(),
+            ..Default::default()
+        };
+        Publish::new(
+            topics.topic(&self.device, &self.service),
+            QoS::AtLeastOnce,
+            self.payload.clone(),
+            Some(properties),
+        )
+    }
+}
+
+/// Whole seconds, rounded up, at least 1 (0 would mean "no expiry" to some brokers).
+pub fn expiry_seconds(timeout: Duration) -> u32 {
+    let ms = timeout.as_millis();
+    u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_rounds_up() {
+        assert_eq!(expiry_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(expiry_seconds(Duration::from_millis(1000)), 1);
+        assert_eq!(expiry_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(expiry_seconds(Duration::from_millis(10_000)), 10);
+    }
+
+    #[test]
+    fn publish_carries_the_request_properties() {
+        let call = DeviceCall {
+            device: DeviceId::parse("d1").unwrap(),
+            service: ServiceName::parse("echo").unwrap(),
+            payload: Bytes::from_static(b"{}"),
+            content_type: Some("application/json".into()),
+            user_properties: vec![("k".into(), "v".into())],
+            timeout: Duration::from_millis(2500),
+        };
+        let id = CorrelationId::random();
+        let p = call.to_publish(&TopicTemplate::default(), "gw/replies", id);
+        assert_eq!(&p.topic[..], b"devices/d1/echo");
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        let props = p.properties.unwrap();
+        assert_eq!(props.message_expiry_interval, Some(3));
+        assert_eq!(props.response_topic.as_deref(), Some("gw/replies"));
+        assert_eq!(props.correlation_data.as_deref(), Some(&id.as_bytes()[..]));
+        assert_eq!(props.payload_format_indicator, Some(1));
+        assert_eq!(props.user_properties, vec![("k".into(), "v".into())]);
+    }
+}

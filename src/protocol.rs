@@ -1,0 +1,52 @@
+//! The conventions that the gateway and the device library share on the wire.
+//!
+//! Everything else is plain MQTT 5 request/response (Response Topic + Correlation Data), so any
+//! MQTT 5 client can be a device or a caller.
+
+/// The reply user property that carries the device's status code, as decimal HTTP status
+/// (`"200"`, `"404"`, ...). Absent means 200.
+pub const STATUS_PROPERTY: &str = "status";
+
+/// The request user property that carries the W3C trace context from the HTTP `traceparent`
+/// header.
+pub const TRACEPARENT_PROPERTY: &str = "traceparent";
+
+/// Whether a content type names text (and so may carry Payload Format Indicator 1).
+pub fn is_text_content_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.starts_with("text/")
+        || essence == "application/json"
+        || essence.ends_with("+json")
+        || essence == "application/xml"
+        || essence.ends_with("+xml")
+}
+
+/// Payload Format Indicator for a payload: 1 (UTF-8 text) only when the content type is textual
+/// and the bytes really are UTF-8, since a broker may refuse a mismatch (reason 0x99).
+pub fn payload_format(content_type: Option<&str>, payload: &[u8]) -> Option<u8> {
+    match content_type {
+        Some(ct) if is_text_content_type(ct) && std::str::from_utf8(payload).is_ok() => Some(1),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_types() {
+        assert!(is_text_content_type("application/json; charset=utf-8"));
+        assert!(is_text_content_type("text/plain"));
+        assert!(is_text_content_type("application/problem+json"));
+        assert!(!is_text_content_type("application/octet-stream"));
+        assert_eq!(payload_format(Some("text/plain"), b"hi"), Some(1));
+        assert_eq!(payload_format(Some("text/plain"), &[0xff]), None);
+        assert_eq!(payload_format(None, b"hi"), None);
+    }
+}
