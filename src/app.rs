@@ -1,6 +1,6 @@
 //! Wiring: broker choice, the MQTT side, the demo device and the HTTP server, from one config.
 //!
-//! [`run`] takes an already-bound listener and a shutdown future, so tests run exactly what the
+//! [`App::serve`] takes an already-bound listener and a shutdown future, so tests run exactly what the
 //! binary runs, on port 0.
 
 use std::future::Future;
@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::config::{BrokerUrl, ServeArgs};
+use crate::device::{RunningHost, ServiceHost};
 use crate::http::{self, AppState, Limits};
 use crate::mqtt::{Gateway, GatewayOptions};
 
@@ -71,65 +72,102 @@ pub fn gateway_id(args: &ServeArgs) -> Result<String, StartError> {
     }
 }
 
-/// Runs the gateway until `shutdown` completes.
-pub async fn run(
-    args: ServeArgs,
+/// A started gateway: connected (or connecting) to the broker, the demo device running if
+/// asked for, not yet serving HTTP.
+pub struct App {
+    gateway: Gateway,
+    mqtt_task: tokio::task::JoinHandle<()>,
+    demo: Option<RunningHost>,
+    demo_id: Option<String>,
     broker: BrokerChoice,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
-        return Err(StartError::Config(format!(
-            "--default-timeout-ms must be from 1 to --max-timeout-ms ({})",
-            args.max_timeout_ms
-        )));
-    }
-    let gateway_id = gateway_id(&args)?;
-    let options = GatewayOptions {
-        mqtt: args
-            .mqtt
-            .options(&broker.url, &format!("mqtt-gateway-{gateway_id}")),
-        gateway_id,
-        topics: args.topic_template.clone(),
-        request_queue: args.mqtt_request_queue.max(1),
-    };
-    let (gateway, mqtt_task) = Gateway::start(options);
+    limits: Limits,
+}
 
-    let demo_id = match (&args.demo_device, args.no_demo_device, broker.embedded) {
-        (Some(id), _, _) => Some(id.clone()),
-        (None, false, true) => Some("demo-1".to_owned()),
-        _ => None,
-    };
-    let demo = match &demo_id {
-        Some(id) => {
-            let options = args.mqtt.options(&broker.url, &format!("demo-device-{id}"));
-            let host = crate::demo::host(options, &args.topic_template, id)
-                .map_err(|e| StartError::Config(format!("invalid demo device id {id:?}: {e}")))?;
-            Some(host.start())
+impl App {
+    /// Starts the MQTT side and the demo device (on by default with the embedded broker).
+    pub fn start(args: &ServeArgs, broker: BrokerChoice) -> Result<App, StartError> {
+        if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
+            return Err(StartError::Config(format!(
+                "--default-timeout-ms must be from 1 to --max-timeout-ms ({})",
+                args.max_timeout_ms
+            )));
         }
-        None => None,
-    };
+        let gateway_id = gateway_id(args)?;
+        let options = GatewayOptions {
+            mqtt: args
+                .mqtt
+                .options(&broker.url, &format!("mqtt-gateway-{gateway_id}")),
+            gateway_id,
+            topics: args.topic_template.clone(),
+            request_queue: args.mqtt_request_queue.max(1),
+        };
 
-    let local = listener.local_addr().map_err(StartError::Http)?;
-    print_banner(&local.to_string(), &broker, demo_id.as_deref());
+        let demo_id = match (&args.demo_device, args.no_demo_device, broker.embedded) {
+            (Some(id), _, _) => Some(id.clone()),
+            (None, false, true) => Some("demo-1".to_owned()),
+            _ => None,
+        };
+        let demo_host = match &demo_id {
+            Some(id) => {
+                let options = args.mqtt.options(&broker.url, &format!("demo-device-{id}"));
+                let host = crate::demo::host(options, &args.topic_template, id).map_err(|e| {
+                    StartError::Config(format!("invalid demo device id {id:?}: {e}"))
+                })?;
+                Some(host)
+            }
+            None => None,
+        };
 
-    let state = AppState {
-        gateway: gateway.clone(),
-        limits: Arc::new(Limits {
-            default_timeout_ms: args.default_timeout_ms,
-            max_timeout_ms: args.max_timeout_ms,
-            max_body_bytes: args.max_body_bytes,
-        }),
-    };
-    let served = http::serve(listener, state, shutdown).await;
-
-    info!("shutting down");
-    gateway.shutdown();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), mqtt_task).await;
-    if let Some(demo) = demo {
-        demo.shutdown().await;
+        let (gateway, mqtt_task) = Gateway::start(options);
+        Ok(App {
+            gateway,
+            mqtt_task,
+            demo: demo_host.map(ServiceHost::start),
+            demo_id,
+            broker,
+            limits: Limits {
+                default_timeout_ms: args.default_timeout_ms,
+                max_timeout_ms: args.max_timeout_ms,
+                max_body_bytes: args.max_body_bytes,
+            },
+        })
     }
-    served.map_err(StartError::Http)
+
+    /// The MQTT side, for callers that embed the gateway.
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` completes, then disconnects cleanly.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let local = listener.local_addr().map_err(StartError::Http)?;
+        if let Some(demo) = &self.demo {
+            // Print "try this curl" only once it works: the demo device's subscriptions must be
+            // in place, or the first request would find nobody listening. Bounded, so a broker
+            // that is down does not keep the HTTP side (health, readiness) from starting.
+            let both = async { tokio::join!(demo.wait_ready(), self.gateway.wait_ready()) };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), both).await;
+        }
+        print_banner(&local.to_string(), &self.broker, self.demo_id.as_deref());
+
+        let state = AppState {
+            gateway: self.gateway.clone(),
+            limits: Arc::new(self.limits),
+        };
+        let served = http::serve(listener, state, shutdown).await;
+
+        info!("shutting down");
+        self.gateway.shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.mqtt_task).await;
+        if let Some(demo) = self.demo {
+            demo.shutdown().await;
+        }
+        served.map_err(StartError::Http)
+    }
 }
 
 fn print_banner(listen: &str, broker: &BrokerChoice, demo: Option<&str>) {

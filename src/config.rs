@@ -134,7 +134,7 @@ pub struct BrokerArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct MqttArgs {
-    /// The broker, as mqtt://[user:password@]host[:port]. Without it, `serve` starts the
+    /// The broker, as `mqtt://[user:password@]host[:port]`. Without it, `serve` starts the
     /// embedded broker.
     #[arg(long, env = "GATEWAY_MQTT_URL")]
     pub mqtt_url: Option<String>,

@@ -42,7 +42,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    mqtt_gateway::app::run(args, broker, listener, shutdown_signal())
+    let app = mqtt_gateway::app::App::start(&args, broker).map_err(|e| e.to_string())?;
+    app.serve(listener, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
 }

@@ -62,6 +62,23 @@ async fn call_service(
     Ok(reply_response(reply))
 }
 
+/// For `/api/v1/devices/{device_id}/services/{service}` with an empty device id or service
+/// (which the router cannot match): the error naming it.
+pub fn empty_name_error(path: &str) -> Option<ApiError> {
+    let rest = path.strip_prefix("/api/v1/devices/")?;
+    let (device, service) = rest.split_once("/services/")?;
+    if device.contains('/') || service.contains('/') {
+        return None;
+    }
+    if device.is_empty() {
+        return Some(ApiError::InvalidDeviceId(crate::names::NameError::Empty));
+    }
+    if service.is_empty() {
+        return Some(ApiError::InvalidService(crate::names::NameError::Empty));
+    }
+    None
+}
+
 /// `timeout_ms`: whole milliseconds, 1 up to the configured maximum.
 fn parse_timeout(query: Option<&str>, limits: &super::Limits) -> Result<Duration, ApiError> {
     let mut timeout_ms = limits.default_timeout_ms;

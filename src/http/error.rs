@@ -246,3 +246,65 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Every broker refusal and call failure maps to its documented status and code; none is a
+    /// 500. (0x10 and 0x87 are also proven against Mosquitto in tests/api/errors.rs.)
+    #[test]
+    fn call_failures_map_to_their_documented_status_and_code() {
+        let cases = [
+            (
+                CallError::Refused(PublishRefusal::NoMatchingSubscribers),
+                404,
+                "device-offline",
+            ),
+            (
+                CallError::Refused(PublishRefusal::NotAuthorized),
+                403,
+                "not-authorized",
+            ),
+            (
+                CallError::Refused(PublishRefusal::QuotaExceeded),
+                429,
+                "quota-exceeded",
+            ),
+            (
+                CallError::Refused(PublishRefusal::PayloadFormatInvalid),
+                502,
+                "broker-refused",
+            ),
+            (
+                CallError::Refused(PublishRefusal::Other(0x80)),
+                502,
+                "broker-refused",
+            ),
+            (
+                CallError::PacketTooLarge { size: 10, limit: 5 },
+                413,
+                "payload-too-large",
+            ),
+            (CallError::NotConnected, 503, "broker-unavailable"),
+            (CallError::Overloaded, 503, "overloaded"),
+            (CallError::ConnectionLost, 503, "connection-lost"),
+            (
+                CallError::Timeout(Duration::from_millis(5)),
+                504,
+                "device-timeout",
+            ),
+            (
+                CallError::InvalidStatus("x".into()),
+                502,
+                "invalid-device-reply",
+            ),
+        ];
+        for (error, status, code) in cases {
+            let problem = ApiError::Call(error).problem();
+            assert_eq!((problem.status, problem.code), (status, code));
+            assert_eq!(problem.kind, format!("{PROBLEM_TYPE_PREFIX}{code}"));
+        }
+    }
+}

@@ -72,9 +72,15 @@ pub async fn serve(
 }
 
 async fn not_found(method: Method, request: Request) -> ApiError {
+    let path = request.uri().path();
+    // The router cannot match an empty path segment; name the empty part instead of saying
+    // the route does not exist.
+    if let Some(error) = devices::empty_name_error(path) {
+        return error;
+    }
     ApiError::NotFound {
         method: method.to_string(),
-        path: request.uri().path().to_owned(),
+        path: path.to_owned(),
     }
 }
 

@@ -86,6 +86,9 @@ struct Inner {
     response_topic: String,
     /// The broker's Maximum Packet Size from CONNACK; 0 when it set none.
     broker_max_packet: AtomicU32,
+    /// Our own packet size limit (rumqttc refuses to write larger packets, and would drop the
+    /// connection doing so); 0 for none.
+    own_max_packet: u32,
     shutting_down: AtomicBool,
     counters: Counters,
 }
@@ -104,6 +107,7 @@ impl Gateway {
     /// [`Gateway::is_ready`] or await [`Gateway::wait_ready`].
     pub fn start(options: GatewayOptions) -> (Gateway, JoinHandle<()>) {
         let response_topic = options.response_topic();
+        let own_max_packet = options.mqtt.max_packet_size().unwrap_or(0);
         let (client, eventloop) = AsyncClient::new(options.mqtt.clone(), options.request_queue);
         let inner = Arc::new(Inner {
             client,
@@ -113,6 +117,7 @@ impl Gateway {
             topics: options.topics,
             response_topic,
             broker_max_packet: AtomicU32::new(0),
+            own_max_packet,
             shutting_down: AtomicBool::new(false),
             counters: Counters::default(),
         });
@@ -126,10 +131,15 @@ impl Gateway {
         let mut parked = inner.pending.park();
         let publish = call.to_publish(&inner.topics, &inner.response_topic, parked.id());
 
-        let limit = inner.broker_max_packet.load(Ordering::Relaxed);
         let size = publish.size();
-        if limit != 0 && size > limit as usize {
-            return Err(CallError::PacketTooLarge { size, limit });
+        let limits = [
+            inner.broker_max_packet.load(Ordering::Relaxed),
+            inner.own_max_packet,
+        ];
+        if let Some(limit) = limits.into_iter().filter(|l| *l != 0).min() {
+            if size > limit as usize {
+                return Err(CallError::PacketTooLarge { size, limit });
+            }
         }
 
         {

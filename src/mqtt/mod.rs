@@ -89,7 +89,7 @@ pub enum CallError {
     NotConnected,
     #[error("the gateway has too many requests queued for the MQTT connection")]
     Overloaded,
-    #[error("the request is {size} bytes as an MQTT packet; the broker accepts at most {limit}")]
+    #[error("the request is {size} bytes as an MQTT packet; the limit is {limit} bytes")]
     PacketTooLarge { size: usize, limit: u32 },
     #[error("the broker refused the request: {0:?}")]
     Refused(PublishRefusal),

@@ -1,0 +1,450 @@
+//! The test harness: a real broker per test on a free loopback port, the real gateway (the
+//! same `App` the binary runs) on port 0, and real MQTT clients on the device side.
+//!
+//! Which broker: `MQTT_GATEWAY_TEST_BROKER=mosquitto` requires Mosquitto (CI's first run),
+//! `=embedded` uses the embedded rumqttd broker (CI's second run), unset uses Mosquitto when it
+//! is installed and the embedded broker otherwise, and says so once.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mqtt_gateway::app::{App, BrokerChoice};
+use mqtt_gateway::config::{BrokerUrl, Cli, Command as CliCommand};
+use mqtt_gateway::device::{RunningHost, ServiceHost};
+use mqtt_gateway::mqtt::Gateway;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Mosquitto,
+    Embedded,
+}
+
+fn mosquitto_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+fn broker_kind() -> BrokerKind {
+    static NOTE: Once = Once::new();
+    match std::env::var("MQTT_GATEWAY_TEST_BROKER").as_deref() {
+        Ok("mosquitto") => {
+            assert!(
+                mosquitto_binary().is_some(),
+                "MQTT_GATEWAY_TEST_BROKER=mosquitto but no mosquitto binary was found"
+            );
+            BrokerKind::Mosquitto
+        }
+        Ok("embedded") => BrokerKind::Embedded,
+        Ok(other) => panic!("MQTT_GATEWAY_TEST_BROKER={other:?}: use mosquitto or embedded"),
+        Err(_) if mosquitto_binary().is_some() => BrokerKind::Mosquitto,
+        Err(_) => {
+            NOTE.call_once(|| {
+                eprintln!(
+                    "NOTE: no mosquitto binary found; the tests use the embedded broker \
+                     (rumqttd). Tests that need Mosquitto's behaviour report that they did not run."
+                )
+            });
+            BrokerKind::Embedded
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn wait_connectable(addr: SocketAddr, child: &mut Child) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A broker process owned by one test; killed when dropped.
+pub struct TestBroker {
+    pub kind: BrokerKind,
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    extra_config: String,
+}
+
+impl TestBroker {
+    pub fn start() -> Self {
+        Self::start_with("", &[])
+    }
+
+    /// Extra Mosquitto configuration lines, and files to write beside them (`{dir}` in the
+    /// lines names their folder). The embedded broker ignores both, so tests that use them run
+    /// on Mosquitto only.
+    pub fn start_with(extra: &str, files: &[(&str, &str)]) -> Self {
+        let kind = broker_kind();
+        let mut last_log = String::new();
+        // A free port can be taken between our probe and the broker's bind: try a few.
+        for _ in 0..5 {
+            let mut broker = TestBroker {
+                kind,
+                port: free_port(),
+                child: None,
+                dir: tempfile::tempdir().expect("temp dir"),
+                extra_config: extra.to_owned(),
+            };
+            for (name, contents) in files {
+                std::fs::write(broker.dir.path().join(name), contents).expect("write broker file");
+            }
+            broker.extra_config = extra.replace("{dir}", &broker.dir.path().display().to_string());
+            if broker.spawn() {
+                return broker;
+            }
+            last_log = broker.log();
+        }
+        panic!("the {kind:?} broker failed to start: {last_log}");
+    }
+
+    /// Starts the process on `self.port`; false if it did not come up.
+    fn spawn(&mut self) -> bool {
+        let log = std::fs::File::create(self.dir.path().join("broker.log")).expect("log file");
+        let mut command = match self.kind {
+            BrokerKind::Mosquitto => {
+                let conf = self.dir.path().join("mosquitto.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+                         persistence false\nmax_queued_messages 100000\n{}\n",
+                        self.port, self.extra_config
+                    ),
+                )
+                .expect("write mosquitto.conf");
+                let mut c = Command::new(mosquitto_binary().expect("mosquitto"));
+                c.arg("-c").arg(conf);
+                c
+            }
+            BrokerKind::Embedded => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
+                c.args([
+                    "broker",
+                    "--broker-listen",
+                    &format!("127.0.0.1:{}", self.port),
+                ]);
+                c
+            }
+        };
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn broker");
+        let up = wait_connectable(SocketAddr::from(([127, 0, 0, 1], self.port)), &mut child);
+        self.child = Some(child);
+        up
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let started = Instant::now();
+        while !self.spawn() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "broker did not restart"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Only Mosquitto answers PUBACK 0x10 (No matching subscribers), among other behaviours.
+    /// Returns false, and reports the skip, when the test cannot run on this broker.
+    pub fn is_mosquitto_for(&self, test: &str) -> bool {
+        if self.kind == BrokerKind::Mosquitto {
+            return true;
+        }
+        report_not_run(&format!(
+            "on the embedded broker (needs Mosquitto's behaviour): {test}"
+        ));
+        false
+    }
+
+    pub fn mqtt_options(&self, client_id: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", self.port);
+        options.set_max_packet_size(Some(1024 * 1024));
+        options.set_keep_alive(Duration::from_secs(5));
+        let mut network = options.network_options();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
+        options
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The real gateway, in this process, on an ephemeral port.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub gateway: Gateway,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestApp {
+    /// A gateway on `broker`, ready (connected and subscribed).
+    pub async fn spawn(broker: &TestBroker) -> Self {
+        Self::spawn_with(broker, &[]).await
+    }
+
+    /// With extra command-line flags, parsed exactly as the binary parses them.
+    pub async fn spawn_with(broker: &TestBroker, extra: &[&str]) -> Self {
+        let app = Self::spawn_unready(&broker.url(), extra).await;
+        tokio::time::timeout(Duration::from_secs(10), app.gateway.wait_ready())
+            .await
+            .expect("gateway ready within 10 s");
+        app
+    }
+
+    /// Without waiting for the broker (which may not exist).
+    pub async fn spawn_unready(mqtt_url: &str, extra: &[&str]) -> Self {
+        init_logging();
+        let mut argv = vec!["mqtt-gateway", "serve", "--mqtt-url", mqtt_url];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("valid flags");
+        let Some(CliCommand::Serve(args)) = cli.command else {
+            unreachable!("serve was given")
+        };
+        let broker = BrokerChoice {
+            url: BrokerUrl::parse(mqtt_url).expect("valid url"),
+            embedded: false,
+        };
+        let app = App::start(&args, broker).expect("gateway starts");
+        let gateway = app.gateway().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("gateway serves");
+        });
+        TestApp {
+            addr,
+            gateway,
+            http: http_client(),
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn service_url(&self, device: &str, service: &str) -> String {
+        self.url(&format!("/api/v1/devices/{device}/services/{service}"))
+    }
+
+    /// POST to a device service.
+    pub async fn call(
+        &self,
+        device: &str,
+        service: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.http
+            .post(self.service_url(device, service))
+            .body(body)
+            .send()
+            .await
+            .expect("HTTP call completes")
+    }
+
+    /// Stops the HTTP server and the MQTT connection.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("HTTP client")
+}
+
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The demo device (echo, get_config, control, delay), ready.
+pub async fn demo_device(broker: &TestBroker, device_id: &str) -> RunningHost {
+    let topics = mqtt_gateway::names::TopicTemplate::default();
+    let host = mqtt_gateway::demo::host(
+        broker.mqtt_options(&format!("demo-{device_id}")),
+        &topics,
+        device_id,
+    )
+    .expect("valid demo device");
+    start_ready(host).await
+}
+
+/// Starts a host and waits until it is subscribed.
+pub async fn start_ready(host: ServiceHost) -> RunningHost {
+    let running = host.start();
+    tokio::time::timeout(Duration::from_secs(10), running.wait_ready())
+        .await
+        .expect("device ready within 10 s");
+    running
+}
+
+/// A plain rumqttc v5 client whose incoming publishes arrive on a channel.
+pub struct RawClient {
+    pub client: AsyncClient,
+    pub publishes: mpsc::UnboundedReceiver<Publish>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawClient {
+    /// Connects and subscribes to `filters`, returning once the broker granted them.
+    pub async fn connect(broker: &TestBroker, client_id: &str, filters: &[&str]) -> Self {
+        let (client, mut eventloop) = AsyncClient::new(broker.mqtt_options(client_id), 1024);
+        let (tx, publishes) = mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed_rx) = oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        let mut expected_subacks = filters.len();
+        if expected_subacks == 0 {
+            let _ = subscribed_tx.take().map(|t| t.send(()));
+        }
+        for filter in filters {
+            client.subscribe(*filter, QoS::AtLeastOnce).await.unwrap();
+        }
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        expected_subacks = expected_subacks.saturating_sub(1);
+                        if expected_subacks == 0 {
+                            let _ = subscribed_tx.take().map(|t| t.send(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) if expected_subacks == 0 => {
+                        let _ = subscribed_tx.take().map(|t| t.send(()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+            .await
+            .expect("raw client subscribed within 10 s")
+            .expect("raw client task alive");
+        RawClient {
+            client,
+            publishes,
+            task,
+        }
+    }
+
+    /// The next publish, or None after `wait`.
+    pub async fn next(&mut self, wait: Duration) -> Option<Publish> {
+        tokio::time::timeout(wait, self.publishes.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+impl Drop for RawClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs `f` until it returns true or `within` passes.
+pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// Reads a problem+json answer, checking its content type.
+pub async fn problem(response: reqwest::Response) -> serde_json::Value {
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    response.json().await.expect("problem+json body")
+}
+
+/// Says, past the test harness's output capture, that a test did not run its checks here.
+pub fn report_not_run(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "NOT RUN {what}");
+}

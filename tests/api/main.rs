@@ -1,0 +1,11 @@
+//! The gateway's behaviour, told as users' stories, against a real broker per test.
+//!
+//! One test binary (fast to link); `helpers` starts brokers, gateways and devices.
+
+mod calls;
+mod cli;
+mod device_library;
+mod errors;
+mod faults;
+mod helpers;
+mod interop;
