@@ -115,9 +115,13 @@ pub struct DeviceArgs {
     #[arg(long, env = "GATEWAY_TOPIC_TEMPLATE", default_value = TopicTemplate::DEFAULT)]
     pub topic_template: TopicTemplate,
 
-    /// Handlers that may run at once (also sent as MQTT Receive Maximum).
+    /// Handlers that may run at once.
     #[arg(long, env = "GATEWAY_MAX_CONCURRENT", default_value_t = crate::device::DEFAULT_MAX_CONCURRENT)]
     pub max_concurrent: usize,
+
+    /// Requests that may wait for a handler; beyond it the device answers 503 at once.
+    #[arg(long, env = "GATEWAY_MAX_QUEUED", default_value_t = crate::device::DEFAULT_MAX_QUEUED)]
+    pub max_queued: usize,
 
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -61,7 +61,8 @@ async fn device(args: DeviceArgs) -> Result<(), String> {
         .options(&url, &format!("demo-device-{}", args.device_id));
     let host = mqtt_gateway::demo::host(options, &args.topic_template, &args.device_id)
         .map_err(|e| format!("invalid --device-id {:?}: {e}", args.device_id))?
-        .max_concurrent(args.max_concurrent);
+        .max_concurrent(args.max_concurrent)
+        .max_queued(args.max_queued);
     println!(
         "demo device {:?} serving echo, get_config, control and delay via mqtt://{}:{}",
         args.device_id, url.host, url.port

@@ -14,7 +14,8 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::Method;
 use axum::Router;
 use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::mqtt::Gateway;
 pub use error::ApiError;
@@ -56,7 +57,10 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(TraceLayer::new_for_http())
+        // Failed calls are logged once, by `ApiError`, at a level fitting the cause; the trace
+        // layer's own failure line (ERROR for every 5xx, a device timeout included) would only
+        // repeat it louder.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         .with_state(state)
 }
 

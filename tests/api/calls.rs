@@ -118,6 +118,20 @@ async fn binary_payloads_with_every_byte_value_survive_both_ways() {
 }
 
 #[tokio::test]
+async fn payloads_far_beyond_rumqttcs_10_kib_default_make_the_round_trip() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "big").await;
+    let app = TestApp::spawn(&broker).await;
+    // 200 KiB each way: under the 256 KiB body limit, 20 times rumqttc's default packet limit.
+    let body: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+
+    let response = app.call("big", "echo", body.clone()).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap(), body);
+    assert_eq!(app.gateway.stats().reconnects, 0);
+}
+
+#[tokio::test]
 async fn a_reply_without_content_type_is_json_when_it_parses_as_json() {
     let broker = TestBroker::start();
     let mut host = ServiceHost::new(broker.mqtt_options("raw-replier"));
