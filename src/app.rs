@@ -86,9 +86,10 @@ pub struct App {
 impl App {
     /// Starts the MQTT side and the demo device (on by default with the embedded broker).
     pub fn start(args: &ServeArgs, broker: BrokerChoice) -> Result<App, StartError> {
-        if args.default_timeout_ms == 0 || args.default_timeout_ms > args.max_timeout_ms {
+        let min = crate::http::MIN_TIMEOUT_MS;
+        if args.default_timeout_ms < min || args.default_timeout_ms > args.max_timeout_ms {
             return Err(StartError::Config(format!(
-                "--default-timeout-ms must be from 1 to --max-timeout-ms ({})",
+                "--default-timeout-ms must be from {min} to --max-timeout-ms ({})",
                 args.max_timeout_ms
             )));
         }

@@ -31,6 +31,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the demo device: echo, get_config, control and delay services.
     Device(DeviceArgs),
+    /// Print the OpenAPI document of the HTTP API (as served at /openapi.json).
+    Openapi,
     /// Run only the embedded MQTT 5 broker (rumqttd), for trying things out and for tests.
     #[cfg(feature = "embedded-broker")]
     Broker(BrokerArgs),

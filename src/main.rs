@@ -14,6 +14,10 @@ async fn main() -> ExitCode {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
         Some(Command::Device(args)) => device(args).await,
+        Some(Command::Openapi) => {
+            print!("{}", mqtt_gateway::http::docs::openapi_json());
+            Ok(())
+        }
         #[cfg(feature = "embedded-broker")]
         Some(Command::Broker(args)) => broker(args).await,
     };

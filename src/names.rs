@@ -20,7 +20,7 @@ pub enum NameError {
     TooLong(usize),
     #[error("must not contain {0:?}: it is a topic separator or an MQTT wildcard")]
     TopicCharacter(char),
-    #[error("must not contain control characters (found U+{0:04X})")]
+    #[error("must not contain control characters or Unicode non-characters (found U+{0:04X})")]
     ControlCharacter(u32),
     #[error("must not start with '$': topics starting with '$' are reserved for the broker")]
     LeadingDollar,
@@ -36,14 +36,11 @@ fn parse_name(raw: &str) -> Result<(), NameError> {
     if raw.starts_with('$') {
         return Err(NameError::LeadingDollar);
     }
-    for c in raw.chars() {
-        match c {
-            '/' | '+' | '#' => return Err(NameError::TopicCharacter(c)),
-            // NUL is forbidden in MQTT strings; the other C0/C1 controls are discouraged by the
-            // spec and only ever appear by mistake or in an attack.
-            c if c.is_control() => return Err(NameError::ControlCharacter(c as u32)),
-            _ => {}
-        }
+    if let Some(c) = raw.chars().find(|c| matches!(c, '/' | '+' | '#')) {
+        return Err(NameError::TopicCharacter(c));
+    }
+    if let Some(c) = crate::protocol::forbidden_mqtt_char(raw) {
+        return Err(NameError::ControlCharacter(c as u32));
     }
     Ok(())
 }
@@ -192,6 +189,7 @@ mod tests {
             ("a\0b", NameError::ControlCharacter(0)),
             ("a\nb", NameError::ControlCharacter(10)),
             ("$SYS", NameError::LeadingDollar),
+            ("a\u{fffe}", NameError::ControlCharacter(0xFFFE)),
         ];
         for (raw, want) in cases {
             assert_eq!(ServiceName::parse(raw), Err(want), "{raw:?}");

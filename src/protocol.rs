@@ -11,6 +11,18 @@ pub const STATUS_PROPERTY: &str = "status";
 /// header.
 pub const TRACEPARENT_PROPERTY: &str = "traceparent";
 
+/// The first character that may not appear in an MQTT UTF-8 string, if any.
+///
+/// MQTT 5 (section 1.5.4) forbids NUL and lets a receiver treat control characters and Unicode
+/// non-characters as malformed; Mosquitto does, and closes the connection. One caller's stray
+/// tab in a header would then fail every call in flight, so such strings never reach MQTT.
+pub fn forbidden_mqtt_char(s: &str) -> Option<char> {
+    s.chars().find(|&c| {
+        let cp = c as u32;
+        c.is_control() || (0xFDD0..=0xFDEF).contains(&cp) || (cp & 0xFFFE) == 0xFFFE
+    })
+}
+
 /// Whether a content type names text (and so may carry Payload Format Indicator 1).
 pub fn is_text_content_type(content_type: &str) -> bool {
     let essence = content_type
@@ -38,6 +50,14 @@ pub fn payload_format(content_type: Option<&str>, payload: &[u8]) -> Option<u8> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mqtt_strings_refuse_controls_and_noncharacters() {
+        assert_eq!(forbidden_mqtt_char("plain ünïcödé 🙂"), None);
+        for bad in ["a\tb", "\0", "x\u{7f}", "\u{85}", "\u{fdd0}", "\u{fffe}", "\u{1ffff}"] {
+            assert!(forbidden_mqtt_char(bad).is_some(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn text_types() {

@@ -7,10 +7,11 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::docs::AnyBytes;
+use super::error::{ApiError, Problem};
 use super::AppState;
 use crate::mqtt::{DeviceCall, DeviceReply};
 use crate::names::{DeviceId, ServiceName};
@@ -20,13 +21,72 @@ use crate::protocol::TRACEPARENT_PROPERTY;
 /// reply user properties come back under it.
 pub const USER_PROPERTY_HEADER_PREFIX: &str = "x-mqtt-";
 
-pub fn router() -> Router<AppState> {
-    Router::new().route(
-        "/api/v1/devices/{device_id}/services/{service}",
-        post(call_service).fallback(super::method_not_allowed("POST")),
-    )
+pub fn router() -> OpenApiRouter<AppState> {
+    let (schemas, paths, method_router) = routes!(call_service);
+    OpenApiRouter::new().routes((
+        schemas,
+        paths,
+        method_router.fallback(super::method_not_allowed("POST")),
+    ))
 }
 
+/// Call a device service.
+///
+/// The request body (any bytes, any content type) is published as an MQTT 5 request to
+/// `devices/{device_id}/{service}` (QoS 1) with a Response Topic, random Correlation Data, a
+/// Message Expiry Interval equal to `timeout_ms` rounded up to seconds, the Content Type, and
+/// every `x-mqtt-<key>` header as user property `<key>` (plus `traceparent`/`tracestate`). The
+/// device's reply becomes the response: its payload byte for byte, its Content Type, its
+/// `status` user property as the HTTP status (200 when absent), and its other user properties
+/// as `x-mqtt-<key>` headers.
+///
+/// Try it with the demo device: `demo-1`, service `echo`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{device_id}/services/{service}",
+    operation_id = "callService",
+    tag = "devices",
+    params(
+        ("device_id" = String, Path, description = "The device to call: 1 to 256 bytes, without `/`, `+`, `#`, control characters or a leading `$`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "demo-1"),
+        ("service" = String, Path, description = "The service to call, with the same rules as `device_id`. The demo device offers `echo`, `get_config`, `control` and `delay`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "echo"),
+        ("timeout_ms" = Option<u64>, Query, description = "How long to wait for the device, in milliseconds; also sent as the MQTT Message Expiry Interval. From 100; default 10000; the maximum is 300000 unless the gateway is configured otherwise (`--max-timeout-ms`).", minimum = 100, maximum = 300000, example = 5000),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; travels to the device as a user property."),
+    ),
+    request_body(
+        description = "Sent to the device unchanged, as the MQTT payload. Any content type; `x-mqtt-<key>` headers become user properties. At most 256 KiB unless configured otherwise (`--max-body-bytes`).",
+        content(
+            (serde_json::Value = "application/json", example = json!({"hello": "world"})),
+            (String = "text/plain", example = "hello"),
+            (AnyBytes = "application/octet-stream"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "The device's reply (or another status the device chose with its `status` user property). Its user properties come back as `x-mqtt-<key>` headers.",
+            content(
+                (serde_json::Value = "application/json", example = json!({"hello": "world"})),
+                (String = "text/plain"),
+                (AnyBytes = "application/octet-stream"),
+                (AnyBytes = "*/*"),
+            ),
+        ),
+        (status = 400, description = "Bad input. Codes: `invalid-device-id`, `invalid-service`, `invalid-path`, `invalid-timeout`, `unknown-query-parameter`, `invalid-header`, `invalid-body`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:invalid-device-id", "title": "Invalid device id", "status": 400, "detail": "invalid device id: must not contain '/': it is a topic separator or an MQTT wildcard", "code": "invalid-device-id"})),
+        (status = 403, description = "The broker refused the request (PUBACK 0x87). Code: `not-authorized`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:not-authorized", "title": "The broker refused the request", "status": 403, "detail": "the MQTT broker does not allow this gateway to publish to this device's topic (reason 0x87)", "code": "not-authorized"})),
+        (status = 404, description = "No device listens (PUBACK 0x10, answered at once), or no such route. Codes: `device-offline`, `not-found`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:device-offline", "title": "No device is listening", "status": 404, "detail": "no device is subscribed to this service's topic: the device is offline or does not offer this service", "code": "device-offline"})),
+        (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the limit, or the MQTT packet is over the broker's or the gateway's maximum packet size. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
+        (status = 429, description = "The broker's quota is exceeded (PUBACK 0x97). Code: `quota-exceeded`.", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The broker refused the request for another reason, or the device's `status` property is not an HTTP status. Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or too many requests are queued. Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`.", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying.")),
+            example = json!({"type": "urn:mqtt-gateway:problem:broker-unavailable", "title": "Not connected to the MQTT broker", "status": 503, "detail": "the gateway is not connected to the MQTT broker", "code": "broker-unavailable"})),
+        (status = 504, description = "The device did not answer within `timeout_ms`. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:device-timeout", "title": "The device did not answer in time", "status": 504, "detail": "no reply within 10000 ms; raise timeout_ms if the device needs longer", "code": "device-timeout"})),
+    ),
+)]
 async fn call_service(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -89,10 +149,11 @@ fn parse_timeout(query: Option<&str>, limits: &super::Limits) -> Result<Duration
         timeout_ms = value
             .parse::<u64>()
             .ok()
-            .filter(|ms| (1..=limits.max_timeout_ms).contains(ms))
+            .filter(|ms| (super::MIN_TIMEOUT_MS..=limits.max_timeout_ms).contains(ms))
             .ok_or_else(|| {
                 ApiError::InvalidTimeout(format!(
-                    "{value:?} is not a whole number of milliseconds from 1 to {}",
+                    "{value:?} is not a whole number of milliseconds from {} to {}",
+                    super::MIN_TIMEOUT_MS,
                     limits.max_timeout_ms
                 ))
             })?;
@@ -125,12 +186,22 @@ fn user_properties(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiErro
     Ok(properties)
 }
 
-/// Header values become MQTT strings, which must be UTF-8.
+/// Header values become MQTT strings: UTF-8 without control characters or non-characters.
 fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiError> {
-    std::str::from_utf8(value.as_bytes()).map_err(|_| ApiError::InvalidHeader {
+    let invalid = |reason: String| ApiError::InvalidHeader {
         name: name.to_owned(),
-        reason: "the value is not valid UTF-8, which MQTT strings must be".into(),
-    })
+        reason,
+    };
+    let text = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| invalid("the value is not valid UTF-8, which MQTT strings must be".into()))?;
+    match crate::protocol::forbidden_mqtt_char(text) {
+        Some(c) => Err(invalid(format!(
+            "the value contains U+{:04X}; MQTT strings must not hold control characters or \
+             Unicode non-characters",
+            c as u32
+        ))),
+        None => Ok(text),
+    }
 }
 
 /// The device's reply as an HTTP response: its payload byte for byte, its status, its content
@@ -185,6 +256,7 @@ mod tests {
         );
         for bad in [
             "timeout_ms=0",
+            "timeout_ms=99",
             "timeout_ms=abc",
             "timeout_ms=300001",
             "timeout_ms=-1",

@@ -6,6 +6,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::mqtt::{CallError, PublishRefusal};
 use crate::names::NameError;
@@ -42,17 +43,99 @@ pub enum ApiError {
     NotReady,
 }
 
-/// The problem+json body.
-#[derive(Debug, Serialize)]
+/// The stable, machine-readable problem codes. Clients switch on these; they never change
+/// meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProblemCode {
+    /// 400: the device id is empty, too long, or holds a character that is not allowed.
+    InvalidDeviceId,
+    /// 400: the service name is empty, too long, or holds a character that is not allowed.
+    InvalidService,
+    /// 400: the path is not valid UTF-8 once percent-decoded.
+    InvalidPath,
+    /// 400: `timeout_ms` is not a whole number in range.
+    InvalidTimeout,
+    /// 400: a query parameter other than `timeout_ms`.
+    UnknownQueryParameter,
+    /// 400: a header that cannot become an MQTT property.
+    InvalidHeader,
+    /// 400: the body could not be read.
+    InvalidBody,
+    /// 403: the broker refused the request (PUBACK 0x87).
+    NotAuthorized,
+    /// 404: no device is subscribed to the service's topic (PUBACK 0x10).
+    DeviceOffline,
+    /// 404: no such route.
+    NotFound,
+    /// 405: wrong method for this route.
+    MethodNotAllowed,
+    /// 413: the body or the MQTT packet is too large.
+    PayloadTooLarge,
+    /// 429: the broker's quota is exceeded (PUBACK 0x97).
+    QuotaExceeded,
+    /// 502: the broker refused the request for another reason.
+    BrokerRefused,
+    /// 502: the device's reply has an invalid status property.
+    InvalidDeviceReply,
+    /// 503: not connected to the broker.
+    BrokerUnavailable,
+    /// 503: the connection to the broker dropped while the call waited.
+    ConnectionLost,
+    /// 503: too many requests are queued for the broker connection.
+    Overloaded,
+    /// 504: the device did not answer within `timeout_ms`.
+    DeviceTimeout,
+}
+
+impl ProblemCode {
+    pub fn as_str(self) -> &'static str {
+        use ProblemCode::*;
+        match self {
+            InvalidDeviceId => "invalid-device-id",
+            InvalidService => "invalid-service",
+            InvalidPath => "invalid-path",
+            InvalidTimeout => "invalid-timeout",
+            UnknownQueryParameter => "unknown-query-parameter",
+            InvalidHeader => "invalid-header",
+            InvalidBody => "invalid-body",
+            NotAuthorized => "not-authorized",
+            DeviceOffline => "device-offline",
+            NotFound => "not-found",
+            MethodNotAllowed => "method-not-allowed",
+            PayloadTooLarge => "payload-too-large",
+            QuotaExceeded => "quota-exceeded",
+            BrokerRefused => "broker-refused",
+            InvalidDeviceReply => "invalid-device-reply",
+            BrokerUnavailable => "broker-unavailable",
+            ConnectionLost => "connection-lost",
+            Overloaded => "overloaded",
+            DeviceTimeout => "device-timeout",
+        }
+    }
+}
+
+/// An RFC 9457 problem: what went wrong and what to fix.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "type": "urn:mqtt-gateway:problem:device-offline",
+    "title": "No device is listening",
+    "status": 404,
+    "detail": "no device is subscribed to this service's topic: the device is offline or does not offer this service",
+    "code": "device-offline"
+}))]
 pub struct Problem {
-    /// A URI naming the problem type; `code` is the same thing without the prefix.
+    /// A URI naming the problem type: `urn:mqtt-gateway:problem:` followed by `code`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// A short summary of the problem type.
     pub title: &'static str,
+    /// The HTTP status code.
     pub status: u16,
+    /// What happened in this case, and what to fix.
     pub detail: String,
-    /// Stable machine-readable code, e.g. `device-offline`.
-    pub code: &'static str,
+    /// The stable machine-readable code.
+    pub code: ProblemCode,
 }
 
 /// The prefix of every problem `type`; the code follows it.
@@ -60,105 +143,117 @@ pub const PROBLEM_TYPE_PREFIX: &str = "urn:mqtt-gateway:problem:";
 
 impl ApiError {
     /// Status, code and title, in one place.
-    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+    pub fn parts(&self) -> (StatusCode, ProblemCode, &'static str) {
         use ApiError::*;
         use CallError as C;
         match self {
             InvalidDeviceId(_) => (
                 StatusCode::BAD_REQUEST,
-                "invalid-device-id",
+                ProblemCode::InvalidDeviceId,
                 "Invalid device id",
             ),
             InvalidService(_) => (
                 StatusCode::BAD_REQUEST,
-                "invalid-service",
+                ProblemCode::InvalidService,
                 "Invalid service name",
             ),
-            InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid-path", "Invalid path"),
+            InvalidPath(_) => (
+                StatusCode::BAD_REQUEST,
+                ProblemCode::InvalidPath,
+                "Invalid path",
+            ),
             InvalidTimeout(_) => (
                 StatusCode::BAD_REQUEST,
-                "invalid-timeout",
+                ProblemCode::InvalidTimeout,
                 "Invalid timeout",
             ),
             UnknownQueryParameter(_) => (
                 StatusCode::BAD_REQUEST,
-                "unknown-query-parameter",
+                ProblemCode::UnknownQueryParameter,
                 "Unknown query parameter",
             ),
-            InvalidHeader { .. } => (StatusCode::BAD_REQUEST, "invalid-header", "Invalid header"),
+            InvalidHeader { .. } => (
+                StatusCode::BAD_REQUEST,
+                ProblemCode::InvalidHeader,
+                "Invalid header",
+            ),
             BodyTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload-too-large",
+                ProblemCode::PayloadTooLarge,
                 "Payload too large",
             ),
             BadBody(_) => (
                 StatusCode::BAD_REQUEST,
-                "invalid-body",
+                ProblemCode::InvalidBody,
                 "Request body unreadable",
             ),
-            NotFound { .. } => (StatusCode::NOT_FOUND, "not-found", "No such route"),
+            NotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                ProblemCode::NotFound,
+                "No such route",
+            ),
             MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
+                ProblemCode::MethodNotAllowed,
                 "Method not allowed",
             ),
             NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "broker-unavailable",
+                ProblemCode::BrokerUnavailable,
                 "Not connected to the MQTT broker",
             ),
             Call(e) => match e {
                 C::NotConnected => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "broker-unavailable",
+                    ProblemCode::BrokerUnavailable,
                     "Not connected to the MQTT broker",
                 ),
                 C::Overloaded => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    ProblemCode::Overloaded,
                     "Gateway overloaded",
                 ),
                 C::ConnectionLost => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "connection-lost",
+                    ProblemCode::ConnectionLost,
                     "Connection to the broker lost",
                 ),
                 C::PacketTooLarge { .. } => (
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload-too-large",
+                    ProblemCode::PayloadTooLarge,
                     "Payload too large",
                 ),
                 C::Timeout(_) => (
                     StatusCode::GATEWAY_TIMEOUT,
-                    "device-timeout",
+                    ProblemCode::DeviceTimeout,
                     "The device did not answer in time",
                 ),
                 C::InvalidStatus(_) => (
                     StatusCode::BAD_GATEWAY,
-                    "invalid-device-reply",
+                    ProblemCode::InvalidDeviceReply,
                     "The device's reply is invalid",
                 ),
                 C::Refused(r) => match r {
                     PublishRefusal::NoMatchingSubscribers => (
                         StatusCode::NOT_FOUND,
-                        "device-offline",
+                        ProblemCode::DeviceOffline,
                         "No device is listening",
                     ),
                     PublishRefusal::NotAuthorized => (
                         StatusCode::FORBIDDEN,
-                        "not-authorized",
+                        ProblemCode::NotAuthorized,
                         "The broker refused the request",
                     ),
                     PublishRefusal::QuotaExceeded => (
                         StatusCode::TOO_MANY_REQUESTS,
-                        "quota-exceeded",
+                        ProblemCode::QuotaExceeded,
                         "The broker's quota is exceeded",
                     ),
                     PublishRefusal::PayloadFormatInvalid
                     | PublishRefusal::TopicNameInvalid
                     | PublishRefusal::Other(_) => (
                         StatusCode::BAD_GATEWAY,
-                        "broker-refused",
+                        ProblemCode::BrokerRefused,
                         "The broker refused the request",
                     ),
                 },
@@ -209,7 +304,7 @@ impl ApiError {
     pub fn problem(&self) -> Problem {
         let (status, code, title) = self.parts();
         Problem {
-            kind: format!("{PROBLEM_TYPE_PREFIX}{code}"),
+            kind: format!("{PROBLEM_TYPE_PREFIX}{}", code.as_str()),
             title,
             status: status.as_u16(),
             detail: self.detail(),
@@ -224,9 +319,9 @@ impl IntoResponse for ApiError {
         let status =
             StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::warn!(code = problem.code, detail = %problem.detail, "call failed");
+            tracing::warn!(code = problem.code.as_str(), detail = %problem.detail, "call failed");
         } else {
-            tracing::debug!(code = problem.code, detail = %problem.detail, "call refused");
+            tracing::debug!(code = problem.code.as_str(), detail = %problem.detail, "call refused");
         }
         let retry_after = self.retry_after();
         // Serializing a struct of strings and integers cannot fail.
@@ -303,8 +398,42 @@ mod tests {
         ];
         for (error, status, code) in cases {
             let problem = ApiError::Call(error).problem();
-            assert_eq!((problem.status, problem.code), (status, code));
+            assert_eq!((problem.status, problem.code.as_str()), (status, code));
             assert_eq!(problem.kind, format!("{PROBLEM_TYPE_PREFIX}{code}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod code_tests {
+    use super::ProblemCode::{self, *};
+
+    /// The code in the JSON body, the one in `type`, and the one in the spec are one string.
+    #[test]
+    fn serialized_codes_match_as_str() {
+        let all: [ProblemCode; 19] = [
+            InvalidDeviceId,
+            InvalidService,
+            InvalidPath,
+            InvalidTimeout,
+            UnknownQueryParameter,
+            InvalidHeader,
+            InvalidBody,
+            NotAuthorized,
+            DeviceOffline,
+            NotFound,
+            MethodNotAllowed,
+            PayloadTooLarge,
+            QuotaExceeded,
+            BrokerRefused,
+            InvalidDeviceReply,
+            BrokerUnavailable,
+            ConnectionLost,
+            Overloaded,
+            DeviceTimeout,
+        ];
+        for code in all {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
     }
 }

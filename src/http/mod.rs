@@ -4,6 +4,7 @@
 //! [`crate::mqtt::DeviceCall`] to the [`crate::mqtt::Gateway`].
 
 pub mod devices;
+pub mod docs;
 pub mod error;
 pub mod health;
 
@@ -19,6 +20,11 @@ use tracing::Level;
 
 use crate::mqtt::Gateway;
 pub use error::ApiError;
+
+/// The shortest `timeout_ms` a caller may ask for. A round trip through a broker takes about a
+/// millisecond on one machine and more across a network; below 100 ms a call would mostly
+/// measure the network, fail with 504, and leave the device acting on a request nobody awaits.
+pub const MIN_TIMEOUT_MS: u64 = 100;
 
 /// Caller-facing limits.
 #[derive(Debug, Clone)]
@@ -49,12 +55,23 @@ pub struct AppState {
     pub limits: Arc<Limits>,
 }
 
-/// The whole HTTP application.
-pub fn router(state: AppState) -> Router {
-    let max_body = state.limits.max_body_bytes;
-    Router::new()
+/// The documented routes, with the OpenAPI document generated from their handlers.
+fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::with_openapi(<docs::ApiDoc as utoipa::OpenApi>::openapi())
         .merge(devices::router())
         .merge(health::router())
+}
+
+/// The OpenAPI document of the HTTP API, as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    docs::finish(api().into_openapi())
+}
+
+/// The whole HTTP application: the API, `/openapi.json` and the Swagger UI at `/docs`.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.limits.max_body_bytes;
+    let (api, spec) = api().split_for_parts();
+    api.merge(docs::swagger_ui(docs::finish(spec)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         // Failed calls are logged once, by `ApiError`, at a level fitting the cause; the trace

@@ -15,141 +15,33 @@ async fn bad_names_timeouts_and_routes_get_clear_4xx_problems() {
     let long = "x".repeat(257);
 
     // (method, path and query, status, code)
+    #[rustfmt::skip]
     let table: &[(&str, String, u16, &str)] = &[
-        (
-            "POST",
-            "/api/v1/devices/a%2Fb/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/a%2fb/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/%2B/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/+/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/%23/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/dev%00/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/%24SYS/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/$SYS/services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices//services/echo".into(),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            format!("/api/v1/devices/{long}/services/echo"),
-            400,
-            "invalid-device-id",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/".into(),
-            400,
-            "invalid-service",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/%23".into(),
-            400,
-            "invalid-service",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/a+b".into(),
-            400,
-            "invalid-service",
-        ),
-        (
-            "POST",
-            format!("/api/v1/devices/demo-1/services/{long}"),
-            400,
-            "invalid-service",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/%FF/services/echo".into(),
-            400,
-            "invalid-path",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/echo?timeout_ms=abc".into(),
-            400,
-            "invalid-timeout",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/echo?timeout_ms=0".into(),
-            400,
-            "invalid-timeout",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/echo?timeout_ms=300001".into(),
-            400,
-            "invalid-timeout",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/echo?timeout_ms=-5".into(),
-            400,
-            "invalid-timeout",
-        ),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/services/echo?timeout=5".into(),
-            400,
-            "unknown-query-parameter",
-        ),
-        (
-            "GET",
-            "/api/v1/devices/demo-1/services/echo".into(),
-            405,
-            "method-not-allowed",
-        ),
+        ("POST", "/api/v1/devices/a%2Fb/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/a%2fb/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/%2B/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/+/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/%23/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/dev%00/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/%24SYS/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/$SYS/services/echo".into(), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices//services/echo".into(), 400, "invalid-device-id"),
+        ("POST", format!("/api/v1/devices/{long}/services/echo"), 400, "invalid-device-id"),
+        ("POST", "/api/v1/devices/demo-1/services/".into(), 400, "invalid-service"),
+        ("POST", "/api/v1/devices/demo-1/services/%23".into(), 400, "invalid-service"),
+        ("POST", "/api/v1/devices/demo-1/services/a+b".into(), 400, "invalid-service"),
+        ("POST", format!("/api/v1/devices/demo-1/services/{long}"), 400, "invalid-service"),
+        ("POST", "/api/v1/devices/%FF/services/echo".into(), 400, "invalid-path"),
+        ("POST", "/api/v1/devices/demo-1/services/echo?timeout_ms=abc".into(), 400, "invalid-timeout"),
+        ("POST", "/api/v1/devices/demo-1/services/echo?timeout_ms=0".into(), 400, "invalid-timeout"),
+        ("POST", "/api/v1/devices/demo-1/services/echo?timeout_ms=99".into(), 400, "invalid-timeout"),
+        ("POST", "/api/v1/devices/demo-1/services/echo?timeout_ms=300001".into(), 400, "invalid-timeout"),
+        ("POST", "/api/v1/devices/demo-1/services/echo?timeout_ms=-5".into(), 400, "invalid-timeout"),
+        ("POST", "/api/v1/devices/demo-1/services/echo?timeout=5".into(), 400, "unknown-query-parameter"),
+        ("GET", "/api/v1/devices/demo-1/services/echo".into(), 405, "method-not-allowed"),
         ("POST", "/healthz".into(), 405, "method-not-allowed"),
         ("GET", "/api/v2/anything".into(), 404, "not-found"),
-        (
-            "POST",
-            "/api/v1/devices/demo-1/echo".into(),
-            404,
-            "not-found",
-        ),
+        ("POST", "/api/v1/devices/demo-1/echo".into(), 404, "not-found"),
     ];
     for (method, path, status, code) in table {
         let response = app
@@ -167,21 +59,35 @@ async fn bad_names_timeouts_and_routes_get_clear_4xx_problems() {
 }
 
 #[tokio::test]
-async fn headers_that_cannot_be_mqtt_strings_are_refused() {
+async fn headers_that_cannot_be_mqtt_strings_are_refused_and_never_reach_the_broker() {
     let broker = TestBroker::start();
+    let _device = demo_device(&broker, "d").await;
     let app = TestApp::spawn(&broker).await;
-    let response = app
-        .http
-        .post(app.service_url("d", "echo"))
-        .header(
-            "x-mqtt-key",
-            reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    assert_eq!(problem(response).await["code"], "invalid-header");
+
+    // A tab is legal in an HTTP header but not in an MQTT string: Mosquitto would close the
+    // gateway's connection, failing every call in flight. Invalid UTF-8 is no MQTT string either.
+    let bad: [(&str, &[u8]); 4] = [
+        ("x-mqtt-key", b"a\tb"),
+        ("x-mqtt-key", b"\xff\xfe"),
+        ("content-type", b"text/plain;\tcharset=utf-8"),
+        ("traceparent", "x\u{fffe}".as_bytes()),
+    ];
+    for (name, value) in bad {
+        let response = app
+            .http
+            .post(app.service_url("d", "echo"))
+            .header(name, reqwest::header::HeaderValue::from_bytes(value).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{name}: {value:?}");
+        let body = problem(response).await;
+        assert_eq!(body["code"], "invalid-header");
+        assert!(body["detail"].as_str().unwrap().contains(name), "{body}");
+    }
+    let fine = app.call("d", "echo", "still connected").await;
+    assert_eq!(fine.text().await.unwrap(), "still connected");
+    assert_eq!(app.gateway.stats().reconnects, 0, "the broker never saw a malformed string");
 }
 
 #[tokio::test]

@@ -1,0 +1,67 @@
+//! The API's documentation: the OpenAPI 3.1 document, generated from the handlers' own
+//! `#[utoipa::path]` annotations, and Swagger UI to read it and try calls (vendored: it works
+//! with no internet access).
+
+use axum::Router;
+use utoipa::openapi::{RefOr, Required};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
+
+/// Where the document is served, and where the UI is.
+pub const SPEC_PATH: &str = "/openapi.json";
+pub const UI_PATH: &str = "/docs";
+
+/// The document's frame: title, description, tags. The paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "mqtt-gateway",
+        description = "Call MQTT 5 devices over REST. Each call becomes a standard MQTT 5 request \
+(Response Topic + Correlation Data) and the device's reply becomes the response: its payload, \
+content type and status.\n\nErrors are RFC 9457 `application/problem+json` with a stable `code`.\n\n\
+Try **POST /api/v1/devices/{device_id}/services/{service}** with the demo device: device `demo-1`, \
+service `echo`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    tags(
+        (name = "devices", description = "Calling device services"),
+        (name = "health", description = "Liveness and readiness"),
+    ),
+)]
+pub struct ApiDoc;
+
+/// Any bytes: a payload passed through unchanged.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct AnyBytes(pub Vec<u8>);
+
+/// Final touches the annotations cannot express. Every request body of this API may be empty
+/// (many services need no input), while utoipa marks a body with several content types required.
+pub fn finish(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    for item in spec.paths.paths.values_mut() {
+        for operation in [&mut item.post, &mut item.put, &mut item.patch]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(RefOr::T(body)) = operation.request_body.as_mut() {
+                body.required = Some(Required::False);
+            }
+        }
+    }
+    spec
+}
+
+/// Swagger UI at `/docs`, reading the document at `/openapi.json`.
+pub fn swagger_ui<S: Clone + Send + Sync + 'static>(spec: utoipa::openapi::OpenApi) -> Router<S> {
+    SwaggerUi::new(UI_PATH).url(SPEC_PATH, spec).into()
+}
+
+/// The document as pretty JSON with a trailing newline: what `mqtt-gateway openapi` prints and
+/// what `openapi/openapi.json` holds.
+pub fn openapi_json() -> String {
+    let mut text = super::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    text.push('\n');
+    text
+}
