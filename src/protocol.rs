@@ -54,7 +54,15 @@ mod tests {
     #[test]
     fn mqtt_strings_refuse_controls_and_noncharacters() {
         assert_eq!(forbidden_mqtt_char("plain ünïcödé 🙂"), None);
-        for bad in ["a\tb", "\0", "x\u{7f}", "\u{85}", "\u{fdd0}", "\u{fffe}", "\u{1ffff}"] {
+        for bad in [
+            "a\tb",
+            "\0",
+            "x\u{7f}",
+            "\u{85}",
+            "\u{fdd0}",
+            "\u{fffe}",
+            "\u{1ffff}",
+        ] {
             assert!(forbidden_mqtt_char(bad).is_some(), "{bad:?}");
         }
     }

@@ -76,7 +76,10 @@ async fn headers_that_cannot_be_mqtt_strings_are_refused_and_never_reach_the_bro
         let response = app
             .http
             .post(app.service_url("d", "echo"))
-            .header(name, reqwest::header::HeaderValue::from_bytes(value).unwrap())
+            .header(
+                name,
+                reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+            )
             .send()
             .await
             .unwrap();
@@ -87,7 +90,11 @@ async fn headers_that_cannot_be_mqtt_strings_are_refused_and_never_reach_the_bro
     }
     let fine = app.call("d", "echo", "still connected").await;
     assert_eq!(fine.text().await.unwrap(), "still connected");
-    assert_eq!(app.gateway.stats().reconnects, 0, "the broker never saw a malformed string");
+    assert_eq!(
+        app.gateway.stats().reconnects,
+        0,
+        "the broker never saw a malformed string"
+    );
 }
 
 #[tokio::test]

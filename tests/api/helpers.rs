@@ -448,3 +448,22 @@ pub fn report_not_run(what: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "NOT RUN {what}");
 }
+
+/// Whether an outside tool a test needs is here (`check` succeeds). When it is not, the test
+/// reports that it did not run, unless `MQTT_GATEWAY_TEST_TOOLS=required` (as in CI), where a
+/// missing tool fails it.
+pub fn tool_available(test: &str, tool: &str, check: &mut Command) -> bool {
+    let ok = check
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("MQTT_GATEWAY_TEST_TOOLS").as_deref() != Ok("required"),
+            "{tool} is required (MQTT_GATEWAY_TEST_TOOLS=required) but not available"
+        );
+        report_not_run(&format!("({tool} not available): {test}"));
+    }
+    ok
+}

@@ -1,8 +1,8 @@
 //! Other MQTT 5 libraries on the far side: a Paho (Python) device answering the gateway, and
 //! `mosquitto_rr` calling a device built with our library.
 //!
-//! Where the tool is missing the test says it did not run, unless
-//! `MQTT_GATEWAY_TEST_INTEROP=required` (as in CI), where a missing tool fails the test.
+//! Where a tool is missing the test says it did not run, unless `MQTT_GATEWAY_TEST_TOOLS=required`
+//! (as in CI), where a missing tool fails the test.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -12,25 +12,9 @@ use mqtt_gateway::device::{Reply, ServiceHost};
 
 use crate::helpers::*;
 
-fn available(test: &str, tool: &str, check: &mut Command) -> bool {
-    let ok = check
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("MQTT_GATEWAY_TEST_INTEROP").as_deref() != Ok("required"),
-            "{tool} is required (MQTT_GATEWAY_TEST_INTEROP=required) but not available"
-        );
-        report_not_run(&format!("({tool} not available): {test}"));
-    }
-    ok
-}
-
 #[tokio::test]
 async fn a_paho_python_device_answers_calls_through_the_gateway() {
-    if !available(
+    if !tool_available(
         "a_paho_python_device_answers_calls_through_the_gateway",
         "python3 with paho-mqtt 2",
         Command::new("python3").args(["-c", "import paho.mqtt.client as m; m.CallbackAPIVersion"]),
@@ -83,7 +67,7 @@ async fn a_paho_python_device_answers_calls_through_the_gateway() {
 
 #[tokio::test]
 async fn mosquitto_rr_calls_a_device_built_with_our_library() {
-    if !available(
+    if !tool_available(
         "mosquitto_rr_calls_a_device_built_with_our_library",
         "mosquitto_rr",
         Command::new("sh").args(["-c", "command -v mosquitto_rr"]),

@@ -5,6 +5,7 @@
 mod calls;
 mod cli;
 mod device_library;
+mod docs;
 mod errors;
 mod faults;
 mod helpers;
