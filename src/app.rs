@@ -5,12 +5,15 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tracing::info;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
 
 use crate::config::{BrokerUrl, ServeArgs};
 use crate::device::{RunningHost, ServiceHost};
+use crate::http::metrics::Metrics;
 use crate::http::{self, AppState, Limits};
 use crate::mqtt::{Gateway, GatewayOptions};
 
@@ -81,6 +84,8 @@ pub struct App {
     demo_id: Option<String>,
     broker: BrokerChoice,
     limits: Limits,
+    /// How long calls in flight may finish after the shutdown signal.
+    grace: Duration,
 }
 
 impl App {
@@ -101,6 +106,10 @@ impl App {
             gateway_id,
             topics: args.topic_template.clone(),
             request_queue: args.mqtt_request_queue.max(1),
+            max_in_flight: args.max_in_flight.max(1),
+            reconnect_settle: Duration::from_millis(args.reconnect_settle_ms),
+            session_expiry: (args.mqtt_session_expiry_secs > 0)
+                .then_some(args.mqtt_session_expiry_secs),
         };
 
         let demo_id = match (&args.demo_device, args.no_demo_device, broker.embedded) {
@@ -126,6 +135,7 @@ impl App {
             demo: demo_host.map(ServiceHost::start),
             demo_id,
             broker,
+            grace: Duration::from_millis(args.shutdown_grace_ms),
             limits: Limits {
                 default_timeout_ms: args.default_timeout_ms,
                 max_timeout_ms: args.max_timeout_ms,
@@ -151,22 +161,55 @@ impl App {
             // in place, or the first request would find nobody listening. Bounded, so a broker
             // that is down does not keep the HTTP side (health, readiness) from starting.
             let both = async { tokio::join!(demo.wait_ready(), self.gateway.wait_ready()) };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), both).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), both).await;
         }
         print_banner(&local.to_string(), &self.broker, self.demo_id.as_deref());
 
         let state = AppState {
             gateway: self.gateway.clone(),
             limits: Arc::new(self.limits),
+            metrics: Arc::new(Metrics::new(self.gateway.clone())),
         };
-        let served = http::serve(listener, state, shutdown).await;
 
-        info!("shutting down");
-        self.gateway.shutdown();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.mqtt_task).await;
+        // Graceful shutdown: on the signal, stop accepting connections and refuse new calls;
+        // calls in flight may finish within the grace period; then the rest are answered 503.
+        let (stopping_tx, stopping_rx) = oneshot::channel::<()>();
+        let gateway = self.gateway.clone();
+        let signal = async move {
+            shutdown.await;
+            info!(grace = ?self.grace, "shutting down: finishing calls in flight");
+            gateway.begin_shutdown();
+            let _ = stopping_tx.send(());
+        };
+        let server = http::serve(listener, state, signal);
+        tokio::pin!(server);
+        let served = tokio::select! {
+            served = &mut server => served,
+            _ = async {
+                if stopping_rx.await.is_ok() {
+                    tokio::time::sleep(self.grace).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                let failed = self.gateway.fail_parked();
+                if failed > 0 {
+                    warn!(failed, "grace period over: answered the calls still waiting with 503");
+                }
+                // Their answers are on the way; a connection stuck on anything else (a slow
+                // upload, say) gets one more second.
+                tokio::time::timeout(Duration::from_secs(1), server)
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        };
+
+        self.gateway.disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.mqtt_task).await;
         if let Some(demo) = self.demo {
             demo.shutdown().await;
         }
+        info!("stopped");
         served.map_err(StartError::Http)
     }
 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 /// The first delay after a failure: short, so a broker restart costs callers little.
 pub const MIN_DELAY: Duration = Duration::from_millis(100);
-/// The longest delay: a returning broker is found within this long.
-pub const MAX_DELAY: Duration = Duration::from_secs(2);
+/// The longest delay: a returning broker is found within about a second, so a broker restart
+/// costs callers little; the jitter keeps a fleet from reconnecting in lockstep.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -80,6 +80,29 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_MQTT_REQUEST_QUEUE", default_value_t = 4096)]
     pub mqtt_request_queue: usize,
 
+    /// The most calls in flight at once; beyond it calls get 503 with Retry-After at once, so
+    /// memory stays bounded. The default suits one machine: a parked call costs a few KiB, and
+    /// ten thousand callers waiting on devices is already a crowd.
+    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+
+    /// Keep the MQTT session this many seconds across disconnects (clean start off), so replies
+    /// published while the gateway was briefly away still arrive. 0: a clean session each time.
+    /// Give the gateway a stable --id with it, so a restarted gateway resumes its session.
+    #[arg(long, env = "GATEWAY_MQTT_SESSION_EXPIRY_SECS", default_value_t = 0)]
+    pub mqtt_session_expiry_secs: u32,
+
+    /// For this long after reconnecting to the broker, a call that finds no subscriber gets 503
+    /// `devices-reconnecting` (retry) instead of 404: after a broker restart, devices need a
+    /// moment to re-subscribe.
+    #[arg(long, env = "GATEWAY_RECONNECT_SETTLE_MS", default_value_t = 3000)]
+    pub reconnect_settle_ms: u64,
+
+    /// On SIGTERM or Ctrl-C, how long calls in flight may still finish before they are answered
+    /// 503; new calls are refused at once.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
     /// Run the demo device in this process under this id. On by default (as `demo-1`) when the
     /// embedded broker is used.
     #[arg(long, env = "GATEWAY_DEMO_DEVICE")]

@@ -7,6 +7,10 @@
 /// (`"200"`, `"404"`, ...). Absent means 200.
 pub const STATUS_PROPERTY: &str = "status";
 
+/// The request user property that carries the call's request id (the caller's `x-request-id`
+/// header or a generated UUID), so device logs can be joined with the gateway's.
+pub const REQUEST_ID_PROPERTY: &str = "request-id";
+
 /// The request user property that carries the W3C trace context from the HTTP `traceparent`
 /// header.
 pub const TRACEPARENT_PROPERTY: &str = "traceparent";

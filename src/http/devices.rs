@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use tower_http::request_id::RequestId;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -15,7 +16,7 @@ use super::error::{ApiError, Problem};
 use super::AppState;
 use crate::mqtt::{DeviceCall, DeviceReply};
 use crate::names::{DeviceId, ServiceName};
-use crate::protocol::TRACEPARENT_PROPERTY;
+use crate::protocol::{REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY};
 
 /// Request headers with this prefix become user properties (the rest of the name is the key);
 /// reply user properties come back under it.
@@ -35,7 +36,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// The request body (any bytes, any content type) is published as an MQTT 5 request to
 /// `devices/{device_id}/{service}` (QoS 1) with a Response Topic, random Correlation Data, a
 /// Message Expiry Interval equal to `timeout_ms` rounded up to seconds, the Content Type, and
-/// every `x-mqtt-<key>` header as user property `<key>` (plus `traceparent`/`tracestate`). The
+/// every `x-mqtt-<key>` header as user property `<key>` (plus `traceparent`/`tracestate`, and
+/// `request-id`: the caller's `x-request-id`, or a new one, also returned as `x-request-id`). The
 /// device's reply becomes the response: its payload byte for byte, its Content Type, its
 /// `status` user property as the HTTP status (200 when absent), and its other user properties
 /// as `x-mqtt-<key>` headers.
@@ -80,7 +82,7 @@ pub fn router() -> OpenApiRouter<AppState> {
             example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
         (status = 429, description = "The broker's quota is exceeded (PUBACK 0x97). Code: `quota-exceeded`.", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The broker refused the request for another reason, or the device's `status` property is not an HTTP status. Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or too many requests are queued. Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`.", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or too many requests are queued. Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting` (no subscriber yet, within a few seconds of the gateway reconnecting to the broker).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying.")),
             example = json!({"type": "urn:mqtt-gateway:problem:broker-unavailable", "title": "Not connected to the MQTT broker", "status": 503, "detail": "the gateway is not connected to the MQTT broker", "code": "broker-unavailable"})),
         (status = 504, description = "The device did not answer within `timeout_ms`. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json",
@@ -92,6 +94,7 @@ async fn call_service(
     path: Result<Path<(String, String)>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path((device, service)) = path.map_err(|e| ApiError::InvalidPath(e.body_text()))?;
@@ -108,7 +111,11 @@ async fn call_service(
         Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v)?.to_owned()),
         None => None,
     };
-    let user_properties = user_properties(&headers)?;
+    let mut user_properties = user_properties(&headers)?;
+    if let Some(Extension(id)) = request_id {
+        let id = header_text("x-request-id", id.header_value())?;
+        user_properties.push((REQUEST_ID_PROPERTY.to_owned(), id.to_owned()));
+    }
 
     let call = DeviceCall {
         device,

@@ -82,8 +82,12 @@ pub enum ProblemCode {
     BrokerUnavailable,
     /// 503: the connection to the broker dropped while the call waited.
     ConnectionLost,
-    /// 503: too many requests are queued for the broker connection.
+    /// 503: too many calls in flight, or queued for the broker connection.
     Overloaded,
+    /// 503: the gateway is shutting down.
+    ShuttingDown,
+    /// 503: no subscriber yet, just after the gateway reconnected to the broker.
+    DevicesReconnecting,
     /// 504: the device did not answer within `timeout_ms`.
     DeviceTimeout,
 }
@@ -110,6 +114,8 @@ impl ProblemCode {
             BrokerUnavailable => "broker-unavailable",
             ConnectionLost => "connection-lost",
             Overloaded => "overloaded",
+            ShuttingDown => "shutting-down",
+            DevicesReconnecting => "devices-reconnecting",
             DeviceTimeout => "device-timeout",
         }
     }
@@ -213,6 +219,16 @@ impl ApiError {
                     ProblemCode::Overloaded,
                     "Gateway overloaded",
                 ),
+                C::DevicesReconnecting => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ProblemCode::DevicesReconnecting,
+                    "Devices are reconnecting",
+                ),
+                C::ShuttingDown => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ProblemCode::ShuttingDown,
+                    "Gateway shutting down",
+                ),
                 C::ConnectionLost => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     ProblemCode::ConnectionLost,
@@ -295,7 +311,11 @@ impl ApiError {
             self,
             ApiError::NotReady
                 | ApiError::Call(
-                    CallError::NotConnected | CallError::Overloaded | CallError::ConnectionLost
+                    CallError::NotConnected
+                        | CallError::Overloaded
+                        | CallError::ConnectionLost
+                        | CallError::ShuttingDown
+                        | CallError::DevicesReconnecting
                 )
         )
         .then_some("1")
@@ -327,6 +347,8 @@ impl IntoResponse for ApiError {
         // Serializing a struct of strings and integers cannot fail.
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
+        // For the per-call log line and metrics (see `observe`).
+        response.extensions_mut().insert(problem.code);
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -385,6 +407,8 @@ mod tests {
             (CallError::NotConnected, 503, "broker-unavailable"),
             (CallError::Overloaded, 503, "overloaded"),
             (CallError::ConnectionLost, 503, "connection-lost"),
+            (CallError::ShuttingDown, 503, "shutting-down"),
+            (CallError::DevicesReconnecting, 503, "devices-reconnecting"),
             (
                 CallError::Timeout(Duration::from_millis(5)),
                 504,
@@ -411,7 +435,7 @@ mod code_tests {
     /// The code in the JSON body, the one in `type`, and the one in the spec are one string.
     #[test]
     fn serialized_codes_match_as_str() {
-        let all: [ProblemCode; 19] = [
+        let all: [ProblemCode; 21] = [
             InvalidDeviceId,
             InvalidService,
             InvalidPath,
@@ -430,6 +454,8 @@ mod code_tests {
             BrokerUnavailable,
             ConnectionLost,
             Overloaded,
+            ShuttingDown,
+            DevicesReconnecting,
             DeviceTimeout,
         ];
         for code in all {

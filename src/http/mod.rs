@@ -7,6 +7,8 @@ pub mod devices;
 pub mod docs;
 pub mod error;
 pub mod health;
+pub mod metrics;
+pub mod observe;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::Method;
 use axum::Router;
 use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
@@ -53,6 +56,7 @@ impl Default for Limits {
 pub struct AppState {
     pub gateway: Gateway,
     pub limits: Arc<Limits>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// The documented routes, with the OpenAPI document generated from their handlers.
@@ -60,6 +64,7 @@ fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
     utoipa_axum::router::OpenApiRouter::with_openapi(<docs::ApiDoc as utoipa::OpenApi>::openapi())
         .merge(devices::router())
         .merge(health::router())
+        .merge(metrics::router())
 }
 
 /// The OpenAPI document of the HTTP API, as served at `/openapi.json`.
@@ -74,10 +79,17 @@ pub fn router(state: AppState) -> Router {
     api.merge(docs::swagger_ui(docs::finish(spec)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe_call,
+        ))
+        // Outermost: every response, errors included, carries the request id.
+        .layer(PropagateRequestIdLayer::x_request_id())
         // Failed calls are logged once, by `ApiError`, at a level fitting the cause; the trace
         // layer's own failure line (ERROR for every 5xx, a device timeout included) would only
         // repeat it louder.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
 

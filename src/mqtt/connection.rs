@@ -5,13 +5,19 @@
 //! exactly the order they entered its channel, and reports each as `Outgoing::Publish(pkid)`:
 //! every call pushes its correlation id onto `unsent` under the same lock that sends its
 //! request into the channel, so the n-th `Outgoing::Publish` belongs to the n-th id in `unsent`.
-//! From then on the packet id maps to the call until its PUBACK arrives. The mapping is rebuilt
-//! from scratch on every reconnect: everything queued or unacknowledged is failed (503) and
-//! dropped from rumqttc's retransmission queue, so no stale packet can shift the order.
+//! From then on the packet id maps to the call until its PUBACK arrives.
+//!
+//! On a reconnect with a clean session, the mapping is rebuilt from scratch: everything queued
+//! or unacknowledged is failed (503) and dropped from rumqttc's retransmission queue, so no stale
+//! packet can shift the order. With a persistent session (`session_expiry` set), nothing is
+//! dropped: rumqttc retransmits unacknowledged requests under their old packet ids (which the map
+//! still holds) before sending queued ones, and the broker delivers replies that arrived while we
+//! were away. Only if the broker comes back without our session are the calls failed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{
     Filter, Packet, PubAckReason, Publish, Subscribe, SubscribeReasonCode,
@@ -19,7 +25,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
 use rumqttc::Outgoing;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
@@ -43,6 +49,15 @@ pub struct GatewayOptions {
     /// Capacity of the channel into the event loop: requests beyond it are refused at once
     /// (503) instead of queueing without bound.
     pub request_queue: usize,
+    /// The most calls parked at once; beyond it calls are refused at once (503, `Retry-After`),
+    /// so memory stays bounded however fast callers arrive.
+    pub max_in_flight: usize,
+    /// Keep the MQTT session (clean start off) this many seconds across disconnects, so replies
+    /// published while the gateway was briefly away are still delivered. None: clean sessions.
+    pub session_expiry: Option<u32>,
+    /// For this long after a reconnect, "no matching subscribers" means the devices may still
+    /// be re-subscribing, not that they are offline: such calls get 503 (retry) instead of 404.
+    pub reconnect_settle: Duration,
 }
 
 impl GatewayOptions {
@@ -60,15 +75,24 @@ struct Counters {
     unmatched_replies: AtomicU64,
     /// Messages on the response topic with no usable correlation data.
     replies_without_correlation: AtomicU64,
+    /// Replies whose status property was not an HTTP status code.
+    invalid_replies: AtomicU64,
+    /// Calls refused because `max_in_flight` calls were already parked.
+    shed: AtomicU64,
 }
 
 /// A snapshot of the connection's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GatewayStats {
+    /// Calls waiting for their device right now.
     pub parked: usize,
+    /// Connected and subscribed.
+    pub ready: bool,
     pub reconnects: u64,
     pub unmatched_replies: u64,
     pub replies_without_correlation: u64,
+    pub invalid_replies: u64,
+    pub shed: u64,
 }
 
 /// The handle the web layer uses to call devices. Cheap to clone.
@@ -80,6 +104,12 @@ pub struct Gateway {
 struct Inner {
     client: AsyncClient,
     pending: PendingRequests,
+    /// One permit per call allowed in flight.
+    in_flight: Arc<Semaphore>,
+    session_expiry: Option<u32>,
+    reconnect_settle: Duration,
+    /// When the connection last came back after a loss (None before any loss).
+    reconnected_at: Mutex<Option<Instant>>,
     link: Mutex<Link>,
     ready: watch::Sender<bool>,
     topics: TopicTemplate,
@@ -89,7 +119,10 @@ struct Inner {
     /// Our own packet size limit (rumqttc refuses to write larger packets, and would drop the
     /// connection doing so); 0 for none.
     own_max_packet: u32,
+    /// No new calls (shutdown has begun).
     shutting_down: AtomicBool,
+    /// DISCONNECT was sent: the task ends instead of reconnecting.
+    disconnecting: AtomicBool,
     counters: Counters,
 }
 
@@ -102,16 +135,33 @@ struct Link {
     unsent: VecDeque<CorrelationId>,
 }
 
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("response_topic", &self.inner.response_topic)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Gateway {
     /// Starts the connection task. The gateway connects (and reconnects) on its own; watch
     /// [`Gateway::is_ready`] or await [`Gateway::wait_ready`].
     pub fn start(options: GatewayOptions) -> (Gateway, JoinHandle<()>) {
         let response_topic = options.response_topic();
         let own_max_packet = options.mqtt.max_packet_size().unwrap_or(0);
-        let (client, eventloop) = AsyncClient::new(options.mqtt.clone(), options.request_queue);
+        let mut mqtt = options.mqtt.clone();
+        if let Some(expiry) = options.session_expiry {
+            mqtt.set_clean_start(false);
+            mqtt.set_session_expiry_interval(Some(expiry));
+        }
+        let (client, eventloop) = AsyncClient::new(mqtt, options.request_queue);
         let inner = Arc::new(Inner {
             client,
             pending: PendingRequests::default(),
+            in_flight: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+            session_expiry: options.session_expiry,
+            reconnect_settle: options.reconnect_settle,
+            reconnected_at: Mutex::new(None),
             link: Mutex::new(Link::default()),
             ready: watch::Sender::new(false),
             topics: options.topics,
@@ -119,6 +169,7 @@ impl Gateway {
             broker_max_packet: AtomicU32::new(0),
             own_max_packet,
             shutting_down: AtomicBool::new(false),
+            disconnecting: AtomicBool::new(false),
             counters: Counters::default(),
         });
         let task = tokio::spawn(run(eventloop, inner.clone()));
@@ -128,6 +179,13 @@ impl Gateway {
     /// Publishes the request, parks the call, and waits for its outcome.
     pub async fn call(&self, call: DeviceCall) -> Result<DeviceReply, CallError> {
         let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(CallError::ShuttingDown);
+        }
+        let Ok(_permit) = inner.in_flight.clone().try_acquire_owned() else {
+            inner.counters.shed.fetch_add(1, Ordering::Relaxed);
+            return Err(CallError::Overloaded);
+        };
         let mut parked = inner.pending.park();
         let publish = call.to_publish(&inner.topics, &inner.response_topic, parked.id());
 
@@ -164,6 +222,7 @@ impl Gateway {
             );
             if sent.is_err() {
                 // The channel is full (or the task is gone): refuse now, queue nothing.
+                inner.counters.shed.fetch_add(1, Ordering::Relaxed);
                 return Err(CallError::Overloaded);
             }
             link.unsent.push_back(parked.id());
@@ -171,9 +230,13 @@ impl Gateway {
 
         match tokio::time::timeout(call.timeout, parked.outcome()).await {
             Ok(CallOutcome::Reply(reply)) => Ok(reply),
+            Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers)) if inner.settling() => {
+                Err(CallError::DevicesReconnecting)
+            }
             Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
             Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
             Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
+            Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
             Err(_) => Err(CallError::Timeout(call.timeout)),
         }
     }
@@ -199,19 +262,34 @@ impl Gateway {
         let c = &self.inner.counters;
         GatewayStats {
             parked: self.inner.pending.len(),
+            ready: self.is_ready(),
             reconnects: c.reconnects.load(Ordering::Relaxed),
             unmatched_replies: c.unmatched_replies.load(Ordering::Relaxed),
             replies_without_correlation: c.replies_without_correlation.load(Ordering::Relaxed),
+            invalid_replies: c.invalid_replies.load(Ordering::Relaxed),
+            shed: c.shed.load(Ordering::Relaxed),
         }
     }
 
-    /// Stops sending, fails parked calls, and sends DISCONNECT; the task then ends.
-    pub fn shutdown(&self) {
+    /// Shutdown, step 1: refuse new calls (503); calls in flight go on.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown, step 2 (the grace period is over): answer every call still waiting with 503.
+    pub fn fail_parked(&self) -> usize {
+        self.inner.pending.fail_all(CallOutcome::ShuttingDown)
+    }
+
+    /// Shutdown, step 3: send DISCONNECT; the connection task then ends. Calls still parked
+    /// (there should be none) are failed first.
+    pub fn disconnect(&self) {
         let inner = &self.inner;
-        inner.shutting_down.store(true, Ordering::SeqCst);
+        self.begin_shutdown();
+        self.fail_parked();
+        inner.disconnecting.store(true, Ordering::SeqCst);
         inner.lock_link().ready = false;
         inner.ready.send_replace(false);
-        inner.pending.fail_all(CallOutcome::ConnectionLost);
         let _ = inner.client.try_disconnect();
     }
 }
@@ -222,26 +300,60 @@ impl Inner {
         self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Within the settling time after a reconnect.
+    fn settling(&self) -> bool {
+        let at = *self
+            .reconnected_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        at.is_some_and(|at| at.elapsed() < self.reconnect_settle)
+    }
+
     fn set_ready(&self, ready: bool) {
         self.lock_link().ready = ready;
         self.ready.send_replace(ready);
     }
 
-    /// The connection dropped: nothing queued or unacknowledged will reach the broker in a new
-    /// clean session, and replies to what did reach it would go to a subscription that no
-    /// longer exists. Fail every parked call now (503) rather than let it run into its timeout.
-    fn connection_lost(&self, eventloop: &mut EventLoop) {
+    /// The connection dropped. With a clean session, nothing queued or unacknowledged will
+    /// reach the broker, and replies to what did would go to a subscription that no longer
+    /// exists: fail every parked call now (503) rather than let it run into its timeout. With a
+    /// persistent session, keep everything: the broker holds our subscription and replies.
+    fn connection_lost(
+        &self,
+        eventloop: &mut EventLoop,
+        in_flight: &mut HashMap<u16, CorrelationId>,
+    ) {
         {
             let mut link = self.lock_link();
             link.ready = false;
-            // Drain what entered the channel since rumqttc's own clean-up, then drop it all:
-            // under the lock, so no call can slip a request in between.
+            // Drain what entered the channel since rumqttc's own clean-up, under the lock, so
+            // no call can slip a request in between.
             eventloop.clean();
-            eventloop.pending.clear();
-            eventloop.state.events.clear();
-            link.unsent.clear();
+            if self.session_expiry.is_none() {
+                eventloop.pending.clear();
+                eventloop.state.events.clear();
+                link.unsent.clear();
+                in_flight.clear();
+            }
         }
         self.ready.send_replace(false);
+        if self.session_expiry.is_none() {
+            self.fail_all_lost();
+        }
+    }
+
+    /// The broker has no session for us: whatever was in flight is gone.
+    fn session_lost(&self, eventloop: &mut EventLoop, in_flight: &mut HashMap<u16, CorrelationId>) {
+        {
+            let mut link = self.lock_link();
+            eventloop.pending.clear();
+            link.unsent.clear();
+            in_flight.clear();
+        }
+        self.fail_all_lost();
+    }
+
+    fn fail_all_lost(&self) {
         let failed = self.pending.fail_all(CallOutcome::ConnectionLost);
         if failed > 0 {
             warn!(failed, "connection lost: failed the calls it carried");
@@ -272,7 +384,12 @@ impl Inner {
                 status,
                 user_properties,
             }),
-            Err(why) => CallOutcome::InvalidStatus(why),
+            Err(why) => {
+                self.counters
+                    .invalid_replies
+                    .fetch_add(1, Ordering::Relaxed);
+                CallOutcome::InvalidStatus(why)
+            }
         };
         if !self.pending.resolve(&id, outcome) {
             self.counters
@@ -334,6 +451,10 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                 backoff.reset();
                 if connected_once {
                     inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    *inner
+                        .reconnected_at
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 }
                 connected_once = true;
                 let max_packet = ack
@@ -345,12 +466,22 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                 info!(
                     response_topic = %inner.response_topic,
                     broker_max_packet = max_packet,
+                    session_present = ack.session_present,
                     "connected to the MQTT broker"
                 );
-                let filter = Filter::new(inner.response_topic.clone(), QoS::AtLeastOnce);
-                eventloop
-                    .pending
-                    .push_back(Request::Subscribe(Subscribe::new(filter, None)));
+                if ack.session_present {
+                    // Our subscription survived with the session: serve at once. rumqttc now
+                    // retransmits the unacknowledged requests, then sends the queued ones.
+                    inner.set_ready(true);
+                } else {
+                    if inner.session_expiry.is_some() {
+                        inner.session_lost(&mut eventloop, &mut in_flight);
+                    }
+                    let filter = Filter::new(inner.response_topic.clone(), QoS::AtLeastOnce);
+                    eventloop
+                        .pending
+                        .push_back(Request::Subscribe(Subscribe::new(filter, None)));
+                }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let granted = ack
@@ -368,6 +499,8 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                     );
                 }
             }
+            // A retransmission on a resumed session keeps its packet id, already mapped.
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if in_flight.contains_key(&pkid) => {}
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 match inner.lock_link().unsent.pop_front() {
                     Some(id) => {
@@ -385,18 +518,17 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => inner.route_reply(publish),
             Ok(Event::Outgoing(Outgoing::Disconnect))
-                if inner.shutting_down.load(Ordering::SeqCst) =>
+                if inner.disconnecting.load(Ordering::SeqCst) =>
             {
                 info!("disconnected from the MQTT broker");
                 break;
             }
             Ok(_) => {}
             Err(e) => {
-                if inner.shutting_down.load(Ordering::SeqCst) {
+                if inner.disconnecting.load(Ordering::SeqCst) {
                     break;
                 }
-                inner.connection_lost(&mut eventloop);
-                in_flight.clear();
+                inner.connection_lost(&mut eventloop, &mut in_flight);
                 let delay = backoff.next_delay();
                 warn!(error = %e, retry_in = ?delay, "MQTT connection failed");
                 tokio::time::sleep(delay).await;
@@ -430,6 +562,9 @@ mod tests {
             gateway_id: id.into(),
             topics: TopicTemplate::default(),
             request_queue: 1,
+            max_in_flight: 1,
+            session_expiry: None,
+            reconnect_settle: Duration::ZERO,
         };
         assert_ne!(opts("a").response_topic(), opts("b").response_topic());
     }

@@ -63,6 +63,8 @@ pub enum CallOutcome {
     InvalidStatus(String),
     /// The connection that carried the request dropped before an answer arrived.
     ConnectionLost,
+    /// The gateway is shutting down and the call's grace period is over.
+    ShuttingDown,
 }
 
 /// A PUBACK failure reason, from MQTT 5 section 3.4.2.1.
@@ -87,8 +89,15 @@ pub enum PublishRefusal {
 pub enum CallError {
     #[error("the gateway is not connected to the MQTT broker")]
     NotConnected,
-    #[error("the gateway has too many requests queued for the MQTT connection")]
+    #[error("the gateway has too many calls in flight; retry shortly")]
     Overloaded,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error(
+        "no device is subscribed yet, but the gateway has just reconnected to the broker and \
+         devices may still be re-subscribing; retry shortly"
+    )]
+    DevicesReconnecting,
     #[error("the request is {size} bytes as an MQTT packet; the limit is {limit} bytes")]
     PacketTooLarge { size: usize, limit: u32 },
     #[error("the broker refused the request: {0:?}")]

@@ -52,7 +52,8 @@ impl PendingRequests {
         }
     }
 
-    /// Fails every parked call with the same outcome (the connection that carried them is gone).
+    /// Fails every parked call with the same outcome (the connection that carried them is gone,
+    /// or the gateway is shutting down).
     pub fn fail_all(&self, outcome: CallOutcome) -> usize {
         let drained: Vec<_> = self.lock().drain().collect();
         let n = drained.len();

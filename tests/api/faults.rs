@@ -66,3 +66,34 @@ async fn a_gateway_started_before_its_broker_connects_when_it_appears() {
     let response = app.call("late-broker", "echo", "hi").await;
     assert_eq!(response.text().await.unwrap(), "hi");
 }
+
+#[tokio::test]
+async fn right_after_a_reconnect_no_subscriber_means_retry_not_offline() {
+    let mut broker = TestBroker::start();
+    if !broker.is_mosquitto_for("right_after_a_reconnect_no_subscriber_means_retry_not_offline") {
+        return;
+    }
+    let app = TestApp::spawn_with(&broker, &["--reconnect-settle-ms", "1500"]).await;
+    assert_eq!(
+        app.call("gone", "echo", "").await.status(),
+        404,
+        "before any loss: offline"
+    );
+
+    broker.kill();
+    assert!(eventually(Duration::from_secs(5), || !app.gateway.is_ready()).await);
+    broker.restart();
+    assert!(eventually(Duration::from_secs(10), || app.gateway.is_ready()).await);
+    let settling = app.call("gone", "echo", "").await;
+    assert_eq!(settling.status(), 503);
+    assert_eq!(settling.headers()["retry-after"], "1");
+    assert_eq!(problem(settling).await["code"], "devices-reconnecting");
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let settled = app.call("gone", "echo", "").await;
+    assert_eq!(
+        settled.status(),
+        404,
+        "once settled, no subscriber means offline"
+    );
+}

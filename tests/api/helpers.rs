@@ -467,3 +467,183 @@ pub fn tool_available(test: &str, tool: &str, check: &mut Command) -> bool {
     }
     ok
 }
+
+/// A TCP relay between a client and the broker that a test can cut, to break one client's
+/// connection while the broker stays up. A network fault, not a broker mock: every byte is the
+/// real broker's.
+pub struct FaultyLink {
+    pub port: u16,
+    down: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyLink {
+    pub async fn start(broker_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (down, _) = tokio::sync::watch::channel(false);
+        let down_tx = down.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut down_rx = down_tx.subscribe();
+                if *down_rx.borrow() {
+                    continue; // dropped: the link is down
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = down_rx.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        FaultyLink { port, down, task }
+    }
+
+    /// Cuts every connection and refuses new ones until [`FaultyLink::up`].
+    pub fn down(&self) {
+        self.down.send_replace(true);
+    }
+
+    pub fn up(&self) {
+        self.down.send_replace(false);
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FaultyLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The real binary as a child process (killed on drop), its stdout and stderr lines collected.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub base: String,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl GatewayProcess {
+    /// `mqtt-gateway serve` on a free port with these flags, ready (`/readyz` answers 200).
+    pub async fn serve(mqtt_url: &str, flags: &[&str], env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("GATEWAY_") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .args([
+                "serve",
+                "--mqtt-url",
+                mqtt_url,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(flags)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn mqtt-gateway");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let process = GatewayProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            lines,
+        };
+        let http = http_client();
+        let ready = async {
+            loop {
+                if let Ok(r) = http.get(format!("{}/readyz", process.base)).send().await {
+                    if r.status() == 200 {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), ready)
+            .await
+            .unwrap_or_else(|_| panic!("gateway ready; its output: {:?}", process.output()));
+        process
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn service_url(&self, device: &str, service: &str) -> String {
+        format!("{}/api/v1/devices/{device}/services/{service}", self.base)
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Resident memory, in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, up to `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

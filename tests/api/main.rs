@@ -10,3 +10,4 @@ mod errors;
 mod faults;
 mod helpers;
 mod interop;
+mod reliability;

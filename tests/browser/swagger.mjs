@@ -41,7 +41,7 @@ try {
   await page.getByText("mqtt-gateway", { exact: false }).first().waitFor();
 
   // Every operation of the API is rendered.
-  for (const id of ["devices-callService", "health-healthz", "health-readyz"]) {
+  for (const id of ["devices-callService", "health-healthz", "health-readyz", "health-metrics"]) {
     await page.locator(`#operations-${id}`).waitFor({ timeout: 10000 });
   }
 
