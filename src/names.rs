@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::protocol::MqttStringError;
+
 /// The longest device id or service name we accept, in bytes. Long enough for any UUID, serial
 /// number or slug, short enough that a topic stays far below every broker's topic length limit.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -39,10 +41,12 @@ fn parse_name(raw: &str) -> Result<(), NameError> {
     if let Some(c) = raw.chars().find(|c| matches!(c, '/' | '+' | '#')) {
         return Err(NameError::TopicCharacter(c));
     }
-    if let Some(c) = crate::protocol::forbidden_mqtt_char(raw) {
-        return Err(NameError::ControlCharacter(c as u32));
+    // The length is already far below MQTT's string limit; only the characters can fail.
+    match crate::protocol::check_mqtt_string(raw) {
+        Err(MqttStringError::Forbidden(c)) => Err(NameError::ControlCharacter(c)),
+        Err(MqttStringError::TooLong(n)) => Err(NameError::TooLong(n)),
+        Ok(()) => Ok(()),
     }
-    Ok(())
 }
 
 macro_rules! topic_level {

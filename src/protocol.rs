@@ -15,16 +15,36 @@ pub const REQUEST_ID_PROPERTY: &str = "request-id";
 /// header.
 pub const TRACEPARENT_PROPERTY: &str = "traceparent";
 
-/// The first character that may not appear in an MQTT UTF-8 string, if any.
+/// The longest MQTT UTF-8 string: its length is a two-byte prefix.
+pub const MAX_MQTT_STRING_BYTES: usize = 65_535;
+
+/// Why a string cannot travel as an MQTT UTF-8 string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MqttStringError {
+    #[error("is {0} bytes long; an MQTT string holds at most 65535")]
+    TooLong(usize),
+    #[error("contains U+{0:04X}; MQTT strings must not hold control characters or Unicode non-characters")]
+    Forbidden(u32),
+}
+
+/// Checks a string that is about to become an MQTT UTF-8 string (a topic level, a user
+/// property, a content type).
 ///
 /// MQTT 5 (section 1.5.4) forbids NUL and lets a receiver treat control characters and Unicode
-/// non-characters as malformed; Mosquitto does, and closes the connection. One caller's stray
-/// tab in a header would then fail every call in flight, so such strings never reach MQTT.
-pub fn forbidden_mqtt_char(s: &str) -> Option<char> {
-    s.chars().find(|&c| {
+/// non-characters as malformed; Mosquitto does, and closes the connection. A string over 65535
+/// bytes cannot even be encoded. One caller's stray tab or huge header would then fail every
+/// call in flight, so such strings never reach MQTT.
+pub fn check_mqtt_string(s: &str) -> Result<(), MqttStringError> {
+    if s.len() > MAX_MQTT_STRING_BYTES {
+        return Err(MqttStringError::TooLong(s.len()));
+    }
+    match s.chars().find(|&c| {
         let cp = c as u32;
         c.is_control() || (0xFDD0..=0xFDEF).contains(&cp) || (cp & 0xFFFE) == 0xFFFE
-    })
+    }) {
+        Some(c) => Err(MqttStringError::Forbidden(c as u32)),
+        None => Ok(()),
+    }
 }
 
 /// Whether a content type names text (and so may carry Payload Format Indicator 1).
@@ -56,9 +76,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mqtt_strings_refuse_controls_and_noncharacters() {
-        assert_eq!(forbidden_mqtt_char("plain ünïcödé 🙂"), None);
-        for bad in [
+    fn mqtt_strings_refuse_controls_noncharacters_and_overlong() {
+        assert_eq!(check_mqtt_string("plain ünïcödé 🙂"), Ok(()));
+        let bad = [
             "a\tb",
             "\0",
             "x\u{7f}",
@@ -66,9 +86,18 @@ mod tests {
             "\u{fdd0}",
             "\u{fffe}",
             "\u{1ffff}",
-        ] {
-            assert!(forbidden_mqtt_char(bad).is_some(), "{bad:?}");
+        ];
+        for bad in bad {
+            assert!(
+                matches!(check_mqtt_string(bad), Err(MqttStringError::Forbidden(_))),
+                "{bad:?}"
+            );
         }
+        assert_eq!(check_mqtt_string(&"a".repeat(65_535)), Ok(()));
+        assert_eq!(
+            check_mqtt_string(&"a".repeat(65_536)),
+            Err(MqttStringError::TooLong(65_536))
+        );
     }
 
     #[test]

@@ -193,7 +193,8 @@ fn user_properties(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiErro
     Ok(properties)
 }
 
-/// Header values become MQTT strings: UTF-8 without control characters or non-characters.
+/// Header values become MQTT strings: UTF-8, at most 65535 bytes, without control characters
+/// or non-characters.
 fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiError> {
     let invalid = |reason: String| ApiError::InvalidHeader {
         name: name.to_owned(),
@@ -201,14 +202,8 @@ fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiErr
     };
     let text = std::str::from_utf8(value.as_bytes())
         .map_err(|_| invalid("the value is not valid UTF-8, which MQTT strings must be".into()))?;
-    match crate::protocol::forbidden_mqtt_char(text) {
-        Some(c) => Err(invalid(format!(
-            "the value contains U+{:04X}; MQTT strings must not hold control characters or \
-             Unicode non-characters",
-            c as u32
-        ))),
-        None => Ok(text),
-    }
+    crate::protocol::check_mqtt_string(text).map_err(|e| invalid(format!("the value {e}")))?;
+    Ok(text)
 }
 
 /// The device's reply as an HTTP response: its payload byte for byte, its status, its content
