@@ -445,8 +445,13 @@ pub async fn problem(response: reqwest::Response) -> serde_json::Value {
 
 /// Says, past the test harness's output capture, that a test did not run its checks here.
 pub fn report_not_run(what: &str) {
+    report(&format!("NOT RUN {what}"));
+}
+
+/// A line for the person reading the test run, past the harness's output capture.
+pub fn report(line: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "NOT RUN {what}");
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Whether an outside tool a test needs is here (`check` succeeds). When it is not, the test

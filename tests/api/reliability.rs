@@ -480,6 +480,11 @@ async fn a_minute_of_mixed_load_leaves_nothing_in_flight_and_memory_flat() {
     // The bound: 8 MiB of growth after warm-up over tens of thousands of calls, i.e. nothing
     // retained per call (a leak of even 200 bytes a call would show as more).
     let growth = rss_at_end.saturating_sub(rss_after_warmup);
+    report(&format!(
+        "soak: {} calls in {secs} s; gateway RSS {rss_after_warmup} KiB after warm-up, \
+         {rss_at_end} KiB at the end",
+        warmup.len() + statuses.len()
+    ));
     assert!(
         growth < 8 * 1024,
         "RSS grew {growth} KiB ({rss_after_warmup} → {rss_at_end} KiB) over {} calls",
