@@ -33,6 +33,9 @@ pub enum Command {
     Device(DeviceArgs),
     /// Print the OpenAPI document of the HTTP API (as served at /openapi.json).
     Openapi,
+    /// Exit 0 if the gateway at --listen is ready (`GET /readyz` answers 200), else 1: a
+    /// container health check that needs no curl.
+    Healthcheck(HealthcheckArgs),
     /// Run only the embedded MQTT 5 broker (rumqttd), for trying things out and for tests.
     #[cfg(feature = "embedded-broker")]
     Broker(BrokerArgs),
@@ -151,6 +154,14 @@ pub struct DeviceArgs {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The gateway's address, as given to `serve --listen`: sharing GATEWAY_LISTEN, the check
+    /// follows the server wherever it is configured. `0.0.0.0` and `[::]` are checked on loopback.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
 }
 
 #[cfg(feature = "embedded-broker")]

@@ -7,6 +7,8 @@ use mqtt_gateway::config::BrokerUrl;
 use mqtt_gateway::config::{Cli, Command, DeviceArgs, LogFormat, ServeArgs};
 use tokio::net::TcpListener;
 
+mod healthcheck;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -18,6 +20,9 @@ async fn main() -> ExitCode {
             print!("{}", mqtt_gateway::http::docs::openapi_json());
             Ok(())
         }
+        Some(Command::Healthcheck(args)) => healthcheck::check(args.listen)
+            .await
+            .map(|ready| println!("{ready}")),
         #[cfg(feature = "embedded-broker")]
         Some(Command::Broker(args)) => broker(args).await,
     };
