@@ -1,0 +1,528 @@
+//! The system under test: a running stack named by environment variables, or one this test
+//! starts from the repository's files. Also a small MQTT client for checking the broker's rules.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqtt_gateway::config::BrokerUrl;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use tokio::sync::mpsc;
+
+/// The gateway, the device it can call, and MQTT credentials for probing the broker.
+pub struct Stack {
+    /// The gateway's HTTP base, e.g. `http://127.0.0.1:8080`, no trailing slash.
+    pub gateway_url: String,
+    /// The demo device the stack runs.
+    pub device_id: String,
+    /// The broker with the device's credentials, when known (`MQTT_URL`).
+    pub device_mqtt_url: Option<String>,
+    /// The broker with the gateway's credentials, when known (`E2E_GATEWAY_MQTT_URL`).
+    pub gateway_mqtt_url: Option<String>,
+    pub http: reqwest::Client,
+    /// The processes this test started, stopped on drop; None against a running stack.
+    _own: Option<OwnStack>,
+}
+
+/// How long a running stack may take to serve its first call: `docker compose up` starts the
+/// tests as soon as the gateway is healthy, and the device may still be connecting.
+const EXTERNAL_READY_WITHIN: Duration = Duration::from_secs(60);
+/// Processes on this machine start in well under a second; the margin is for a busy CI.
+const OWN_READY_WITHIN: Duration = Duration::from_secs(20);
+
+impl Stack {
+    /// The stack named by `GATEWAY_URL` and friends, else a new one of our own; ready to serve
+    /// calls to its device. None (after saying so) when a stack of our own cannot be started
+    /// here because Mosquitto is not installed.
+    pub async fn get(test: &str) -> Option<Stack> {
+        let stack = match std::env::var("GATEWAY_URL") {
+            Ok(url) if !url.is_empty() => Stack {
+                gateway_url: url.trim_end_matches('/').to_owned(),
+                device_id: std::env::var("E2E_DEVICE_ID").unwrap_or_else(|_| "demo-1".into()),
+                device_mqtt_url: std::env::var("MQTT_URL").ok().filter(|u| !u.is_empty()),
+                gateway_mqtt_url: std::env::var("E2E_GATEWAY_MQTT_URL")
+                    .ok()
+                    .filter(|u| !u.is_empty()),
+                http: http_client(),
+                _own: None,
+            },
+            _ => OwnStack::start(test)?,
+        };
+        let within = if stack._own.is_some() {
+            OWN_READY_WITHIN
+        } else {
+            EXTERNAL_READY_WITHIN
+        };
+        stack.wait_serving(within).await;
+        Some(stack)
+    }
+
+    pub fn service_url(&self, device: &str, service: &str) -> String {
+        format!(
+            "{}/api/v1/devices/{device}/services/{service}",
+            self.gateway_url
+        )
+    }
+
+    /// POST `body` to a device's service.
+    pub async fn call(&self, device: &str, service: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(self.service_url(device, service))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("the gateway answers HTTP")
+    }
+
+    /// Until `/readyz` says ready and the device answers an echo.
+    async fn wait_serving(&self, within: Duration) {
+        let started = Instant::now();
+        let mut last = String::from("no answer yet");
+        while started.elapsed() < within {
+            match self
+                .http
+                .get(format!("{}/readyz", self.gateway_url))
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == 200 => {
+                    let echo = self.call(&self.device_id, "echo", "\"ping\"").await;
+                    let status = echo.status();
+                    if status == 200 {
+                        return;
+                    }
+                    last = format!("echo: {status} {}", echo.text().await.unwrap_or_default());
+                }
+                Ok(r) => last = format!("/readyz: {}", r.status()),
+                Err(e) => last = format!("/readyz: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let logs = self._own.as_ref().map(OwnStack::logs).unwrap_or_default();
+        panic!(
+            "the stack at {} did not serve device {:?} within {within:?}; last: {last}\n{logs}",
+            self.gateway_url, self.device_id
+        );
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("HTTP client")
+}
+
+/// A name no other test and no earlier run uses, for device ids and topics on a shared stack.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A line for the person reading the test run, past the harness's output capture.
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Mosquitto, the gateway and the demo device as child processes, configured as
+/// docker-compose.yml configures them: the repository's mosquitto.conf and acl, users `gw-1`
+/// and `demo-1`, the gateway's id `gw-1`. Only the passwords differ: new random ones in a fresh
+/// password file, since the committed one holds demo passwords this suite should not repeat
+/// (scripts/compose-local tests that file with the compose file's passwords).
+struct OwnStack {
+    dir: tempfile::TempDir,
+    children: Vec<(&'static str, Child)>,
+}
+
+/// The gateway's id and MQTT user in docker-compose.yml and mosquitto/acl.
+const GATEWAY_ID: &str = "gw-1";
+/// The demo device's id and MQTT user in docker-compose.yml and mosquitto/acl.
+const DEVICE_ID: &str = "demo-1";
+
+impl OwnStack {
+    fn start(test: &str) -> Option<Stack> {
+        let (Some(mosquitto), Some(passwd_tool)) = (sbin("mosquitto"), sbin("mosquitto_passwd"))
+        else {
+            assert!(
+                std::env::var("MQTT_GATEWAY_TEST_TOOLS").as_deref() != Ok("required"),
+                "mosquitto and mosquitto_passwd are required (MQTT_GATEWAY_TEST_TOOLS=required)"
+            );
+            report(&format!("NOT RUN (Mosquitto not installed): {test}"));
+            return None;
+        };
+        let mut own = OwnStack {
+            dir: tempfile::tempdir().expect("temp dir"),
+            children: Vec::new(),
+        };
+        let gateway_password = unique("pw");
+        let device_password = unique("pw");
+        let passwd = own.dir.path().join("passwd");
+        for (i, (user, password)) in [
+            (GATEWAY_ID, &gateway_password),
+            (DEVICE_ID, &device_password),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut command = Command::new(&passwd_tool);
+            command.arg("-b");
+            if i == 0 {
+                command.arg("-c");
+            }
+            let status = command
+                .arg(&passwd)
+                .args([user, password.as_str()])
+                .status()
+                .expect("run mosquitto_passwd");
+            assert!(status.success(), "mosquitto_passwd failed");
+        }
+
+        // A free port can be taken between our probe and Mosquitto's bind: try a few.
+        let mut broker_port = None;
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = own.dir.path().join("mosquitto.conf");
+            std::fs::write(&conf, local_mosquitto_conf(port, &passwd)).expect("write conf");
+            let child = own.spawn("mosquitto", Command::new(&mosquitto).arg("-c").arg(&conf));
+            if wait_connectable(port, child) {
+                broker_port = Some(port);
+                break;
+            }
+        }
+        let Some(broker_port) = broker_port else {
+            panic!("Mosquitto did not start:\n{}", own.logs());
+        };
+        let broker = |user: &str, password: &str| {
+            format!("mqtt://{user}:{password}@127.0.0.1:{broker_port}")
+        };
+
+        let http_port = free_port();
+        // As the image runs them: `serve` (its default command) and `device`, configured by
+        // environment only.
+        own.spawn(
+            "gateway",
+            binary().arg("serve").envs([
+                ("GATEWAY_LISTEN", format!("127.0.0.1:{http_port}")),
+                ("GATEWAY_ID", GATEWAY_ID.to_owned()),
+                ("GATEWAY_MQTT_URL", broker(GATEWAY_ID, &gateway_password)),
+            ]),
+        );
+        own.spawn(
+            "device",
+            binary().arg("device").envs([
+                ("GATEWAY_DEVICE_ID", DEVICE_ID.to_owned()),
+                ("GATEWAY_MQTT_URL", broker(DEVICE_ID, &device_password)),
+            ]),
+        );
+        Some(Stack {
+            gateway_url: format!("http://127.0.0.1:{http_port}"),
+            device_id: DEVICE_ID.into(),
+            device_mqtt_url: Some(broker(DEVICE_ID, &device_password)),
+            gateway_mqtt_url: Some(broker(GATEWAY_ID, &gateway_password)),
+            http: http_client(),
+            _own: Some(own),
+        })
+    }
+
+    /// Starts a child whose output goes to `<name>.log` in the temp dir.
+    fn spawn(&mut self, name: &'static str, command: &mut Command) -> &mut Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        self.children.push((name, child));
+        &mut self.children.last_mut().unwrap().1
+    }
+
+    /// Everything the processes printed, for a failure message.
+    fn logs(&self) -> String {
+        self.children
+            .iter()
+            .map(|(name, _)| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                    .unwrap_or_default();
+                format!("--- {name} ---\n{log}")
+            })
+            .collect()
+    }
+}
+
+impl Drop for OwnStack {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The repository's mosquitto.conf with what only makes sense inside the container changed: the
+/// listener (port 1883 on every interface) becomes `port` on loopback, and the password file is
+/// `passwd`; the ACL is the repository's file itself. Every other line is kept as it is.
+fn local_mosquitto_conf(port: u16, passwd: &Path) -> String {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let conf = std::fs::read_to_string(repo.join("mosquitto/mosquitto.conf"))
+        .expect("read mosquitto/mosquitto.conf");
+    let mut rewritten = [0; 3];
+    let lines: Vec<String> = conf
+        .lines()
+        .map(|line| {
+            let key = line.split_whitespace().next().unwrap_or("");
+            match key {
+                "listener" => {
+                    rewritten[0] += 1;
+                    format!("listener {port} 127.0.0.1")
+                }
+                "password_file" => {
+                    rewritten[1] += 1;
+                    format!("password_file {}", passwd.display())
+                }
+                "acl_file" => {
+                    rewritten[2] += 1;
+                    format!("acl_file {}", repo.join("mosquitto/acl").display())
+                }
+                _ => line.to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(
+        rewritten,
+        [1, 1, 1],
+        "mosquitto.conf should have one listener, password_file and acl_file line each; \
+         update this rewrite with it"
+    );
+    lines.join("\n") + "\n"
+}
+
+fn sbin(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The real `mqtt-gateway` binary, with no `GATEWAY_*` variable from the environment running
+/// the tests (such as `GATEWAY_URL`).
+pub fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("GATEWAY_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn wait_connectable(port: u16, child: &mut Child) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// An MQTT 5 client for checking what the broker lets a credential do: one request at a time,
+/// each waiting for the broker's answer.
+pub struct Probe {
+    pub client: AsyncClient,
+    /// The user it logged in as.
+    pub username: String,
+    events: mpsc::UnboundedReceiver<Packet>,
+    /// Publishes the broker delivered, in order.
+    pub received: Vec<Publish>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long the broker gets to answer one request on loopback.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+impl Probe {
+    /// Logs in with the credentials in `url` under a new client id (never the id of a client
+    /// of the stack, which the broker would disconnect).
+    pub async fn connect(url: &str) -> Probe {
+        match Self::try_connect(url).await {
+            Ok(probe) => probe,
+            Err(e) => panic!("connect to {url}: {e}"),
+        }
+    }
+
+    /// Ok once the broker accepted the connection; Err with the refusal otherwise.
+    pub async fn try_connect(url: &str) -> Result<Probe, ConnectionError> {
+        let broker = BrokerUrl::parse(url).expect("a valid MQTT URL");
+        let mut options = MqttOptions::new(unique("e2e-probe"), broker.host.clone(), broker.port);
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_max_packet_size(Some(1024 * 1024));
+        let username = broker
+            .credentials
+            .as_ref()
+            .map(|(user, _)| user.clone())
+            .unwrap_or_default();
+        if let Some((user, password)) = broker.credentials {
+            options.set_credentials(user, password);
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        // The first poll connects: its outcome is the broker's CONNACK.
+        match tokio::time::timeout(ANSWER_WITHIN, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {}
+            Ok(Ok(other)) => panic!("expected CONNACK, got {other:?}"),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no CONNACK from {url} within {ANSWER_WITHIN:?}"),
+        }
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(packet).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    // A probe lives for one test: a broken connection fails its next wait.
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Probe {
+            client,
+            username,
+            events,
+            received: Vec::new(),
+            task,
+        })
+    }
+
+    /// The next packet from the broker that `pick` wants; publishes on the way are kept in
+    /// `received`.
+    async fn next_where<T>(&mut self, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
+        loop {
+            let packet = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("the broker answers within 10 s")
+                .expect("the connection to the broker stays up");
+            if let Some(found) = pick(&packet) {
+                return found;
+            }
+            if let Packet::Publish(p) = packet {
+                self.received.push(p);
+            }
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        self.next_where(|p| matches!(p, Packet::SubAck(_)).then_some(()))
+            .await;
+    }
+
+    /// Publishes at QoS 1 and returns the reason code of the broker's PUBACK.
+    pub async fn publish(&mut self, topic: &str, payload: &str) -> PubAckReason {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_owned())
+            .await
+            .unwrap();
+        self.next_where(|p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Answers `request` as a device does: to its Response Topic, with its Correlation Data.
+    pub async fn reply(&mut self, request: &Publish, payload: &str) -> PubAckReason {
+        let properties = request.properties.clone().unwrap_or_default();
+        let response_topic = properties.response_topic.expect("a Response Topic");
+        self.client
+            .publish_with_properties(
+                response_topic,
+                QoS::AtLeastOnce,
+                false,
+                payload.to_owned(),
+                PublishProperties {
+                    correlation_data: properties.correlation_data,
+                    content_type: Some("text/plain".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        self.next_where(|p| match p {
+            Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next publish on `topic`, or None after `wait`; others are kept in `received`.
+    pub async fn next_on(&mut self, topic: &str, wait: Duration) -> Option<Publish> {
+        let wanted = Bytes::copy_from_slice(topic.as_bytes());
+        if let Some(i) = self.received.iter().position(|p| p.topic == wanted) {
+            return Some(self.received.remove(i));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(packet)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Packet::Publish(p) = packet {
+                if p.topic == wanted {
+                    return Some(p);
+                }
+                self.received.push(p);
+            }
+        }
+        None
+    }
+
+    /// Collects whatever the broker delivers for `wait`, into `received`.
+    pub async fn drain(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(packet)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Packet::Publish(p) = packet {
+                self.received.push(p);
+            }
+        }
+    }
+
+    /// The topics of everything received so far.
+    pub fn received_topics(&self) -> Vec<String> {
+        self.received
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.topic).into_owned())
+            .collect()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
