@@ -34,6 +34,12 @@ const EXTERNAL_READY_WITHIN: Duration = Duration::from_secs(60);
 /// Processes on this machine start in well under a second; the margin is for a busy CI.
 const OWN_READY_WITHIN: Duration = Duration::from_secs(20);
 
+/// Whether the running stack serves its device, found out once per test run: the first test
+/// waits and the others share its answer, so a stack that is down fails every test at once
+/// rather than each after a minute.
+static EXTERNAL_SERVING: tokio::sync::OnceCell<Result<(), String>> =
+    tokio::sync::OnceCell::const_new();
+
 impl Stack {
     /// The stack named by `GATEWAY_URL` and friends, else a new one of our own; ready to serve
     /// calls to its device. None (after saying so) when a stack of our own cannot be started
@@ -52,12 +58,19 @@ impl Stack {
             },
             _ => OwnStack::start(test)?,
         };
-        let within = if stack._own.is_some() {
-            OWN_READY_WITHIN
-        } else {
-            EXTERNAL_READY_WITHIN
+        let serving = match &stack._own {
+            Some(own) => stack
+                .wait_serving(OWN_READY_WITHIN)
+                .await
+                .map_err(|e| format!("{e}\n{}", own.logs())),
+            None => EXTERNAL_SERVING
+                .get_or_init(|| stack.wait_serving(EXTERNAL_READY_WITHIN))
+                .await
+                .clone(),
         };
-        stack.wait_serving(within).await;
+        if let Err(e) = serving {
+            panic!("{e}");
+        }
         Some(stack)
     }
 
@@ -80,7 +93,7 @@ impl Stack {
     }
 
     /// Until `/readyz` says ready and the device answers an echo.
-    async fn wait_serving(&self, within: Duration) {
+    async fn wait_serving(&self, within: Duration) -> Result<(), String> {
         let started = Instant::now();
         let mut last = String::from("no answer yet");
         while started.elapsed() < within {
@@ -94,7 +107,7 @@ impl Stack {
                     let echo = self.call(&self.device_id, "echo", "\"ping\"").await;
                     let status = echo.status();
                     if status == 200 {
-                        return;
+                        return Ok(());
                     }
                     last = format!("echo: {status} {}", echo.text().await.unwrap_or_default());
                 }
@@ -103,11 +116,10 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let logs = self._own.as_ref().map(OwnStack::logs).unwrap_or_default();
-        panic!(
-            "the stack at {} did not serve device {:?} within {within:?}; last: {last}\n{logs}",
+        Err(format!(
+            "the stack at {} did not serve device {:?} within {within:?}; last: {last}",
             self.gateway_url, self.device_id
-        );
+        ))
     }
 }
 
