@@ -1,6 +1,7 @@
 //! Command line and environment: every flag can also be set as `GATEWAY_<FLAG_IN_UPPER_SNAKE>`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -33,6 +34,8 @@ pub enum Command {
     Device(DeviceArgs),
     /// Print the OpenAPI document of the HTTP API (as served at /openapi.json).
     Openapi,
+    /// Make a new API key: prints the key (once) and the entry for the --api-keys-file.
+    ApiKey(ApiKeyArgs),
     /// Run only the embedded MQTT 5 broker (rumqttd), for trying things out and for tests.
     #[cfg(feature = "embedded-broker")]
     Broker(BrokerArgs),
@@ -125,6 +128,71 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// Who may call the API. With none of the authentication flags, the API is open, which the
+/// gateway allows only on a loopback address unless --insecure-no-auth is given.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// API keys: a JSON file `{"keys": [{"name", "sha256", "scopes"}]}` holding each key's SHA-256
+    /// (make entries with `mqtt-gateway api-key`). Callers send `Authorization: Bearer <key>`.
+    #[arg(long, env = "GATEWAY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Accept JWTs signed with this HS256 secret (a file of at least 32 bytes).
+    #[arg(long, env = "GATEWAY_JWT_HS256_SECRET_FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+
+    /// Accept JWTs signed by the private half of this RS256 public key (PEM file).
+    #[arg(long, env = "GATEWAY_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+
+    /// The `aud` a JWT must carry (required with either JWT key).
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The `iss` a JWT must carry, if set.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Serve the API without authentication on a non-loopback address. Anyone who can reach the
+    /// port can then make devices act.
+    #[arg(long, env = "GATEWAY_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Require authentication for /docs and /openapi.json too.
+    #[arg(long, env = "GATEWAY_DOCS_REQUIRE_AUTH")]
+    pub docs_require_auth: bool,
+
+    /// Require authentication for /metrics too.
+    #[arg(long, env = "GATEWAY_METRICS_REQUIRE_AUTH")]
+    pub metrics_require_auth: bool,
+
+    /// Browser origins allowed to call the API (CORS), comma-separated, or `*`.
+    #[arg(long, env = "GATEWAY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Calls a second each caller (API key or token subject) may make on average; 0: no limit.
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_per_second: u32,
+
+    /// How many calls a caller may make at once above its rate (default: one second's worth).
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiKeyArgs {
+    /// A name for the key's holder: it appears in logs and keys the rate limit.
+    #[arg(long, env = "GATEWAY_NAME")]
+    pub name: String,
+
+    /// What the key may call, e.g. `devices/kitchen-*/services/*` (repeatable).
+    #[arg(long = "scope", env = "GATEWAY_SCOPE", required = true)]
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -14,6 +14,16 @@ async fn main() -> ExitCode {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
         Some(Command::Device(args)) => device(args).await,
+        Some(Command::ApiKey(args)) => {
+            match mqtt_gateway::http::auth::new_api_key(&args.name, &args.scopes) {
+                Ok((key, entry)) => {
+                    println!("API key for {:?} (shown once; store it with the caller):\n\n    {key}\n", args.name);
+                    println!("Add this entry to the \"keys\" list of your --api-keys-file:\n\n    {entry}");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
         Some(Command::Openapi) => {
             print!("{}", mqtt_gateway::http::docs::openapi_json());
             Ok(())
