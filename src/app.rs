@@ -13,9 +13,9 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::config::{BrokerUrl, SecurityArgs, ServeArgs};
+use crate::device::{RunningHost, ServiceHost};
 use crate::http::access::AccessPolicy;
 use crate::http::auth::{Authenticator, JwtSettings, RateLimits};
-use crate::device::{RunningHost, ServiceHost};
 use crate::http::metrics::Metrics;
 use crate::http::{self, AppState, Limits};
 use crate::mqtt::{Gateway, GatewayOptions};
@@ -74,10 +74,19 @@ pub fn access_policy(args: &SecurityArgs) -> Result<AccessPolicy, StartError> {
     let jwt = match (&args.jwt_hs256_secret_file, &args.jwt_rs256_public_key_file) {
         (None, None) => None,
         (hs, rs) => Some(JwtSettings {
-            hs256_secret: hs.as_deref().map(|p| read(p, "the JWT secret")).transpose()?,
-            rs256_public_key_pem: rs.as_deref().map(|p| read(p, "the JWT public key")).transpose()?,
+            hs256_secret: hs
+                .as_deref()
+                .map(|p| read(p, "the JWT secret"))
+                .transpose()?,
+            rs256_public_key_pem: rs
+                .as_deref()
+                .map(|p| read(p, "the JWT public key"))
+                .transpose()?,
             audience: args.jwt_audience.clone().ok_or_else(|| {
-                StartError::Config("JWTs need --jwt-audience: a token for another service must not open this one".into())
+                StartError::Config(
+                    "JWTs need --jwt-audience: a token for another service must not open this one"
+                        .into(),
+                )
             })?,
             issuer: args.jwt_issuer.clone(),
         }),
@@ -85,7 +94,10 @@ pub fn access_policy(args: &SecurityArgs) -> Result<AccessPolicy, StartError> {
     let authenticator =
         Authenticator::new(args.api_keys_file.as_deref(), jwt).map_err(StartError::Config)?;
     let rate_limits = NonZeroU32::new(args.rate_limit_per_second).map(|rate| {
-        let burst = args.rate_limit_burst.and_then(NonZeroU32::new).unwrap_or(rate);
+        let burst = args
+            .rate_limit_burst
+            .and_then(NonZeroU32::new)
+            .unwrap_or(rate);
         RateLimits::new(rate, burst)
     });
     Ok(AccessPolicy {
@@ -150,7 +162,8 @@ impl App {
         let options = GatewayOptions {
             mqtt: args
                 .mqtt
-                .options(&broker.url, &format!("mqtt-gateway-{gateway_id}")),
+                .options(&broker.url, &format!("mqtt-gateway-{gateway_id}"))
+                .map_err(StartError::Config)?,
             gateway_id,
             topics: args.topic_template.clone(),
             request_queue: args.mqtt_request_queue.max(1),
@@ -167,7 +180,10 @@ impl App {
         };
         let demo_host = match &demo_id {
             Some(id) => {
-                let options = args.mqtt.options(&broker.url, &format!("demo-device-{id}"));
+                let options = args
+                    .mqtt
+                    .options(&broker.url, &format!("demo-device-{id}"))
+                    .map_err(StartError::Config)?;
                 let host = crate::demo::host(options, &args.topic_template, id).map_err(|e| {
                     StartError::Config(format!("invalid demo device id {id:?}: {e}"))
                 })?;
@@ -267,7 +283,7 @@ impl App {
 }
 
 fn print_banner(listen: &str, broker: &BrokerChoice, demo: Option<&str>) {
-    let broker_addr = format!("mqtt://{}:{}", broker.url.host, broker.url.port);
+    let broker_addr = broker.url.display_address();
     let mut text = format!("mqtt-gateway listening on http://{listen}\n");
     if broker.embedded {
         text += &format!(

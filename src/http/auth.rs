@@ -34,7 +34,8 @@ impl Scope {
         };
         let rest = raw.strip_prefix("devices/").ok_or_else(bad)?;
         let (device, service) = rest.split_once("/services/").ok_or_else(bad)?;
-        if device.is_empty() || service.is_empty() || device.contains('/') || service.contains('/') {
+        if device.is_empty() || service.is_empty() || device.contains('/') || service.contains('/')
+        {
             return Err(bad());
         }
         Ok(Self {
@@ -209,7 +210,10 @@ impl JwtVerifier {
             if secret.len() < 32 {
                 return Err("the HS256 secret must be at least 32 bytes".into());
             }
-            keys.push((DecodingKey::from_secret(secret), validation(Algorithm::HS256)));
+            keys.push((
+                DecodingKey::from_secret(secret),
+                validation(Algorithm::HS256),
+            ));
         }
         if let Some(pem) = &settings.rs256_public_key_pem {
             let key = DecodingKey::from_rsa_pem(pem)
@@ -233,7 +237,8 @@ impl JwtVerifier {
                         (None, Some(s)) => s.split_whitespace().map(str::to_owned).collect(),
                         (None, None) => Vec::new(),
                     };
-                    let scopes = parse_scopes(&raw).map_err(|e| AuthError::Invalid(format!(": {e}")))?;
+                    let scopes =
+                        parse_scopes(&raw).map_err(|e| AuthError::Invalid(format!(": {e}")))?;
                     return Ok(Caller {
                         name: claims.sub,
                         scopes: Arc::new(scopes),
@@ -294,10 +299,12 @@ impl RateLimits {
     /// Ok, or how many whole seconds to wait (at least 1).
     pub fn check(&self, caller: &str) -> Result<(), u64> {
         // Callers are the configured keys and validly signed tokens' subjects: a bounded set.
-        self.limiter.check_key(&caller.to_owned()).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-        })
+        self.limiter
+            .check_key(&caller.to_owned())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+            })
     }
 }
 
@@ -325,7 +332,12 @@ mod tests {
         assert!(s.allows("kitchen-1", "get_config"));
         assert!(!s.allows("kitchen-1", "control"));
         assert!(!s.allows("garage", "get_config"));
-        for bad in ["kitchen-*", "devices/*", "devices//services/x", "devices/a/b/services/x"] {
+        for bad in [
+            "kitchen-*",
+            "devices/*",
+            "devices//services/x",
+            "devices/a/b/services/x",
+        ] {
             assert!(Scope::parse(bad).is_err(), "{bad}");
         }
     }
@@ -340,8 +352,15 @@ mod tests {
         let auth = Authenticator::new(Some(&path), None).unwrap();
         let caller = auth.authenticate(Some(&format!("Bearer {key}"))).unwrap();
         assert_eq!(caller.name, "app");
-        assert_eq!(auth.authenticate(Some("Bearer nope")).unwrap_err(), AuthError::Invalid(String::new()));
+        assert_eq!(
+            auth.authenticate(Some("Bearer nope")).unwrap_err(),
+            AuthError::Invalid(String::new())
+        );
         assert_eq!(auth.authenticate(None).unwrap_err(), AuthError::Missing);
-        assert_eq!(auth.authenticate(Some(&format!("Basic {key}"))).unwrap_err(), AuthError::Missing);
+        assert_eq!(
+            auth.authenticate(Some(&format!("Basic {key}")))
+                .unwrap_err(),
+            AuthError::Missing
+        );
     }
 }

@@ -17,9 +17,9 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, Method};
-use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
 use axum::Router;
 use tokio::net::TcpListener;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
@@ -85,8 +85,14 @@ pub fn router(state: AppState) -> Router {
     api.merge(docs::swagger_ui(docs::finish(spec)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), access::gate))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe::observe_call))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::gate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe_call,
+        ))
         // Every response, errors included, carries the request id.
         .layer(PropagateRequestIdLayer::x_request_id())
         // Outside the gate: a browser's preflight carries no credentials.

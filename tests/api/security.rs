@@ -1,0 +1,557 @@
+//! Who may call what, and what cannot be forged: API keys, JWTs, scopes, rate limits, CORS,
+//! secure defaults, broker credentials and TLS, topic injection, forged and replayed replies.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mqtt_gateway::app::{App, BrokerChoice};
+use mqtt_gateway::config::{BrokerUrl, Cli, Command as CliCommand};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// A keys file with one key per (name, scopes); returns the dir (keep it alive) and the keys.
+fn keys_file(entries: &[(&str, &[&str])]) -> (tempfile::TempDir, String, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys = Vec::new();
+    let mut lines = Vec::new();
+    for (name, scopes) in entries {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let (key, entry) = mqtt_gateway::http::auth::new_api_key(name, &scopes).unwrap();
+        keys.push(key);
+        lines.push(entry);
+    }
+    let path = dir.path().join("keys.json");
+    std::fs::write(&path, format!(r#"{{"keys": [{}]}}"#, lines.join(","))).unwrap();
+    let path = path.display().to_string();
+    (dir, path, keys)
+}
+
+async fn call_as(
+    app: &TestApp,
+    token: Option<&str>,
+    device: &str,
+    service: &str,
+) -> reqwest::Response {
+    let mut request = app.http.post(app.service_url(device, service)).body("hi");
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn api_keys_and_scopes_decide_who_calls_what_and_refused_calls_never_reach_mqtt() {
+    let broker = TestBroker::start();
+    let _kitchen = demo_device(&broker, "kitchen-1").await;
+    let _garage = demo_device(&broker, "garage-1").await;
+    let mut spy = RawClient::connect(&broker, "spy", &["devices/#"]).await;
+    let (_dir, path, keys) = keys_file(&[
+        ("kitchen-app", &["devices/kitchen-*/services/*"]),
+        ("reader", &["devices/*/services/get_config"]),
+    ]);
+    let app = TestApp::spawn_with(&broker, &["--api-keys-file", &path]).await;
+
+    let no_token = call_as(&app, None, "kitchen-1", "echo").await;
+    assert_eq!(no_token.status(), 401);
+    assert_eq!(no_token.headers()["www-authenticate"], "Bearer");
+    assert_eq!(problem(no_token).await["code"], "unauthorized");
+    let bad_token = call_as(&app, Some("mgw_not-a-key"), "kitchen-1", "echo").await;
+    assert_eq!(bad_token.status(), 401);
+    let out_of_scope = call_as(&app, Some(&keys[0]), "garage-1", "echo").await;
+    assert_eq!(out_of_scope.status(), 403);
+    assert_eq!(problem(out_of_scope).await["code"], "insufficient-scope");
+    let wrong_service = call_as(&app, Some(&keys[1]), "kitchen-1", "control").await;
+    assert_eq!(wrong_service.status(), 403);
+    assert!(
+        spy.next(Duration::from_millis(300)).await.is_none(),
+        "no refused call was published"
+    );
+
+    let allowed = call_as(&app, Some(&keys[0]), "kitchen-1", "echo").await;
+    assert_eq!(allowed.status(), 200);
+    let read = call_as(&app, Some(&keys[1]), "garage-1", "get_config").await;
+    assert_eq!(read.status(), 200);
+    let published: Vec<String> = [
+        spy.next(Duration::from_secs(2)).await,
+        spy.next(Duration::from_secs(2)).await,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| String::from_utf8_lossy(&p.topic).into_owned())
+    .collect();
+    assert_eq!(
+        published,
+        ["devices/kitchen-1/echo", "devices/garage-1/get_config"]
+    );
+
+    // Health stays open; docs and metrics are open unless configured otherwise.
+    for open in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(
+            app.http.get(app.url(open)).send().await.unwrap().status(),
+            200,
+            "{open}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn docs_and_metrics_can_require_authentication() {
+    let broker = TestBroker::start();
+    let (_dir, path, keys) = keys_file(&[("ops", &["devices/*/services/*"])]);
+    let app = TestApp::spawn_with(
+        &broker,
+        &[
+            "--api-keys-file",
+            &path,
+            "--docs-require-auth",
+            "--metrics-require-auth",
+        ],
+    )
+    .await;
+    for path in ["/metrics", "/openapi.json", "/docs/"] {
+        assert_eq!(
+            app.http.get(app.url(path)).send().await.unwrap().status(),
+            401,
+            "{path}"
+        );
+        let authed = app
+            .http
+            .get(app.url(path))
+            .bearer_auth(&keys[0])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(authed.status(), 200, "{path}");
+    }
+    assert_eq!(
+        app.http
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// A fresh RSA 2048 key pair as PEM: PKCS#8 private key, SubjectPublicKeyInfo public key.
+fn rsa_pems() -> (String, String) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::KeyPair as _;
+    use base64::Engine;
+    let pem = |label: &str, der: &[u8]| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    };
+    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let private = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).unwrap();
+    let public = AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(pair.public_key()).unwrap();
+    (
+        pem("PRIVATE KEY", private.as_ref()),
+        pem("PUBLIC KEY", public.as_ref()),
+    )
+}
+
+fn jwt(claims: serde_json::Value, alg: Algorithm, key: &EncodingKey) -> String {
+    jsonwebtoken::encode(&Header::new(alg), &claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn jwts_are_checked_for_signature_expiry_not_before_and_audience() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "lamp-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = b"0123456789abcdef0123456789abcdef-test-secret";
+    std::fs::write(dir.path().join("hs256"), secret).unwrap();
+    let (rsa_private_pem, rsa_public_pem) = rsa_pems();
+    std::fs::write(dir.path().join("rs256.pub.pem"), rsa_public_pem).unwrap();
+    let hs = dir.path().join("hs256").display().to_string();
+    let rs = dir.path().join("rs256.pub.pem").display().to_string();
+    let app = TestApp::spawn_with(
+        &broker,
+        &[
+            "--jwt-hs256-secret-file",
+            &hs,
+            "--jwt-rs256-public-key-file",
+            &rs,
+            "--jwt-audience",
+            "mqtt-gateway",
+        ],
+    )
+    .await;
+
+    let hs_key = EncodingKey::from_secret(secret);
+    let rs_key = EncodingKey::from_rsa_pem(rsa_private_pem.as_bytes()).unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let good = json!({"sub": "web", "aud": "mqtt-gateway", "exp": now + 60, "scope": "devices/lamp-*/services/*"});
+    let cases = [
+        ("HS256", jwt(good.clone(), Algorithm::HS256, &hs_key), 200),
+        ("RS256", jwt(good.clone(), Algorithm::RS256, &rs_key), 200),
+        (
+            "scopes as a list",
+            jwt(
+                json!({"sub": "web", "aud": "mqtt-gateway", "exp": now + 60, "scopes": ["devices/*/services/echo"]}),
+                Algorithm::HS256,
+                &hs_key,
+            ),
+            200,
+        ),
+        (
+            "expired",
+            jwt(
+                json!({"sub": "web", "aud": "mqtt-gateway", "exp": now - 60, "scope": "devices/*/services/*"}),
+                Algorithm::HS256,
+                &hs_key,
+            ),
+            401,
+        ),
+        (
+            "not yet valid",
+            jwt(
+                json!({"sub": "web", "aud": "mqtt-gateway", "exp": now + 600, "nbf": now + 300, "scope": "devices/*/services/*"}),
+                Algorithm::HS256,
+                &hs_key,
+            ),
+            401,
+        ),
+        (
+            "another audience",
+            jwt(
+                json!({"sub": "web", "aud": "billing", "exp": now + 60, "scope": "devices/*/services/*"}),
+                Algorithm::HS256,
+                &hs_key,
+            ),
+            401,
+        ),
+        (
+            "no audience",
+            jwt(
+                json!({"sub": "web", "exp": now + 60, "scope": "devices/*/services/*"}),
+                Algorithm::HS256,
+                &hs_key,
+            ),
+            401,
+        ),
+        (
+            "wrong secret",
+            jwt(
+                good.clone(),
+                Algorithm::HS256,
+                &EncodingKey::from_secret(b"another-secret-of-32-bytes-at-least!!"),
+            ),
+            401,
+        ),
+        (
+            "out of scope",
+            jwt(
+                json!({"sub": "web", "aud": "mqtt-gateway", "exp": now + 60, "scope": "devices/door-*/services/*"}),
+                Algorithm::HS256,
+                &hs_key,
+            ),
+            403,
+        ),
+        (
+            "no scope at all",
+            jwt(
+                json!({"sub": "web", "aud": "mqtt-gateway", "exp": now + 60}),
+                Algorithm::HS256,
+                &hs_key,
+            ),
+            403,
+        ),
+    ];
+    for (what, token, status) in cases {
+        let response = call_as(&app, Some(&token), "lamp-1", "echo").await;
+        assert_eq!(response.status().as_u16(), status, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn each_key_has_its_own_rate_limit_answered_429_with_retry_after() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "d").await;
+    let (_dir, path, keys) = keys_file(&[
+        ("a", &["devices/*/services/*"]),
+        ("b", &["devices/*/services/*"]),
+    ]);
+    let app = TestApp::spawn_with(
+        &broker,
+        &[
+            "--api-keys-file",
+            &path,
+            "--rate-limit-per-second",
+            "1",
+            "--rate-limit-burst",
+            "2",
+        ],
+    )
+    .await;
+
+    assert_eq!(
+        call_as(&app, Some(&keys[0]), "d", "echo").await.status(),
+        200
+    );
+    assert_eq!(
+        call_as(&app, Some(&keys[0]), "d", "echo").await.status(),
+        200
+    );
+    let limited = call_as(&app, Some(&keys[0]), "d", "echo").await;
+    assert_eq!(limited.status(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(problem(limited).await["code"], "rate-limited");
+    assert_eq!(
+        call_as(&app, Some(&keys[1]), "d", "echo").await.status(),
+        200,
+        "b has its own bucket"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        call_as(&app, Some(&keys[0]), "d", "echo").await.status(),
+        200,
+        "a's bucket refilled"
+    );
+}
+
+#[tokio::test]
+async fn cors_preflight_and_responses_for_browser_apps() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "d").await;
+    let app = TestApp::spawn_with(
+        &broker,
+        &[
+            "--cors-origins",
+            "https://app.example,https://admin.example",
+        ],
+    )
+    .await;
+
+    let preflight = app
+        .http
+        .request(reqwest::Method::OPTIONS, app.service_url("d", "echo"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,authorization,x-mqtt-room",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert!(h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for header in ["content-type", "authorization", "x-mqtt-room"] {
+        assert!(allowed.contains(header), "{allowed}");
+    }
+
+    let foreign = app
+        .http
+        .request(reqwest::Method::OPTIONS, app.service_url("d", "echo"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(foreign
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+
+    let call = app
+        .http
+        .post(app.service_url("d", "echo"))
+        .header("origin", "https://admin.example")
+        .header("x-mqtt-room", "hall")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        call.headers()["access-control-allow-origin"],
+        "https://admin.example"
+    );
+    assert_eq!(call.headers()["access-control-expose-headers"], "*");
+    assert_eq!(call.headers()["x-mqtt-room"], "hall");
+}
+
+fn serve_args(extra: &[&str]) -> mqtt_gateway::config::ServeArgs {
+    let mut argv = vec!["mqtt-gateway", "serve", "--mqtt-url", "mqtt://127.0.0.1:9"];
+    argv.extend_from_slice(extra);
+    match Cli::try_parse_from(argv).unwrap().command {
+        Some(CliCommand::Serve(args)) => args,
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn an_open_api_on_a_non_loopback_address_is_refused_unless_asked_for() {
+    let broker = || BrokerChoice {
+        url: BrokerUrl::parse("mqtt://127.0.0.1:9").unwrap(),
+        embedded: false,
+    };
+    // App::start checks the address it is configured for; nothing is bound here.
+    let refused = App::start(&serve_args(&["--listen", "0.0.0.0:8080"]), broker());
+    let message = refused.err().expect("refused").to_string();
+    assert!(
+        message.contains("without authentication") && message.contains("--insecure-no-auth"),
+        "{message}"
+    );
+    assert!(App::start(
+        &serve_args(&["--listen", "0.0.0.0:8080", "--insecure-no-auth"]),
+        broker()
+    )
+    .is_ok());
+    let (_dir, path, _) = keys_file(&[("k", &["devices/*/services/*"])]);
+    assert!(App::start(
+        &serve_args(&["--listen", "0.0.0.0:8080", "--api-keys-file", &path]),
+        broker()
+    )
+    .is_ok());
+    assert!(
+        App::start(&serve_args(&["--listen", "[::1]:8080"]), broker()).is_ok(),
+        "loopback is fine open"
+    );
+}
+
+#[tokio::test]
+async fn no_caller_input_makes_a_topic_outside_the_template() {
+    let broker = TestBroker::start();
+    let mut spy = RawClient::connect(&broker, "spy", &["#"]).await;
+    let app = TestApp::spawn(&broker).await;
+
+    // Every character with a meaning in MQTT topics, raw where a URL can carry it raw, and
+    // percent-encoded, in the device id and in the service name.
+    let specials = ["/", "+", "#", "$", "\0", "\u{1}", "\u{7f}", "\u{fffe}"];
+    let mut tried = 0;
+    for special in specials {
+        let encoded: String = special.bytes().map(|b| format!("%{b:02X}")).collect();
+        let mut forms = vec![format!("a{encoded}b"), format!("{encoded}x")];
+        if matches!(special, "+" | "$") {
+            forms.push(format!("a{special}b"));
+            forms.push(format!("{special}x"));
+        }
+        for form in forms {
+            let is_dollar_inside =
+                special == "$" && !form.starts_with('$') && !form.starts_with("%24");
+            for (device, service) in [(form.as_str(), "echo"), ("d", form.as_str())] {
+                // The spy below subscribes to '#', so a valid name finds a "subscriber" that
+                // never answers: keep the timeout short.
+                let url = format!("{}?timeout_ms=200", app.service_url(device, service));
+                let status = app.http.post(url).send().await.unwrap().status().as_u16();
+                tried += 1;
+                if is_dollar_inside {
+                    // A '$' inside a level is an ordinary character; only a leading one is not.
+                    assert_ne!(status, 400, "{device}/{service}");
+                } else {
+                    assert_eq!(status, 400, "{device}/{service}");
+                }
+            }
+        }
+    }
+    assert!(tried > 30);
+    // Whatever was published stayed inside devices/<one level>/<one level>.
+    while let Some(p) = spy.next(Duration::from_millis(300)).await {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let levels: Vec<&str> = topic.split('/').collect();
+        assert!(
+            levels.len() == 3 && levels[0] == "devices" && !topic.contains(['+', '#']),
+            "{topic}"
+        );
+        assert!(
+            !levels[1].starts_with('$') && !levels[2].starts_with('$'),
+            "{topic}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forged_and_replayed_replies_are_ignored_and_counted() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "d").await;
+    let app = TestApp::spawn_with(&broker, &["--id", "gw-replay"]).await;
+    // An eavesdropper on the reply topic (the broker ACL is meant to stop this one).
+    let mut eve = RawClient::connect(&broker, "eve", &["gateway/gw-replay/replies"]).await;
+
+    let genuine = app.call("d", "echo", "first").await;
+    assert_eq!(genuine.text().await.unwrap(), "first");
+    let seen = eve
+        .next(Duration::from_secs(2))
+        .await
+        .expect("eve saw the reply");
+    let stolen = seen.properties.unwrap().correlation_data.unwrap();
+
+    // Eve replays the reply with the captured id while a new call waits, and guesses ids.
+    let waiting = tokio::spawn({
+        let http = app.http.clone();
+        let url = format!("{}?timeout_ms=3000", app.service_url("d", "delay"));
+        async move {
+            http.post(url)
+                .body("500")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for correlation in [
+        stolen.clone(),
+        Bytes::from(uuid::Uuid::new_v4().as_bytes().to_vec()),
+    ] {
+        let props = PublishProperties {
+            correlation_data: Some(correlation),
+            ..Default::default()
+        };
+        eve.client
+            .publish_with_properties(
+                "gateway/gw-replay/replies",
+                QoS::AtLeastOnce,
+                false,
+                "forged",
+                props,
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        waiting.await.unwrap(),
+        r#"{"waited_ms":500}"#,
+        "the waiting call got its own answer"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || app
+            .gateway
+            .stats()
+            .unmatched_replies
+            >= 2)
+        .await
+    );
+}
