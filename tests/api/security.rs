@@ -555,3 +555,150 @@ async fn forged_and_replayed_replies_are_ignored_and_counted() {
         .await
     );
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>, name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "broker");
+    let (client_cert, client_key) = leaf(vec![], "mqtt-gateway");
+    for (name, pem) in [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server_cert),
+        ("server.key", server_key),
+        ("client.pem", client_cert),
+        ("client.key", client_key),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn mqtts_with_a_ca_file_and_a_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let tls_port = free_port();
+    let c = certs.path().display();
+    let broker = TestBroker::start_with(
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {c}/ca.pem\ncertfile {c}/server.pem\n\
+             keyfile {c}/server.key\nrequire_certificate true\n"
+        ),
+        &[],
+    );
+    if !broker.is_mosquitto_for("mqtts_with_a_ca_file_and_a_client_certificate") {
+        return;
+    }
+    let _device = demo_device(&broker, "d").await;
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let ca = format!("{c}/ca.pem");
+    let (cert, key) = (format!("{c}/client.pem"), format!("{c}/client.key"));
+
+    let app = TestApp::spawn_unready(
+        &url,
+        &["--mqtt-ca-file", &ca, "--mqtt-client-cert-file", &cert, "--mqtt-client-key-file", &key],
+    )
+    .await;
+    assert!(eventually(Duration::from_secs(10), || app.gateway.is_ready()).await, "TLS with a client certificate");
+    let response = app.call("d", "echo", "over tls").await;
+    assert_eq!(response.text().await.unwrap(), "over tls");
+
+    // Without the client certificate the broker refuses the handshake: never ready.
+    let anonymous = TestApp::spawn_unready(&url, &["--mqtt-ca-file", &ca]).await;
+    // Without our CA the broker's certificate is not trusted: never ready either.
+    let untrusting = TestApp::spawn_unready(&url, &["--mqtt-client-cert-file", &cert, "--mqtt-client-key-file", &key, "--mqtt-ca-file", &cert]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!anonymous.gateway.is_ready());
+    assert!(!untrusting.gateway.is_ready());
+    assert_eq!(anonymous.call("d", "echo", "x").await.status(), 503);
+}
+
+#[tokio::test]
+async fn broker_credentials_come_from_env_or_file_and_never_reach_the_logs() {
+    const PASSWORD: &str = "s3cret-Broker-Pa55";
+    let passwd_dir = tempfile::tempdir().unwrap();
+    let passwd = passwd_dir.path().join("passwd");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["gateway", PASSWORD])
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        report_not_run("(mosquitto_passwd not available): broker_credentials_come_from_env_or_file_and_never_reach_the_logs");
+        return;
+    }
+    std::process::Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwd)
+        .args(["device", PASSWORD])
+        .status()
+        .unwrap();
+    let auth_port = free_port();
+    let broker = TestBroker::start_with(
+        &format!(
+            "per_listener_settings true\nlistener {auth_port} 127.0.0.1\nallow_anonymous false\n\
+             password_file {}\n",
+            passwd.display()
+        ),
+        &[],
+    );
+    if !broker.is_mosquitto_for("broker_credentials_come_from_env_or_file_and_never_reach_the_logs") {
+        return;
+    }
+    let mut host = mqtt_gateway::device::ServiceHost::new({
+        let mut o = rumqttc::v5::MqttOptions::new("cred-device", "127.0.0.1", auth_port);
+        o.set_credentials("device", PASSWORD);
+        o
+    });
+    host.register("devices/locked/echo", |req| async move {
+        mqtt_gateway::device::Reply::new(req.payload)
+    })
+    .unwrap();
+    let _device = start_ready(host).await;
+    let url = format!("mqtt://127.0.0.1:{auth_port}");
+    let file = passwd_dir.path().join("gateway-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let file = file.display().to_string();
+
+    // From the environment, and from a file; logging everything, down to trace.
+    let by_env = GatewayProcess::serve(
+        &url,
+        &["--mqtt-username", "gateway"],
+        &[("GATEWAY_MQTT_PASSWORD", PASSWORD), ("RUST_LOG", "trace")],
+    )
+    .await;
+    let by_file = GatewayProcess::serve(
+        &url,
+        &["--mqtt-username", "gateway", "--mqtt-password-file", &file],
+        &[("RUST_LOG", "trace")],
+    )
+    .await;
+    let http = http_client();
+    for gateway in [&by_env, &by_file] {
+        let r = http.post(gateway.service_url("locked", "echo")).body("in").send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "in");
+    }
+
+    // A wrong password: the gateway says why, and still not the password.
+    let wrong = GatewayProcess::spawn(&url, &["--mqtt-username", "gateway"], &[("GATEWAY_MQTT_PASSWORD", "wrong-Pa55word"), ("RUST_LOG", "trace")]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let wrong_output = wrong.output().join("\n");
+    assert!(wrong_output.contains("NotAuthorized") || wrong_output.contains("BadUserNamePassword"), "{wrong_output}");
+
+    for output in [by_env.output().join("\n"), by_file.output().join("\n"), wrong_output] {
+        assert!(output.len() > 1000, "trace logging was on");
+        assert!(!output.contains(PASSWORD) && !output.contains("wrong-Pa55word"), "a password reached the logs");
+    }
+}
