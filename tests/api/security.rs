@@ -760,6 +760,8 @@ async fn websocket_front(
     use async_tungstenite::tungstenite::handshake::server::{Request, Response};
     use tokio_util::compat::FuturesAsyncReadCompatExt;
 
+    // The callback's error type is tungstenite's, large or not.
+    #[allow(clippy::result_large_err)]
     async fn relay<S>(stream: S, broker_port: u16)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
