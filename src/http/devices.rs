@@ -24,12 +24,7 @@ use crate::protocol::{REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY};
 pub const USER_PROPERTY_HEADER_PREFIX: &str = "x-mqtt-";
 
 pub fn router() -> OpenApiRouter<AppState> {
-    let (schemas, paths, method_router) = routes!(call_service);
-    OpenApiRouter::new().routes((
-        schemas,
-        paths,
-        method_router.fallback(super::method_not_allowed("POST")),
-    ))
+    OpenApiRouter::new().routes(super::only("POST", routes!(call_service)))
 }
 
 /// Call a device service.

@@ -150,6 +150,19 @@ async fn not_found(method: Method, request: Request) -> ApiError {
     }
 }
 
+/// A documented route (from `utoipa_axum::routes!`) whose other methods get a 405 problem
+/// naming the one allowed.
+fn only(
+    allowed: &'static str,
+    (schemas, paths, method_router): utoipa_axum::router::UtoipaMethodRouter<AppState>,
+) -> utoipa_axum::router::UtoipaMethodRouter<AppState> {
+    (
+        schemas,
+        paths,
+        method_router.fallback(method_not_allowed(allowed)),
+    )
+}
+
 /// A fallback for a known path with the wrong method.
 fn method_not_allowed(
     allowed: &'static str,
