@@ -4,6 +4,7 @@
 //! binary runs, on port 0.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +12,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::config::{BrokerUrl, ServeArgs};
+use crate::config::{BrokerUrl, SecurityArgs, ServeArgs};
 use crate::device::{RunningHost, ServiceHost};
+use crate::http::access::AccessPolicy;
+use crate::http::auth::{Authenticator, JwtSettings, RateLimits};
 use crate::http::metrics::Metrics;
 use crate::http::{self, AppState, Limits};
 use crate::mqtt::{Gateway, GatewayOptions};
@@ -62,6 +65,49 @@ pub fn choose_broker(args: &ServeArgs) -> Result<BrokerChoice, StartError> {
     ))
 }
 
+/// Authentication, rate limits and open routes, from the flags.
+pub fn access_policy(args: &SecurityArgs) -> Result<AccessPolicy, StartError> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| StartError::Config(format!("cannot read {what} {}: {e}", path.display())))
+    };
+    let jwt = match (&args.jwt_hs256_secret_file, &args.jwt_rs256_public_key_file) {
+        (None, None) => None,
+        (hs, rs) => Some(JwtSettings {
+            hs256_secret: hs
+                .as_deref()
+                .map(|p| read(p, "the JWT secret"))
+                .transpose()?,
+            rs256_public_key_pem: rs
+                .as_deref()
+                .map(|p| read(p, "the JWT public key"))
+                .transpose()?,
+            audience: args.jwt_audience.clone().ok_or_else(|| {
+                StartError::Config(
+                    "JWTs need --jwt-audience: a token for another service must not open this one"
+                        .into(),
+                )
+            })?,
+            issuer: args.jwt_issuer.clone(),
+        }),
+    };
+    let authenticator =
+        Authenticator::new(args.api_keys_file.as_deref(), jwt).map_err(StartError::Config)?;
+    let rate_limits = NonZeroU32::new(args.rate_limit_per_second).map(|rate| {
+        let burst = args
+            .rate_limit_burst
+            .and_then(NonZeroU32::new)
+            .unwrap_or(rate);
+        RateLimits::new(rate, burst)
+    });
+    Ok(AccessPolicy {
+        authenticator,
+        rate_limits,
+        docs_require_auth: args.docs_require_auth,
+        metrics_require_auth: args.metrics_require_auth,
+    })
+}
+
 /// The gateway's id: the given one, checked, or a random one.
 pub fn gateway_id(args: &ServeArgs) -> Result<String, StartError> {
     match &args.id {
@@ -86,6 +132,8 @@ pub struct App {
     limits: Limits,
     /// How long calls in flight may finish after the shutdown signal.
     grace: Duration,
+    access: Arc<AccessPolicy>,
+    cors_origins: Arc<Vec<String>>,
 }
 
 impl App {
@@ -98,11 +146,24 @@ impl App {
                 args.max_timeout_ms
             )));
         }
+        let access = access_policy(&args.security)?;
+        if !access.authenticator.enabled()
+            && !args.listen.ip().is_loopback()
+            && !args.security.insecure_no_auth
+        {
+            return Err(StartError::Config(format!(
+                "refusing to serve the API on {} without authentication: anyone who can reach it \
+                 could make devices act. Configure --api-keys-file or --jwt-*, or listen on a \
+                 loopback address, or pass --insecure-no-auth if that is really what you want",
+                args.listen
+            )));
+        }
         let gateway_id = gateway_id(args)?;
         let options = GatewayOptions {
             mqtt: args
                 .mqtt
-                .options(&broker.url, &format!("mqtt-gateway-{gateway_id}")),
+                .options(&broker.url, &format!("mqtt-gateway-{gateway_id}"))
+                .map_err(StartError::Config)?,
             gateway_id,
             topics: args.topic_template.clone(),
             request_queue: args.mqtt_request_queue.max(1),
@@ -119,7 +180,10 @@ impl App {
         };
         let demo_host = match &demo_id {
             Some(id) => {
-                let options = args.mqtt.options(&broker.url, &format!("demo-device-{id}"));
+                let options = args
+                    .mqtt
+                    .options(&broker.url, &format!("demo-device-{id}"))
+                    .map_err(StartError::Config)?;
                 let host = crate::demo::host(options, &args.topic_template, id).map_err(|e| {
                     StartError::Config(format!("invalid demo device id {id:?}: {e}"))
                 })?;
@@ -136,6 +200,8 @@ impl App {
             demo_id,
             broker,
             grace: Duration::from_millis(args.shutdown_grace_ms),
+            access: Arc::new(access),
+            cors_origins: Arc::new(args.security.cors_origins.clone()),
             limits: Limits {
                 default_timeout_ms: args.default_timeout_ms,
                 max_timeout_ms: args.max_timeout_ms,
@@ -169,6 +235,8 @@ impl App {
             gateway: self.gateway.clone(),
             limits: Arc::new(self.limits),
             metrics: Arc::new(Metrics::new(self.gateway.clone())),
+            access: self.access,
+            cors_origins: self.cors_origins,
         };
 
         // Graceful shutdown: on the signal, stop accepting connections and refuse new calls;
@@ -215,7 +283,7 @@ impl App {
 }
 
 fn print_banner(listen: &str, broker: &BrokerChoice, demo: Option<&str>) {
-    let broker_addr = format!("mqtt://{}:{}", broker.url.host, broker.url.port);
+    let broker_addr = broker.url.display_address();
     let mut text = format!("mqtt-gateway listening on http://{listen}\n");
     if broker.embedded {
         text += &format!(

@@ -1,10 +1,12 @@
 //! Command line and environment: every flag can also be set as `GATEWAY_<FLAG_IN_UPPER_SNAKE>`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rumqttc::v5::MqttOptions;
+use rumqttc::{TlsConfiguration, Transport};
 
 use crate::names::TopicTemplate;
 
@@ -25,6 +27,8 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at startup: the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway (the default).
@@ -33,6 +37,8 @@ pub enum Command {
     Device(DeviceArgs),
     /// Print the OpenAPI document of the HTTP API (as served at /openapi.json).
     Openapi,
+    /// Make a new API key: prints the key (once) and the entry for the --api-keys-file.
+    ApiKey(ApiKeyArgs),
     /// Exit 0 if the gateway at --listen is ready (`GET /readyz` answers 200), else 1: a
     /// container health check that needs no curl.
     Healthcheck(HealthcheckArgs),
@@ -128,6 +134,71 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// Who may call the API. With none of the authentication flags, the API is open, which the
+/// gateway allows only on a loopback address unless --insecure-no-auth is given.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// API keys: a JSON file `{"keys": [{"name", "sha256", "scopes"}]}` holding each key's SHA-256
+    /// (make entries with `mqtt-gateway api-key`). Callers send `Authorization: Bearer <key>`.
+    #[arg(long, env = "GATEWAY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Accept JWTs signed with this HS256 secret (a file of at least 32 bytes).
+    #[arg(long, env = "GATEWAY_JWT_HS256_SECRET_FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+
+    /// Accept JWTs signed by the private half of this RS256 public key (PEM file).
+    #[arg(long, env = "GATEWAY_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+
+    /// The `aud` a JWT must carry (required with either JWT key).
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The `iss` a JWT must carry, if set.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Serve the API without authentication on a non-loopback address. Anyone who can reach the
+    /// port can then make devices act.
+    #[arg(long, env = "GATEWAY_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Require authentication for /docs and /openapi.json too.
+    #[arg(long, env = "GATEWAY_DOCS_REQUIRE_AUTH")]
+    pub docs_require_auth: bool,
+
+    /// Require authentication for /metrics too.
+    #[arg(long, env = "GATEWAY_METRICS_REQUIRE_AUTH")]
+    pub metrics_require_auth: bool,
+
+    /// Browser origins allowed to call the API (CORS), comma-separated, or `*`.
+    #[arg(long, env = "GATEWAY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Calls a second each caller (API key or token subject) may make on average; 0: no limit.
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_per_second: u32,
+
+    /// How many calls a caller may make at once above its rate (default: one second's worth).
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiKeyArgs {
+    /// A name for the key's holder: it appears in logs and keys the rate limit.
+    #[arg(long, env = "GATEWAY_NAME")]
+    pub name: String,
+
+    /// What the key may call, e.g. `devices/kitchen-*/services/*` (repeatable).
+    #[arg(long = "scope", env = "GATEWAY_SCOPE", required = true)]
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -174,10 +245,48 @@ pub struct BrokerArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct MqttArgs {
-    /// The broker, as `mqtt://[user:password@]host[:port]`. Without it, `serve` starts the
-    /// embedded broker.
+    /// The broker: `mqtt://host[:1883]`, `mqtts://host[:8883]` (TLS), `ws://host[:80]/path` or
+    /// `wss://host[:443]/path` (WebSocket), optionally with `user:password@`. Without it, `serve`
+    /// starts the embedded broker.
     #[arg(long, env = "GATEWAY_MQTT_URL")]
     pub mqtt_url: Option<String>,
+
+    /// MQTT username (overrides one in the URL).
+    #[arg(long, env = "GATEWAY_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+
+    /// MQTT password. Prefer the environment variable or --mqtt-password-file: a flag's value
+    /// is visible to every user of the machine in the process list.
+    #[arg(long, env = "GATEWAY_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<Secret>,
+
+    /// A file holding the MQTT password (a trailing newline is ignored).
+    #[arg(
+        long,
+        env = "GATEWAY_MQTT_PASSWORD_FILE",
+        conflicts_with = "mqtt_password"
+    )]
+    pub mqtt_password_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) to trust for mqtts:// and wss://; default: the system's roots.
+    #[arg(long, env = "GATEWAY_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// A client certificate (PEM) for brokers that require one; with --mqtt-client-key-file.
+    #[arg(
+        long,
+        env = "GATEWAY_MQTT_CLIENT_CERT_FILE",
+        requires = "mqtt_client_key_file"
+    )]
+    pub mqtt_client_cert_file: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "GATEWAY_MQTT_CLIENT_KEY_FILE",
+        requires = "mqtt_client_cert_file"
+    )]
+    pub mqtt_client_key_file: Option<PathBuf>,
 
     /// MQTT keep-alive, in seconds: how soon a dead connection is noticed.
     #[arg(long, env = "GATEWAY_MQTT_KEEP_ALIVE_SECS", default_value_t = 30)]
@@ -189,71 +298,194 @@ pub struct MqttArgs {
     pub mqtt_max_packet_bytes: u32,
 }
 
+/// A secret string: never shown by `Debug`, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// How the client reaches the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
 /// A broker address parsed from a URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
-    pub credentials: Option<(String, String)>,
+    /// The WebSocket path (`/mqtt`, say); `/` for TCP.
+    pub path: String,
+    pub credentials: Option<(String, Secret)>,
 }
 
 impl BrokerUrl {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let url = url::Url::parse(raw).map_err(|e| format!("invalid MQTT URL {raw:?}: {e}"))?;
-        match url.scheme() {
-            "mqtt" | "tcp" => {}
-            "mqtts" | "ssl" | "ws" | "wss" => {
-                return Err(format!(
-                    "{}:// is not supported yet; use mqtt://host:port",
-                    url.scheme()
-                ))
-            }
+        // Never echo `raw` in an error: it may hold a password.
+        let url = url::Url::parse(raw).map_err(|e| format!("invalid MQTT URL: {e}"))?;
+        let (scheme, default_port) = match url.scheme() {
+            "mqtt" | "tcp" => (Scheme::Tcp, 1883),
+            "mqtts" | "ssl" => (Scheme::Tls, 8883),
+            "ws" => (Scheme::Ws, 80),
+            "wss" => (Scheme::Wss, 443),
             other => {
                 return Err(format!(
-                    "unknown MQTT URL scheme {other:?}; use mqtt://host:port"
+                    "unknown MQTT URL scheme {other:?}; use mqtt://, mqtts://, ws:// or wss://"
                 ))
             }
-        }
+        };
         let host = url
             .host_str()
-            .ok_or_else(|| format!("MQTT URL {raw:?} has no host"))?
+            .ok_or("the MQTT URL has no host")?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         let credentials = (!url.username().is_empty()).then(|| {
-            let decode = |s: &str| {
-                percent_encoding::percent_decode_str(s)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            (decode(url.username()), decode(url.password().unwrap_or("")))
+            (
+                decode(url.username()),
+                Secret(decode(url.password().unwrap_or(""))),
+            )
         });
         Ok(Self {
+            scheme,
             host,
-            port: url.port().unwrap_or(1883),
+            port: url.port().unwrap_or(default_port),
+            path: url.path().to_owned(),
             credentials,
         })
+    }
+
+    /// The address without credentials, for banners and logs.
+    pub fn display_address(&self) -> String {
+        let scheme = match self.scheme {
+            Scheme::Tcp => "mqtt",
+            Scheme::Tls => "mqtts",
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let path = if matches!(self.scheme, Scheme::Ws | Scheme::Wss) {
+            self.path.as_str()
+        } else {
+            ""
+        };
+        format!("{scheme}://{host}:{}{path}", self.port)
     }
 }
 
 impl MqttArgs {
     /// Client options for this broker: clean start, TCP_NODELAY on (request/response is small
-    /// packets, which Nagle's algorithm would hold back by tens of milliseconds), and an explicit
-    /// packet size limit.
-    pub fn options(&self, url: &BrokerUrl, client_id: &str) -> MqttOptions {
-        let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
+    /// packets, which Nagle's algorithm would hold back by tens of milliseconds), an explicit
+    /// packet size limit, credentials and TLS as configured.
+    pub fn options(&self, url: &BrokerUrl, client_id: &str) -> Result<MqttOptions, String> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+        };
+        let host = match url.scheme {
+            Scheme::Tcp | Scheme::Tls => url.host.clone(),
+            // rumqttc takes the whole URL as the "host" of a WebSocket connection.
+            Scheme::Ws | Scheme::Wss => url.display_address(),
+        };
+        let mut options = MqttOptions::new(client_id, host, url.port);
         options.set_keep_alive(Duration::from_secs(self.mqtt_keep_alive_secs.max(5)));
         options.set_clean_start(true);
         options.set_max_packet_size(Some(self.mqtt_max_packet_bytes));
         // Seconds: a broker that accepts TCP but never answers CONNECT is given up on quickly.
         options.set_connection_timeout(5);
-        if let Some((user, password)) = &url.credentials {
-            options.set_credentials(user.clone(), password.clone());
+
+        let password = match (&self.mqtt_password, &self.mqtt_password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(file)) => {
+                let text = String::from_utf8(read(file, "the MQTT password file")?)
+                    .map_err(|_| "the MQTT password file is not UTF-8".to_owned())?;
+                Some(Secret(text.trim_end_matches(['\n', '\r']).to_owned()))
+            }
+            (None, None) => None,
+        };
+        let user = self
+            .mqtt_username
+            .clone()
+            .or_else(|| url.credentials.as_ref().map(|(u, _)| u.clone()));
+        let password = password.or_else(|| url.credentials.as_ref().map(|(_, p)| p.clone()));
+        match (user, password) {
+            (Some(user), password) => {
+                options.set_credentials(user, password.map(|p| p.0).unwrap_or_default());
+            }
+            (None, Some(_)) => return Err("an MQTT password needs a username too".into()),
+            (None, None) => {}
+        }
+
+        let tls = || -> Result<TlsConfiguration, String> {
+            let client_auth = match (&self.mqtt_client_cert_file, &self.mqtt_client_key_file) {
+                (Some(cert), Some(key)) => Some((
+                    read(cert, "the client certificate")?,
+                    read(key, "the client key")?,
+                )),
+                _ => None,
+            };
+            Ok(match &self.mqtt_ca_file {
+                Some(ca) => TlsConfiguration::Simple {
+                    ca: read(ca, "the CA file")?,
+                    alpn: None,
+                    client_auth,
+                },
+                None if client_auth.is_some() => {
+                    return Err("a client certificate needs --mqtt-ca-file too".into())
+                }
+                None => TlsConfiguration::default(),
+            })
+        };
+        match url.scheme {
+            Scheme::Tcp => {}
+            Scheme::Tls => {
+                options.set_transport(Transport::tls_with_config(tls()?));
+            }
+            Scheme::Ws => {
+                options.set_transport(Transport::Ws);
+            }
+            Scheme::Wss => {
+                options.set_transport(Transport::wss_with_config(tls()?));
+            }
         }
         let mut network = options.network_options();
         network.set_tcp_nodelay(true);
         options.set_network_options(network);
-        options
+        Ok(options)
     }
 }
 
@@ -263,22 +495,31 @@ mod tests {
 
     #[test]
     fn broker_urls() {
+        let plain = BrokerUrl::parse("mqtt://broker:1884").unwrap();
         assert_eq!(
-            BrokerUrl::parse("mqtt://broker:1884").unwrap(),
-            BrokerUrl {
-                host: "broker".into(),
-                port: 1884,
-                credentials: None
-            }
+            (plain.scheme, plain.host.as_str(), plain.port),
+            (Scheme::Tcp, "broker", 1884)
         );
+        assert_eq!(plain.credentials, None);
+        assert_eq!(BrokerUrl::parse("mqtts://b").unwrap().port, 8883);
+        let ws = BrokerUrl::parse("ws://b:9001/mqtt").unwrap();
+        assert_eq!(ws.display_address(), "ws://b:9001/mqtt");
+        assert_eq!(BrokerUrl::parse("wss://b/mqtt").unwrap().port, 443);
         assert_eq!(BrokerUrl::parse("mqtt://127.0.0.1").unwrap().port, 1883);
         assert_eq!(
             BrokerUrl::parse("mqtt://u%40x:p%3A@h").unwrap().credentials,
-            Some(("u@x".into(), "p:".into()))
+            Some(("u@x".into(), Secret::new("p:")))
         );
         assert_eq!(BrokerUrl::parse("mqtt://[::1]:1").unwrap().host, "::1");
         assert!(BrokerUrl::parse("http://h").is_err());
-        assert!(BrokerUrl::parse("mqtts://h").is_err());
+        let secret = BrokerUrl::parse("mqtt://u:hunter2@h").unwrap();
+        assert!(
+            !format!("{secret:?}").contains("hunter2"),
+            "Debug hides the password"
+        );
+        assert!(!secret.display_address().contains("hunter2"));
+        let err = BrokerUrl::parse("mqtt://u:hunter2@[bad").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
         assert!(BrokerUrl::parse("nonsense").is_err());
     }
 

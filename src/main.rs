@@ -16,6 +16,19 @@ async fn main() -> ExitCode {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
         Some(Command::Device(args)) => device(args).await,
+        Some(Command::ApiKey(args)) => {
+            match mqtt_gateway::http::auth::new_api_key(&args.name, &args.scopes) {
+                Ok((key, entry)) => {
+                    println!(
+                        "API key for {:?} (shown once; store it with the caller):\n\n    {key}\n",
+                        args.name
+                    );
+                    println!("Add this entry to the \"keys\" list of your --api-keys-file:\n\n    {entry}");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
         Some(Command::Openapi) => {
             print!("{}", mqtt_gateway::http::docs::openapi_json());
             Ok(())
@@ -67,14 +80,15 @@ async fn device(args: DeviceArgs) -> Result<(), String> {
     let url = BrokerUrl::parse(raw)?;
     let options = args
         .mqtt
-        .options(&url, &format!("demo-device-{}", args.device_id));
+        .options(&url, &format!("demo-device-{}", args.device_id))?;
     let host = mqtt_gateway::demo::host(options, &args.topic_template, &args.device_id)
         .map_err(|e| format!("invalid --device-id {:?}: {e}", args.device_id))?
         .max_concurrent(args.max_concurrent)
         .max_queued(args.max_queued);
     println!(
-        "demo device {:?} serving echo, get_config, control and delay via mqtt://{}:{}",
-        args.device_id, url.host, url.port
+        "demo device {:?} serving echo, get_config, control and delay via {}",
+        args.device_id,
+        url.display_address()
     );
     let running = host.start();
     shutdown_signal().await;

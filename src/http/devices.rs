@@ -11,6 +11,7 @@ use tower_http::request_id::RequestId;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Caller;
 use super::docs::AnyBytes;
 use super::error::{ApiError, Problem};
 use super::AppState;
@@ -23,12 +24,7 @@ use crate::protocol::{REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY};
 pub const USER_PROPERTY_HEADER_PREFIX: &str = "x-mqtt-";
 
 pub fn router() -> OpenApiRouter<AppState> {
-    let (schemas, paths, method_router) = routes!(call_service);
-    OpenApiRouter::new().routes((
-        schemas,
-        paths,
-        method_router.fallback(super::method_not_allowed("POST")),
-    ))
+    OpenApiRouter::new().routes(super::only("POST", routes!(call_service)))
 }
 
 /// Call a device service.
@@ -48,6 +44,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     path = "/api/v1/devices/{device_id}/services/{service}",
     operation_id = "callService",
     tag = "devices",
+    // Optional: the gateway is open on loopback until API keys or JWTs are configured.
+    security((), ("bearer" = [])),
     params(
         ("device_id" = String, Path, description = "The device to call: 1 to 256 bytes, without `/`, `+`, `#`, control characters or a leading `$`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "demo-1"),
         ("service" = String, Path, description = "The service to call, with the same rules as `device_id`. The demo device offers `echo`, `get_config`, `control` and `delay`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "echo"),
@@ -73,14 +71,17 @@ pub fn router() -> OpenApiRouter<AppState> {
         ),
         (status = 400, description = "Bad input. Codes: `invalid-device-id`, `invalid-service`, `invalid-path`, `invalid-timeout`, `unknown-query-parameter`, `invalid-header`, `invalid-body`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:invalid-device-id", "title": "Invalid device id", "status": 400, "detail": "invalid device id: must not contain '/': it is a topic separator or an MQTT wildcard", "code": "invalid-device-id"})),
-        (status = 403, description = "The broker refused the request (PUBACK 0x87). Code: `not-authorized`.", body = Problem, content_type = "application/problem+json",
+        (status = 401, description = "Authentication is configured and the call has no valid `Authorization: Bearer` API key or JWT. Code: `unauthorized`.", body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The caller's scopes do not cover this device and service (code `insufficient-scope`), or the broker refused the request (PUBACK 0x87, code `not-authorized`).", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:not-authorized", "title": "The broker refused the request", "status": 403, "detail": "the MQTT broker does not allow this gateway to publish to this device's topic (reason 0x87)", "code": "not-authorized"})),
         (status = 404, description = "No device listens (PUBACK 0x10, answered at once), or no such route. Codes: `device-offline`, `not-found`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:device-offline", "title": "No device is listening", "status": 404, "detail": "no device is subscribed to this service's topic: the device is offline or does not offer this service", "code": "device-offline"})),
         (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over the limit, or the MQTT packet is over the broker's or the gateway's maximum packet size. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
-        (status = 429, description = "The broker's quota is exceeded (PUBACK 0x97). Code: `quota-exceeded`.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over its rate limit (code `rate-limited`, see `Retry-After`), or the broker's quota is exceeded (PUBACK 0x97, code `quota-exceeded`).", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
         (status = 502, description = "The broker refused the request for another reason, or the device's `status` property is not an HTTP status. Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or too many requests are queued. Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting` (no subscriber yet, within a few seconds of the gateway reconnecting to the broker).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying.")),
@@ -95,11 +96,22 @@ async fn call_service(
     uri: Uri,
     headers: HeaderMap,
     request_id: Option<Extension<RequestId>>,
+    caller: Option<Extension<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path((device, service)) = path.map_err(|e| ApiError::InvalidPath(e.body_text()))?;
     let device = DeviceId::parse(device).map_err(ApiError::InvalidDeviceId)?;
     let service = ServiceName::parse(service).map_err(ApiError::InvalidService)?;
+    // Set by the access gate when authentication is on; checked before anything is published.
+    if let Some(Extension(caller)) = caller {
+        if !caller.may_call(device.as_str(), service.as_str()) {
+            return Err(ApiError::InsufficientScope {
+                caller: caller.name,
+                device: device.to_string(),
+                service: service.to_string(),
+            });
+        }
+    }
     let timeout = parse_timeout(uri.query(), &state.limits)?;
     let payload = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {

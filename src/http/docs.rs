@@ -27,8 +27,26 @@ service `echo`.",
         (name = "devices", description = "Calling device services"),
         (name = "health", description = "Liveness and readiness"),
     ),
+    modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
+
+/// The `bearer` security scheme: an API key or a JWT in `Authorization: Bearer`.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some(
+            "An API key (from `mqtt-gateway api-key`) or a JWT (HS256 or RS256, with `exp`, \
+             `aud`, `sub` and `scope`)."
+                .into(),
+        );
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
 
 /// Any bytes: a payload passed through unchanged.
 #[derive(ToSchema)]

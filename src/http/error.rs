@@ -41,6 +41,16 @@ pub enum ApiError {
     },
     #[error("not connected to the MQTT broker")]
     NotReady,
+    #[error("{0}")]
+    Unauthorized(#[from] crate::http::auth::AuthError),
+    #[error("{caller:?} may not call service {service:?} of device {device:?}; its scopes do not cover devices/{device}/services/{service}")]
+    InsufficientScope {
+        caller: String,
+        device: String,
+        service: String,
+    },
+    #[error("{caller:?} is over its rate limit; retry in {retry_after} s")]
+    RateLimited { caller: String, retry_after: u64 },
 }
 
 /// The stable, machine-readable problem codes. Clients switch on these; they never change
@@ -62,6 +72,12 @@ pub enum ProblemCode {
     InvalidHeader,
     /// 400: the body could not be read.
     InvalidBody,
+    /// 401: no bearer token, or not a valid one.
+    Unauthorized,
+    /// 403: the caller's scopes do not cover this device and service.
+    InsufficientScope,
+    /// 429: the caller is over its rate limit.
+    RateLimited,
     /// 403: the broker refused the request (PUBACK 0x87).
     NotAuthorized,
     /// 404: no device is subscribed to the service's topic (PUBACK 0x10).
@@ -103,6 +119,9 @@ impl ProblemCode {
             UnknownQueryParameter => "unknown-query-parameter",
             InvalidHeader => "invalid-header",
             InvalidBody => "invalid-body",
+            Unauthorized => "unauthorized",
+            InsufficientScope => "insufficient-scope",
+            RateLimited => "rate-limited",
             NotAuthorized => "not-authorized",
             DeviceOffline => "device-offline",
             NotFound => "not-found",
@@ -208,6 +227,21 @@ impl ApiError {
                 ProblemCode::BrokerUnavailable,
                 "Not connected to the MQTT broker",
             ),
+            Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                ProblemCode::Unauthorized,
+                "Authentication required",
+            ),
+            InsufficientScope { .. } => (
+                StatusCode::FORBIDDEN,
+                ProblemCode::InsufficientScope,
+                "Not allowed to call this service",
+            ),
+            RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ProblemCode::RateLimited,
+                "Rate limit exceeded",
+            ),
             Call(e) => match e {
                 C::NotConnected => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -306,7 +340,10 @@ impl ApiError {
     }
 
     /// Whether the caller may simply retry soon.
-    fn retry_after(&self) -> Option<&'static str> {
+    fn retry_after(&self) -> Option<String> {
+        if let ApiError::RateLimited { retry_after, .. } = self {
+            return Some(retry_after.to_string());
+        }
         matches!(
             self,
             ApiError::NotReady
@@ -318,7 +355,7 @@ impl ApiError {
                         | CallError::DevicesReconnecting
                 )
         )
-        .then_some("1")
+        .then(|| "1".to_owned())
     }
 
     pub fn problem(&self) -> Problem {
@@ -357,8 +394,11 @@ impl IntoResponse for ApiError {
         if let ApiError::MethodNotAllowed { allowed, .. } = &self {
             headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
         }
-        if let Some(seconds) = retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+        if let ApiError::Unauthorized(_) = &self {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(value) = retry_after.and_then(|s| HeaderValue::from_str(&s).ok()) {
+            headers.insert(header::RETRY_AFTER, value);
         }
         response
     }
@@ -435,7 +475,10 @@ mod code_tests {
     /// The code in the JSON body, the one in `type`, and the one in the spec are one string.
     #[test]
     fn serialized_codes_match_as_str() {
-        let all: [ProblemCode; 21] = [
+        let all: [ProblemCode; 24] = [
+            Unauthorized,
+            InsufficientScope,
+            RateLimited,
             InvalidDeviceId,
             InvalidService,
             InvalidPath,

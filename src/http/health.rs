@@ -19,11 +19,9 @@ pub struct Health {
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
-    let (s1, p1, healthz) = routes!(healthz);
-    let (s2, p2, readyz) = routes!(readyz);
     OpenApiRouter::new()
-        .routes((s1, p1, healthz.fallback(super::method_not_allowed("GET"))))
-        .routes((s2, p2, readyz.fallback(super::method_not_allowed("GET"))))
+        .routes(super::only("GET", routes!(healthz)))
+        .routes(super::only("GET", routes!(readyz)))
 }
 
 /// Liveness: the process answers HTTP.

@@ -148,12 +148,7 @@ impl Collector for ConnectionCollector {
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
-    let (schemas, paths, method_router) = routes!(metrics);
-    OpenApiRouter::new().routes((
-        schemas,
-        paths,
-        method_router.fallback(super::method_not_allowed("GET")),
-    ))
+    OpenApiRouter::new().routes(super::only("GET", routes!(metrics)))
 }
 
 /// Prometheus metrics: calls by outcome and status, call latency, calls in flight, broker

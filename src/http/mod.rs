@@ -3,6 +3,8 @@
 //! This module knows nothing of rumqttc: it parses the call and hands a
 //! [`crate::mqtt::DeviceCall`] to the [`crate::mqtt::Gateway`].
 
+pub mod access;
+pub mod auth;
 pub mod devices;
 pub mod docs;
 pub mod error;
@@ -14,9 +16,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::Method;
+use axum::http::{HeaderValue, Method};
 use axum::Router;
 use tokio::net::TcpListener;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
@@ -57,6 +60,9 @@ pub struct AppState {
     pub gateway: Gateway,
     pub limits: Arc<Limits>,
     pub metrics: Arc<metrics::Metrics>,
+    pub access: Arc<access::AccessPolicy>,
+    /// Browser origins allowed to call the API (CORS); empty: no cross-origin access.
+    pub cors_origins: Arc<Vec<String>>,
 }
 
 /// The documented routes, with the OpenAPI document generated from their handlers.
@@ -81,16 +87,43 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            access::gate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             observe::observe_call,
         ))
-        // Outermost: every response, errors included, carries the request id.
+        // Every response, errors included, carries the request id.
         .layer(PropagateRequestIdLayer::x_request_id())
+        // Outside the gate: a browser's preflight carries no credentials.
+        .layer(tower::util::option_layer(cors(&state.cors_origins)))
         // Failed calls are logged once, by `ApiError`, at a level fitting the cause; the trace
         // layer's own failure line (ERROR for every 5xx, a device timeout included) would only
         // repeat it louder.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// CORS for browser web apps on the listed origins (`*` for any). Preflights are answered
+/// here; request headers are mirrored (so any `x-mqtt-*` header may be sent) and every
+/// response header is exposed (so the device's `x-mqtt-*` headers can be read).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse::<HeaderValue>().ok()))
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers(ExposeHeaders::any())
+        .max_age(std::time::Duration::from_secs(600));
+    Some(layer)
 }
 
 /// Serves the application on an already-bound listener until `shutdown` completes.
@@ -115,6 +148,19 @@ async fn not_found(method: Method, request: Request) -> ApiError {
         method: method.to_string(),
         path: path.to_owned(),
     }
+}
+
+/// A documented route (from `utoipa_axum::routes!`) whose other methods get a 405 problem
+/// naming the one allowed.
+fn only(
+    allowed: &'static str,
+    (schemas, paths, method_router): utoipa_axum::router::UtoipaMethodRouter<AppState>,
+) -> utoipa_axum::router::UtoipaMethodRouter<AppState> {
+    (
+        schemas,
+        paths,
+        method_router.fallback(method_not_allowed(allowed)),
+    )
 }
 
 /// A fallback for a known path with the wrong method.

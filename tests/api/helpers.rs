@@ -128,12 +128,19 @@ impl TestBroker {
         let mut command = match self.kind {
             BrokerKind::Mosquitto => {
                 let conf = self.dir.path().join("mosquitto.conf");
+                // Global switches that Mosquitto wants before any listener go first.
+                let (first, rest): (Vec<&str>, Vec<&str>) = self
+                    .extra_config
+                    .lines()
+                    .partition(|l| l.starts_with("per_listener_settings"));
                 std::fs::write(
                     &conf,
                     format!(
-                        "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+                        "{}\nlistener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
                          persistence false\nmax_queued_messages 100000\n{}\n",
-                        self.port, self.extra_config
+                        first.join("\n"),
+                        self.port,
+                        rest.join("\n")
                     ),
                 )
                 .expect("write mosquitto.conf");
@@ -543,6 +550,26 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// `mqtt-gateway serve` on a free port with these flags, ready (`/readyz` answers 200).
     pub async fn serve(mqtt_url: &str, flags: &[&str], env: &[(&str, &str)]) -> Self {
+        let process = Self::spawn(mqtt_url, flags, env);
+        let http = http_client();
+        let ready = async {
+            loop {
+                if let Ok(r) = http.get(format!("{}/readyz", process.base)).send().await {
+                    if r.status() == 200 {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), ready)
+            .await
+            .unwrap_or_else(|_| panic!("gateway ready; its output: {:?}", process.output()));
+        process
+    }
+
+    /// The same, without waiting for it to be ready.
+    pub fn spawn(mqtt_url: &str, flags: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
         for (key, _) in std::env::vars() {
@@ -580,26 +607,11 @@ impl GatewayProcess {
                 }
             });
         }
-        let process = GatewayProcess {
+        GatewayProcess {
             child,
             base: format!("http://127.0.0.1:{port}"),
             lines,
-        };
-        let http = http_client();
-        let ready = async {
-            loop {
-                if let Ok(r) = http.get(format!("{}/readyz", process.base)).send().await {
-                    if r.status() == 200 {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), ready)
-            .await
-            .unwrap_or_else(|_| panic!("gateway ready; its output: {:?}", process.output()));
-        process
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -11,3 +11,4 @@ mod faults;
 mod helpers;
 mod interop;
 mod reliability;
+mod security;

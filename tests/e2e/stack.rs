@@ -396,7 +396,7 @@ impl Probe {
             .map(|(user, _)| user.clone())
             .unwrap_or_default();
         if let Some((user, password)) = broker.credentials {
-            options.set_credentials(user, password);
+            options.set_credentials(user, password.expose());
         }
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         // The first poll connects: its outcome is the broker's CONNACK.

@@ -1,0 +1,366 @@
+//! Who may call which device: bearer API keys and JWTs, scopes, and per-caller rate limits.
+//!
+//! A caller proves who it is with `Authorization: Bearer <token>`: either an API key from the
+//! keys file (stored there only as its SHA-256, so the file reveals no key) or a JWT signed with
+//! the configured HS256 secret or RS256 public key, whose `exp`, `nbf` and `aud` are checked. Each
+//! caller has scopes such as `devices/kitchen-*/services/*`; a call outside them is refused
+//! (403) before anything reaches MQTT. Without any of this configured, the gateway is open, and
+//! it refuses to start that way on a non-loopback address unless told `--insecure-no-auth`.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// One permission: devices and services matching two glob patterns (`*` matches any run of
+/// characters within the level, so no scope can reach beyond one device id or service name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    device: String,
+    service: String,
+}
+
+impl Scope {
+    /// Parses `devices/<device pattern>/services/<service pattern>`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("scope {raw:?} must look like devices/<pattern>/services/<pattern>, e.g. devices/kitchen-*/services/*")
+        };
+        let rest = raw.strip_prefix("devices/").ok_or_else(bad)?;
+        let (device, service) = rest.split_once("/services/").ok_or_else(bad)?;
+        if device.is_empty() || service.is_empty() || device.contains('/') || service.contains('/')
+        {
+            return Err(bad());
+        }
+        Ok(Self {
+            device: device.to_owned(),
+            service: service.to_owned(),
+        })
+    }
+
+    pub fn allows(&self, device: &str, service: &str) -> bool {
+        glob(&self.device, device) && glob(&self.service, service)
+    }
+}
+
+/// `*` matches any run of characters (none included); everything else matches itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no '*' at all: exact match
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key's name or the token's `sub`: what logs and rate limits are keyed by.
+    pub name: String,
+    pub scopes: Arc<Vec<Scope>>,
+}
+
+impl Caller {
+    pub fn may_call(&self, device: &str, service: &str) -> bool {
+        self.scopes.iter().any(|s| s.allows(device, service))
+    }
+}
+
+/// Why a caller was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("this route needs `Authorization: Bearer <API key or JWT>`")]
+    Missing,
+    #[error("the bearer token is not a known API key or a valid JWT{0}")]
+    Invalid(String),
+}
+
+/// The API keys file: `{"keys": [{"name": ..., "sha256": ..., "scopes": [...]}]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    keys: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    name: String,
+    /// Hex SHA-256 of the key. API keys are long random strings, so a fast hash is enough: no
+    /// dictionary can guess one.
+    sha256: String,
+    scopes: Vec<String>,
+}
+
+/// The claims a JWT must carry.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    /// Space-separated scopes (the OAuth 2 `scope` claim)...
+    #[serde(default)]
+    scope: Option<String>,
+    /// ...or a list.
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+}
+
+/// How JWTs are checked.
+pub struct JwtSettings {
+    pub hs256_secret: Option<Vec<u8>>,
+    pub rs256_public_key_pem: Option<Vec<u8>>,
+    pub audience: String,
+    pub issuer: Option<String>,
+}
+
+struct JwtVerifier {
+    keys: Vec<(DecodingKey, Validation)>,
+}
+
+/// Checks bearer tokens. Built once at startup.
+pub struct Authenticator {
+    keys: HashMap<[u8; 32], Caller>,
+    jwt: Option<JwtVerifier>,
+}
+
+impl Authenticator {
+    pub fn new(keys_file: Option<&Path>, jwt: Option<JwtSettings>) -> Result<Self, String> {
+        let mut keys = HashMap::new();
+        if let Some(path) = keys_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read API keys file {}: {e}", path.display()))?;
+            let file: KeysFile = serde_json::from_str(&text)
+                .map_err(|e| format!("API keys file {}: {e}", path.display()))?;
+            for entry in file.keys {
+                let hash = decode_sha256(&entry.sha256).ok_or_else(|| {
+                    format!("API key {:?}: sha256 must be 64 hex digits", entry.name)
+                })?;
+                let scopes = parse_scopes(&entry.scopes)
+                    .map_err(|e| format!("API key {:?}: {e}", entry.name))?;
+                keys.insert(
+                    hash,
+                    Caller {
+                        name: entry.name,
+                        scopes: Arc::new(scopes),
+                    },
+                );
+            }
+        }
+        let jwt = jwt.map(JwtVerifier::new).transpose()?;
+        Ok(Self { keys, jwt })
+    }
+
+    /// Whether any way of authenticating is configured.
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty() || self.jwt.is_some()
+    }
+
+    /// The caller behind an `Authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        let header = authorization.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(caller) = self.keys.get(&hash) {
+            return Ok(caller.clone());
+        }
+        match &self.jwt {
+            Some(jwt) => jwt.verify(token),
+            None => Err(AuthError::Invalid(String::new())),
+        }
+    }
+}
+
+impl JwtVerifier {
+    fn new(settings: JwtSettings) -> Result<Self, String> {
+        let validation = |alg| {
+            let mut v = Validation::new(alg);
+            v.set_audience(&[settings.audience.as_str()]);
+            v.set_required_spec_claims(&["exp", "aud", "sub"]);
+            v.validate_nbf = true;
+            // Clocks drift a little; five seconds, not jsonwebtoken's default minute.
+            v.leeway = 5;
+            if let Some(iss) = &settings.issuer {
+                v.set_issuer(&[iss.as_str()]);
+            }
+            v
+        };
+        let mut keys = Vec::new();
+        if let Some(secret) = &settings.hs256_secret {
+            if secret.len() < 32 {
+                return Err("the HS256 secret must be at least 32 bytes".into());
+            }
+            keys.push((
+                DecodingKey::from_secret(secret),
+                validation(Algorithm::HS256),
+            ));
+        }
+        if let Some(pem) = &settings.rs256_public_key_pem {
+            let key = DecodingKey::from_rsa_pem(pem)
+                .map_err(|e| format!("the RS256 public key is not a PEM RSA public key: {e}"))?;
+            keys.push((key, validation(Algorithm::RS256)));
+        }
+        if keys.is_empty() {
+            return Err("JWT needs --jwt-hs256-secret-file or --jwt-rs256-public-key-file".into());
+        }
+        Ok(Self { keys })
+    }
+
+    fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let mut last = String::new();
+        for (key, validation) in &self.keys {
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    let raw: Vec<String> = match (claims.scopes, claims.scope) {
+                        (Some(list), _) => list,
+                        (None, Some(s)) => s.split_whitespace().map(str::to_owned).collect(),
+                        (None, None) => Vec::new(),
+                    };
+                    let scopes =
+                        parse_scopes(&raw).map_err(|e| AuthError::Invalid(format!(": {e}")))?;
+                    return Ok(Caller {
+                        name: claims.sub,
+                        scopes: Arc::new(scopes),
+                    });
+                }
+                Err(e) => last = format!(" ({e})"),
+            }
+        }
+        Err(AuthError::Invalid(last))
+    }
+}
+
+fn parse_scopes(raw: &[String]) -> Result<Vec<Scope>, String> {
+    raw.iter().map(|s| Scope::parse(s)).collect()
+}
+
+fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new API key and its keys-file entry: 32 random bytes, base64url, with a recognisable
+/// prefix so leaked keys can be found by secret scanners.
+pub fn new_api_key(name: &str, scopes: &[String]) -> Result<(String, String), String> {
+    use base64::Engine;
+    parse_scopes(scopes)?;
+    let key = format!(
+        "mgw_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+    );
+    let hash: String = Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let entry = serde_json::json!({ "name": name, "sha256": hash, "scopes": scopes });
+    Ok((key, entry.to_string()))
+}
+
+/// Per-caller token buckets.
+pub struct RateLimits {
+    limiter: DefaultKeyedRateLimiter<String>,
+}
+
+impl RateLimits {
+    /// `per_second` calls a second on average, bursts of `burst`.
+    pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
+        Self {
+            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+        }
+    }
+
+    /// Ok, or how many whole seconds to wait (at least 1).
+    pub fn check(&self, caller: &str) -> Result<(), u64> {
+        // Callers are the configured keys and validly signed tokens' subjects: a bounded set.
+        self.limiter
+            .check_key(&caller.to_owned())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_within_one_level() {
+        assert!(glob("*", "anything"));
+        assert!(glob("kitchen-*", "kitchen-7"));
+        assert!(!glob("kitchen-*", "garage-7"));
+        assert!(glob("*-lamp", "hall-lamp"));
+        assert!(glob("a*b*c", "a-x-b-y-c"));
+        assert!(!glob("a*b*c", "a-x-c"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exactly"));
+        assert!(glob("ab*", "ab"));
+        assert!(!glob("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn scopes_parse_and_allow() {
+        let s = Scope::parse("devices/kitchen-*/services/get_*").unwrap();
+        assert!(s.allows("kitchen-1", "get_config"));
+        assert!(!s.allows("kitchen-1", "control"));
+        assert!(!s.allows("garage", "get_config"));
+        for bad in [
+            "kitchen-*",
+            "devices/*",
+            "devices//services/x",
+            "devices/a/b/services/x",
+        ] {
+            assert!(Scope::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn api_keys_are_found_by_their_hash_only() {
+        let (key, entry) = new_api_key("app", &["devices/*/services/*".into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        std::fs::write(&path, format!(r#"{{"keys": [{entry}]}}"#)).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains(&key));
+        let auth = Authenticator::new(Some(&path), None).unwrap();
+        let caller = auth.authenticate(Some(&format!("Bearer {key}"))).unwrap();
+        assert_eq!(caller.name, "app");
+        assert_eq!(
+            auth.authenticate(Some("Bearer nope")).unwrap_err(),
+            AuthError::Invalid(String::new())
+        );
+        assert_eq!(auth.authenticate(None).unwrap_err(), AuthError::Missing);
+        assert_eq!(
+            auth.authenticate(Some(&format!("Basic {key}")))
+                .unwrap_err(),
+            AuthError::Missing
+        );
+    }
+}
