@@ -34,17 +34,12 @@ async fn a_device_credential_reads_only_its_own_request_topics_and_no_replies() 
     device.subscribe("gateway/+/replies").await;
 
     // Its own request topic: the request arrives, and its reply reaches the caller.
-    let call = tokio::spawn({
-        let url = stack.service_url(&stack.device_id, &own_service) + "?timeout_ms=5000";
-        let http = stack.http.clone();
-        async move {
-            http.post(url)
-                .body("\"to the probe\"")
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let call = tokio::spawn(
+        stack
+            .post(&(stack.service_url(&stack.device_id, &own_service) + "?timeout_ms=5000"))
+            .body("\"to the probe\"")
+            .send(),
+    );
     let request = device
         .next_on(&own_topic, Duration::from_secs(5))
         .await
@@ -54,14 +49,13 @@ async fn a_device_credential_reads_only_its_own_request_topics_and_no_replies() 
         device.reply(&request, "answered").await,
         PubAckReason::Success
     );
-    let response = call.await.unwrap();
+    let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "answered");
 
     // Another device's topic: the broker delivers nothing.
     let other = stack
-        .http
-        .post(stack.service_url(&other_device, "echo") + "?timeout_ms=300")
+        .post(&(stack.service_url(&other_device, "echo") + "?timeout_ms=300"))
         .body("\"not for demo-1\"")
         .send()
         .await
@@ -98,11 +92,17 @@ async fn a_device_credential_cannot_send_requests() {
     let own = format!("devices/{}/echo", stack.device_id);
     assert_eq!(device.publish(&own, "x").await, PubAckReason::NotAuthorized);
 
-    // What it may publish, replies, the broker takes (nobody listens on this one).
+    // What it may publish, replies, the broker takes. Nobody may read this topic, but a
+    // refused `gateway/+/replies` subscription (another test makes one) counts as a subscriber
+    // in Mosquitto 2.0, so either answer means "authorized".
     let reply_topic = format!("gateway/{}/replies", unique("e2e-nobody"));
-    assert_eq!(
-        device.publish(&reply_topic, "x").await,
-        PubAckReason::NoMatchingSubscribers
+    let published = device.publish(&reply_topic, "x").await;
+    assert!(
+        matches!(
+            published,
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+        ),
+        "{published:?}"
     );
 }
 
@@ -147,8 +147,7 @@ async fn the_gateway_credential_sends_requests_but_reads_none_and_forges_no_repl
         .await;
     gateway.subscribe(&other_replies).await;
     let call = stack
-        .http
-        .post(stack.service_url(&probed_device, "echo") + "?timeout_ms=300")
+        .post(&(stack.service_url(&probed_device, "echo") + "?timeout_ms=300"))
         .body("\"for the device\"")
         .send()
         .await

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
-use crate::stack::{binary, free_port, unique, Stack};
+use crate::stack::{binary, free_port, report, unique, Stack};
 
 /// Reads a problem+json answer and returns its `code`.
 async fn problem_code(response: reqwest::Response) -> String {
@@ -48,8 +48,7 @@ async fn a_device_that_answers_too_late_gets_504_after_the_timeout() {
     };
     let started = Instant::now();
     let response = stack
-        .http
-        .post(stack.service_url(&stack.device_id, "delay") + "?timeout_ms=500")
+        .post(&(stack.service_url(&stack.device_id, "delay") + "?timeout_ms=500"))
         .body("3000")
         .send()
         .await
@@ -83,10 +82,8 @@ async fn a_device_nobody_serves_gets_404_at_once() {
 }
 
 #[tokio::test]
-async fn bad_input_is_refused_with_400_before_anything_is_published() {
-    let Some(stack) =
-        Stack::get("bad_input_is_refused_with_400_before_anything_is_published").await
-    else {
+async fn bad_input_is_refused_with_400() {
+    let Some(stack) = Stack::get("bad_input_is_refused_with_400").await else {
         return;
     };
     let device = &stack.device_id;
@@ -111,7 +108,7 @@ async fn bad_input_is_refused_with_400_before_anything_is_published() {
         ),
     ];
     for (url, code) in cases {
-        let response = stack.http.post(&url).body("{}").send().await.unwrap();
+        let response = stack.post(&url).body("{}").send().await.unwrap();
         assert_eq!(response.status(), 400, "{url}");
         assert_eq!(problem_code(response).await, code, "{url}");
     }
@@ -174,4 +171,34 @@ async fn the_healthcheck_subcommand_says_whether_the_gateway_is_ready() {
 
     let nobody = healthcheck(format!("127.0.0.1:{}", free_port()));
     assert_eq!(nobody.status.code(), Some(1), "{nobody:?}");
+}
+
+#[tokio::test]
+async fn a_call_without_a_valid_api_key_is_refused_with_401() {
+    let test = "a_call_without_a_valid_api_key_is_refused_with_401";
+    let Some(stack) = Stack::get(test).await else {
+        return;
+    };
+    if stack.api_key.is_none() {
+        report(&format!(
+            "NOT RUN (no E2E_API_KEY: the stack's API is open): {test}"
+        ));
+        return;
+    }
+    let url = stack.service_url(&stack.device_id, "echo");
+
+    let without = stack.http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(without.status(), 401);
+    assert_eq!(problem_code(without).await, "unauthorized");
+
+    let wrong = stack
+        .http
+        .post(&url)
+        .bearer_auth("mgw_not-a-key")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(problem_code(wrong).await, "unauthorized");
 }

@@ -6,11 +6,11 @@
 //!
 //! - `cargo test` (or `cargo test --test e2e`) with `GATEWAY_URL` unset: each test starts its
 //!   own Mosquitto, gateway and demo device on free loopback ports and stops them after.
-//! - Against a running stack: `GATEWAY_URL` (the gateway's HTTP base), `MQTT_URL` (the broker,
-//!   with a device's credentials), optionally `E2E_GATEWAY_MQTT_URL` (the broker with the
-//!   gateway's credentials) and `E2E_DEVICE_ID` (the device the stack runs; `demo-1`). The
-//!   compose `tests` service and `scripts/compose-local` run it so. The stack is shared: every
-//!   test uses its own ids and stops nothing.
+//! - Against a running stack: `GATEWAY_URL` (the gateway's HTTP base), `E2E_API_KEY` (if its
+//!   API wants one), `MQTT_URL` (the broker, with a device's credentials), optionally
+//!   `E2E_GATEWAY_MQTT_URL` (the broker with the gateway's credentials) and `E2E_DEVICE_ID` (the
+//!   device the stack runs; `demo-1`). The compose `tests` service and `scripts/compose-local`
+//!   run it so. The stack is shared: every test uses its own ids and stops nothing.
 
 mod acl;
 mod calls;

@@ -23,6 +23,8 @@ pub struct Stack {
     pub device_mqtt_url: Option<String>,
     /// The broker with the gateway's credentials, when known (`E2E_GATEWAY_MQTT_URL`).
     pub gateway_mqtt_url: Option<String>,
+    /// An API key for the calls (`E2E_API_KEY`), when the gateway wants one.
+    pub api_key: Option<String>,
     pub http: reqwest::Client,
     /// The processes this test started, stopped on drop; None against a running stack.
     _own: Option<OwnStack>,
@@ -53,6 +55,7 @@ impl Stack {
                 gateway_mqtt_url: std::env::var("E2E_GATEWAY_MQTT_URL")
                     .ok()
                     .filter(|u| !u.is_empty()),
+                api_key: std::env::var("E2E_API_KEY").ok().filter(|k| !k.is_empty()),
                 http: http_client(),
                 _own: None,
             },
@@ -81,10 +84,18 @@ impl Stack {
         )
     }
 
+    /// A POST to `url` with the API key, if any.
+    pub fn post(&self, url: &str) -> reqwest::RequestBuilder {
+        let request = self.http.post(url);
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
     /// POST `body` to a device's service.
     pub async fn call(&self, device: &str, service: &str, body: &str) -> reqwest::Response {
-        self.http
-            .post(self.service_url(device, service))
+        self.post(&self.service_url(device, service))
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
@@ -147,9 +158,10 @@ pub fn report(line: &str) {
 
 /// Mosquitto, the gateway and the demo device as child processes, configured as
 /// docker-compose.yml configures them: the repository's mosquitto.conf and acl, users `gw-1`
-/// and `demo-1`, the gateway's id `gw-1`. Only the passwords differ: new random ones in a fresh
-/// password file, since the committed one holds demo passwords this suite should not repeat
-/// (scripts/compose-local tests that file with the compose file's passwords).
+/// and `demo-1`, the gateway's id `gw-1`, credentials by environment, an API keys file. Only the
+/// secrets differ: new random passwords and API key, since the committed files hold demo
+/// secrets this suite should not repeat (scripts/compose-local tests those with the compose
+/// file's). And the gateway listens on loopback, on a free port.
 struct OwnStack {
     dir: tempfile::TempDir,
     children: Vec<(&'static str, Child)>,
@@ -213,9 +225,17 @@ impl OwnStack {
         let Some(broker_port) = broker_port else {
             panic!("Mosquitto did not start:\n{}", own.logs());
         };
-        let broker = |user: &str, password: &str| {
+        let broker = format!("mqtt://127.0.0.1:{broker_port}");
+        let with_credentials = |user: &str, password: &str| {
             format!("mqtt://{user}:{password}@127.0.0.1:{broker_port}")
         };
+
+        // An API key made as the README says (`mqtt-gateway api-key` calls the same function).
+        let (api_key, entry) =
+            mqtt_gateway::http::auth::new_api_key("e2e", &["devices/*/services/*".to_owned()])
+                .expect("a valid scope");
+        let keys_file = own.dir.path().join("api-keys.json");
+        std::fs::write(&keys_file, format!(r#"{{"keys": [{entry}]}}"#)).expect("write keys");
 
         let http_port = free_port();
         // As the image runs them: `serve` (its default command) and `device`, configured by
@@ -224,22 +244,28 @@ impl OwnStack {
             "gateway",
             binary().arg("serve").envs([
                 ("GATEWAY_LISTEN", format!("127.0.0.1:{http_port}")),
+                ("GATEWAY_API_KEYS_FILE", keys_file.display().to_string()),
                 ("GATEWAY_ID", GATEWAY_ID.to_owned()),
-                ("GATEWAY_MQTT_URL", broker(GATEWAY_ID, &gateway_password)),
+                ("GATEWAY_MQTT_URL", broker.clone()),
+                ("GATEWAY_MQTT_USERNAME", GATEWAY_ID.to_owned()),
+                ("GATEWAY_MQTT_PASSWORD", gateway_password.clone()),
             ]),
         );
         own.spawn(
             "device",
             binary().arg("device").envs([
                 ("GATEWAY_DEVICE_ID", DEVICE_ID.to_owned()),
-                ("GATEWAY_MQTT_URL", broker(DEVICE_ID, &device_password)),
+                ("GATEWAY_MQTT_URL", broker),
+                ("GATEWAY_MQTT_USERNAME", DEVICE_ID.to_owned()),
+                ("GATEWAY_MQTT_PASSWORD", device_password.clone()),
             ]),
         );
         Some(Stack {
             gateway_url: format!("http://127.0.0.1:{http_port}"),
             device_id: DEVICE_ID.into(),
-            device_mqtt_url: Some(broker(DEVICE_ID, &device_password)),
-            gateway_mqtt_url: Some(broker(GATEWAY_ID, &gateway_password)),
+            device_mqtt_url: Some(with_credentials(DEVICE_ID, &device_password)),
+            gateway_mqtt_url: Some(with_credentials(GATEWAY_ID, &gateway_password)),
+            api_key: Some(api_key),
             http: http_client(),
             _own: Some(own),
         })
