@@ -34,6 +34,10 @@ FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid gateway --no-create-home --shell /usr/sbin/nologin gateway
 COPY --from=build /usr/local/bin/mqtt-gateway /usr/local/bin/mqtt-gateway
+# The system's CA certificates, which mqtts:// and wss:// brokers are checked against unless
+# GATEWAY_MQTT_CA_FILE says otherwise. Debian slim has none; the build image has Debian's
+# ca-certificates bundle, so it is copied rather than installed with apt-get here.
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 USER 10001:10001
 # In a container the API must be reachable from outside it; set GATEWAY_MQTT_URL to your broker.
 ENV GATEWAY_LISTEN=0.0.0.0:8080
