@@ -8,6 +8,8 @@ pub const MIN_DELAY: Duration = Duration::from_millis(100);
 /// The longest delay: a returning broker is found within about a second, so a broker restart
 /// costs callers little; the jitter keeps a fleet from reconnecting in lockstep.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
+/// The wait after the broker refused the connection outright.
+pub const REFUSED_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -28,6 +30,21 @@ impl Backoff {
         // Full jitter between half the ceiling and the ceiling: never zero, never a herd.
         let half = ceiling / 2;
         half + half.mul_f64(rand::random::<f64>())
+    }
+
+    /// The delay after this failure, logged once at the fitting level. A broker that refused
+    /// the connection (bad credentials, not authorized) will not change its mind in a second:
+    /// wait [`REFUSED_DELAY`] then, instead of knocking every second and filling the logs.
+    pub fn after_failure(&mut self, error: &rumqttc::v5::ConnectionError, what: &str) -> Duration {
+        if let rumqttc::v5::ConnectionError::ConnectionRefused(code) = error {
+            let delay = REFUSED_DELAY + self.next_delay();
+            tracing::error!(reason = ?code, retry_in = ?delay, "{what}: the broker refused the connection; check the credentials and the broker's ACL");
+            delay
+        } else {
+            let delay = self.next_delay();
+            tracing::warn!(error = %error, retry_in = ?delay, "{what}: connection failed");
+            delay
+        }
     }
 
     /// Called once connected again.

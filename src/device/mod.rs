@@ -334,9 +334,7 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => {
                 shared.ready.send_replace(false);
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "device connection failed");
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(backoff.after_failure(&e, "device")).await;
             }
         }
     }

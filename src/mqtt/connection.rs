@@ -529,9 +529,7 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                     break;
                 }
                 inner.connection_lost(&mut eventloop, &mut in_flight);
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "MQTT connection failed");
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(backoff.after_failure(&e, "gateway")).await;
             }
         }
     }
