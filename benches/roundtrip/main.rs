@@ -84,6 +84,11 @@ struct Options {
     #[arg(long)]
     json: Option<PathBuf>,
 
+    /// Run the gateway under this command, split at spaces (a profiler such as
+    /// `valgrind --tool=massif`); its CPU and RSS numbers then include the wrapper's.
+    #[arg(long)]
+    gateway_wrapper: Option<String>,
+
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -101,6 +106,15 @@ impl Options {
     fn parked_calls(&self) -> usize {
         self.parked
             .unwrap_or(if self.quick { 10_000 } else { 100_000 })
+    }
+
+    fn wrapper(&self) -> Vec<String> {
+        self.gateway_wrapper
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
     }
 
     fn selected(&self, name: &str) -> bool {
@@ -145,8 +159,8 @@ async fn run(options: Options) -> Result<(), String> {
 
     let echo = devices::start_echo(&mqtt_url).await;
     let raw = RawMqtt::connect(&mqtt_url).await;
-    let url = mqtt_url.clone();
-    let gateway = tokio::task::spawn_blocking(move || GatewayProcess::start(&url, &[]))
+    let (url, wrapper) = (mqtt_url.clone(), options.wrapper());
+    let gateway = tokio::task::spawn_blocking(move || GatewayProcess::start(&url, &[], &wrapper))
         .await
         .map_err(|e| e.to_string())??;
     eprintln!("gateway pid {} on http://{}", gateway.pid(), gateway.addr);
@@ -216,13 +230,16 @@ async fn run(options: Options) -> Result<(), String> {
             offline.push(Offline { in_flight, sample });
         }
     }
-    drop(gateway);
+    // Stopping it waits for it to exit: blocking, so off the runtime's workers.
+    tokio::task::spawn_blocking(move || drop(gateway))
+        .await
+        .map_err(|e| e.to_string())?;
 
     let parked = match options.parked_calls() {
         0 => None,
         calls => {
             eprintln!("parking {calls} calls on a fresh gateway…");
-            let parked = parked::measure(&mqtt_url, calls).await?;
+            let parked = parked::measure(&mqtt_url, calls, &options.wrapper()).await?;
             eprintln!(
                 "{:>22}: {} parked in {}, {:.0} B per call",
                 "parked",

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
 use crate::callers::Caller;
-use crate::procs::{cpu_time, Pid};
+use crate::procs::{cpu_time, machine_busy, Pid};
 
 /// No single call waits longer than this, whatever the server does.
 const CALL_LIMIT: Duration = Duration::from_secs(15);
@@ -42,6 +42,16 @@ pub struct CpuSpent {
     pub broker: Option<Duration>,
     /// This process: the load generator and the echo device.
     pub bench: Duration,
+    /// The whole machine, every process on every core.
+    pub machine: Option<Duration>,
+}
+
+impl CpuSpent {
+    /// CPU used by processes that are not part of the benchmark (a build, say).
+    pub fn others(&self) -> Option<Duration> {
+        let ours = self.bench + self.gateway.unwrap_or_default() + self.broker.unwrap_or_default();
+        Some(self.machine?.saturating_sub(ours))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +59,7 @@ struct CpuReading {
     gateway: Option<Duration>,
     broker: Option<Duration>,
     bench: Duration,
+    machine: Option<Duration>,
 }
 
 impl CpuReading {
@@ -57,6 +68,7 @@ impl CpuReading {
             gateway: watched.gateway.and_then(|p| cpu_time(Pid::Of(p))),
             broker: watched.broker.and_then(|p| cpu_time(Pid::Of(p))),
             bench: cpu_time(Pid::Own).unwrap_or_default(),
+            machine: machine_busy(),
         }
     }
 
@@ -66,6 +78,7 @@ impl CpuReading {
             gateway: diff(self.gateway, start.gateway),
             broker: diff(self.broker, start.broker),
             bench: self.bench.saturating_sub(start.bench),
+            machine: diff(self.machine, start.machine),
         }
     }
 }

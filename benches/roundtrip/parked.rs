@@ -78,11 +78,11 @@ async fn settled_rss(pid: u32) -> Result<u64, String> {
     Ok(last)
 }
 
-pub async fn measure(mqtt_url: &str, calls: usize) -> Result<Parked, String> {
+pub async fn measure(mqtt_url: &str, calls: usize, wrapper: &[String]) -> Result<Parked, String> {
     let silent = SilentDevice::start(mqtt_url).await;
     let queue = (calls + 1024).to_string();
     let max_timeout = PARKED_TIMEOUT_MS.to_string();
-    let url = mqtt_url.to_owned();
+    let (url, wrapper) = (mqtt_url.to_owned(), wrapper.to_vec());
     let gateway = tokio::task::spawn_blocking(move || {
         GatewayProcess::start(
             &url,
@@ -92,6 +92,7 @@ pub async fn measure(mqtt_url: &str, calls: usize) -> Result<Parked, String> {
                 "--max-timeout-ms",
                 &max_timeout,
             ],
+            &wrapper,
         )
     })
     .await
@@ -151,7 +152,9 @@ pub async fn measure(mqtt_url: &str, calls: usize) -> Result<Parked, String> {
         task.abort();
     }
     drop(connections);
-    drop(gateway);
+    tokio::task::spawn_blocking(move || drop(gateway))
+        .await
+        .map_err(|e| e.to_string())?;
     let first_answer = first_answer.lock().unwrap().take();
     Ok(Parked {
         calls,

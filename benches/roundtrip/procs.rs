@@ -120,15 +120,25 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     /// `mqtt-gateway serve --mqtt-url URL --listen 127.0.0.1:PORT --id bench --no-demo-device`
-    /// plus `extra` flags; returns once `/readyz` answers 200 (connected and subscribed).
-    pub fn start(mqtt_url: &str, extra: &[&str]) -> Result<Self, String> {
+    /// plus `extra` flags, run under `wrapper` (a command and its arguments, such as a
+    /// profiler; empty for none); returns once `/readyz` answers 200 (connected and subscribed).
+    pub fn start(mqtt_url: &str, extra: &[&str], wrapper: &[String]) -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let log = dir.path().join("gateway.log");
+        let binary = env!("CARGO_BIN_EXE_mqtt-gateway");
         let mut last_error = String::new();
         for _ in 0..5 {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-            let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"))
+            let mut command = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(binary);
+                    c
+                }
+                None => Command::new(binary),
+            };
+            let mut child = command
                 .args(["serve", "--mqtt-url", mqtt_url, "--id", "bench"])
                 .args(["--listen", &addr.to_string(), "--no-demo-device"])
                 .args(extra)
@@ -137,14 +147,15 @@ impl GatewayProcess {
                 .stderr(log_file)
                 .spawn()
                 .map_err(|e| format!("cannot start the gateway: {e}"))?;
-            if wait_connectable(addr, &mut child, Duration::from_secs(10)) {
+            // Generous: a wrapper such as valgrind starts the gateway many times slower.
+            if wait_connectable(addr, &mut child, Duration::from_secs(60)) {
                 let gateway = Self {
                     addr,
                     child,
                     log: log.clone(),
                     _dir: dir,
                 };
-                gateway.wait_ready(Duration::from_secs(10))?;
+                gateway.wait_ready(Duration::from_secs(60))?;
                 return Ok(gateway);
             }
             let _ = child.kill();
@@ -174,7 +185,18 @@ impl GatewayProcess {
 }
 
 impl Drop for GatewayProcess {
+    /// SIGTERM, as an operator would stop it (and so a profiler wrapping it writes its data),
+    /// then SIGKILL if it has not exited within 30 s.
     fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -225,6 +247,25 @@ pub fn cpu_time(pid: Pid) -> Option<Duration> {
     let stime: u64 = fields.get(12)?.parse().ok()?;
     let ticks = clock_ticks_per_second();
     Some(Duration::from_micros((utime + stime) * 1_000_000 / ticks))
+}
+
+/// CPU time the whole machine has been busy so far, all cores (from `/proc/stat`): compared
+/// with the watched processes, it shows whether anything else ran during a measurement.
+pub fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already)
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| fields.get(i))
+        .sum();
+    let ticks = clock_ticks_per_second();
+    Some(Duration::from_micros(busy * 1_000_000 / ticks))
 }
 
 /// A process's resident set size in KiB, from `/proc/PID/status` (VmRSS).

@@ -69,6 +69,14 @@ fn cores_busy(sample: &Sample) -> f64 {
     total.as_secs_f64() / sample.window.as_secs_f64()
 }
 
+/// Above this many cores used by other processes during a phase, the report warns.
+const NOISY_OTHER_CORES: f64 = 0.15;
+
+/// Cores that other processes kept busy during the window.
+fn other_cores(sample: &Sample) -> Option<f64> {
+    Some(sample.cpu.others()?.as_secs_f64() / sample.window.as_secs_f64())
+}
+
 impl Report {
     fn phase(&self, path: Path, payload: usize, in_flight: usize) -> Option<&Phase> {
         self.phases
@@ -98,15 +106,16 @@ impl Report {
             "Round trips, QoS 1, JSON payloads. raw-mqtt: an MQTT 5 client with Response Topic + \
              Correlation Data, no HTTP. gateway: keep-alive HTTP/1.1 → gateway process → broker → \
              device → back. CPU columns are µs of CPU per call of each process (bench = load \
-             generator + echo device); cores = all three together, in cores busy.\n"
+             generator + echo device); cores busy = all three together; other cores = what \
+             the rest of the machine used meanwhile (should be near 0).\n"
         );
         let _ = writeln!(
             w,
-            "| payload | in flight | path | calls/s | p50 µs | p99 µs | gw/raw calls/s | gw/raw p50 | gateway CPU µs/call | broker CPU µs/call | bench CPU µs/call | cores busy | errors |"
+            "| payload | in flight | path | calls/s | p50 µs | p99 µs | gw/raw calls/s | gw/raw p50 | gateway CPU µs/call | broker CPU µs/call | bench CPU µs/call | cores busy | other cores | errors |"
         );
         let _ = writeln!(
             w,
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for phase in &self.phases {
             let s = &phase.sample;
@@ -118,7 +127,7 @@ impl Report {
             };
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {} |",
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {} | {} |",
                 payload_label(phase.payload),
                 phase.in_flight,
                 phase.path.name(),
@@ -131,6 +140,7 @@ impl Report {
                 opt(s.cpu_per_call_us(s.cpu.broker), 1),
                 opt(s.cpu_per_call_us(Some(s.cpu.bench)), 1),
                 cores_busy(s),
+                opt(other_cores(s), 2),
                 s.errors,
             );
         }
@@ -150,6 +160,18 @@ impl Report {
             .collect();
         for e in errors {
             let _ = writeln!(w, "error: {e}");
+        }
+        let busiest = self
+            .phases
+            .iter()
+            .filter_map(|p| other_cores(&p.sample))
+            .fold(0.0, f64::max);
+        if busiest > NOISY_OTHER_CORES {
+            let _ = writeln!(
+                w,
+                "WARNING: other processes used up to {busiest:.2} cores during a phase: those \
+                 numbers are disturbed; rerun on a quiet machine."
+            );
         }
 
         if !self.offline.is_empty() {
@@ -298,6 +320,7 @@ impl Report {
                 "broker_cpu_us_per_call": s.cpu_per_call_us(s.cpu.broker),
                 "bench_cpu_us_per_call": s.cpu_per_call_us(Some(s.cpu.bench)),
                 "cores_busy": cores_busy(s),
+                "other_cores": other_cores(s),
             })
         };
         json!({
