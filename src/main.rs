@@ -7,20 +7,29 @@ use mqtt_gateway::config::BrokerUrl;
 use mqtt_gateway::config::{Cli, Command, DeviceArgs, LogFormat, ServeArgs};
 use tokio::net::TcpListener;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        None => serve(cli.serve).await,
-        Some(Command::Serve(args)) => serve(args).await,
-        Some(Command::Device(args)) => device(args).await,
-        Some(Command::Openapi) => {
-            print!("{}", mqtt_gateway::http::docs::openapi_json());
-            Ok(())
-        }
-        #[cfg(feature = "embedded-broker")]
-        Some(Command::Broker(args)) => broker(args).await,
+    let worker_threads = match &cli.command {
+        None => cli.serve.worker_threads,
+        Some(Command::Serve(args)) => args.worker_threads,
+        Some(Command::Device(args)) => args.worker_threads,
+        _ => None,
     };
+    let result = runtime(worker_threads).and_then(|runtime| {
+        runtime.block_on(async {
+            match cli.command {
+                None => serve(cli.serve).await,
+                Some(Command::Serve(args)) => serve(args).await,
+                Some(Command::Device(args)) => device(args).await,
+                Some(Command::Openapi) => {
+                    print!("{}", mqtt_gateway::http::docs::openapi_json());
+                    Ok(())
+                }
+                #[cfg(feature = "embedded-broker")]
+                Some(Command::Broker(args)) => broker(args).await,
+            }
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -28,6 +37,18 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The multi-threaded Tokio runtime, with `--worker-threads` threads (default: one per core).
+fn runtime(worker_threads: Option<u16>) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n.into());
+    }
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 fn init_logging(format: LogFormat) {
