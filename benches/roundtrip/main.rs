@@ -159,39 +159,47 @@ async fn run(options: Options) -> Result<(), String> {
 
     let echo = devices::start_echo(&mqtt_url).await;
     let raw = RawMqtt::connect(&mqtt_url).await;
-    let (url, wrapper) = (mqtt_url.clone(), options.wrapper());
-    let gateway = tokio::task::spawn_blocking(move || GatewayProcess::start(&url, &[], &wrapper))
-        .await
-        .map_err(|e| e.to_string())??;
-    eprintln!("gateway pid {} on http://{}", gateway.pid(), gateway.addr);
-    let watched = Watched {
+    let gateway = start_gateway(&mqtt_url, &[], options.wrapper()).await?;
+    let one_thread =
+        start_gateway(&mqtt_url, &["--worker-threads", "1"], options.wrapper()).await?;
+    let broker_pid = mosquitto.as_ref().map(Mosquitto::pid);
+    let watching = |gateway: &GatewayProcess| Watched {
         gateway: Some(gateway.pid()),
-        broker: mosquitto.as_ref().map(Mosquitto::pid),
+        broker: broker_pid,
     };
 
     let mut phases = Vec::new();
     for payload in PAYLOADS {
         let body = json_payload(payload);
         for in_flight in IN_FLIGHT {
-            // Raw first, then the gateway, at each setting: any drift of the machine during the
-            // run touches both sides of a ratio alike.
-            for path in [Path::Raw, Path::Gateway] {
+            // Raw first, then the gateways, at each setting: any drift of the machine during
+            // the run touches both sides of a ratio alike.
+            for path in Path::ALL {
                 let name = format!("{}/{payload}B/{in_flight}", path.name());
                 if !options.selected(&name) {
                     continue;
                 }
-                let sample = match path {
-                    Path::Raw => {
+                let target = match path {
+                    Path::Raw => None,
+                    Path::Gateway => Some(&gateway),
+                    Path::GatewayOneThread => Some(&one_thread),
+                };
+                let sample = match target {
+                    None => {
                         let callers = (0..in_flight)
                             .map(|_| RawCaller::new(raw.clone(), body.clone()))
                             .collect();
+                        let watched = Watched {
+                            gateway: None,
+                            broker: broker_pid,
+                        };
                         closed_loop(callers, window, watched).await
                     }
-                    Path::Gateway => {
+                    Some(gateway) => {
                         let path = service_path(devices::ECHO_DEVICE, None);
                         let callers =
-                            http_callers(&gateway, in_flight, &path, &body, Expect::Echo).await?;
-                        closed_loop(callers, window, watched).await
+                            http_callers(gateway, in_flight, &path, &body, Expect::Echo).await?;
+                        closed_loop(callers, window, watching(gateway)).await
                     }
                 };
                 eprintln!(
@@ -218,7 +226,7 @@ async fn run(options: Options) -> Result<(), String> {
         for in_flight in OFFLINE_IN_FLIGHT {
             let expect = Expect::Status(StatusCode::NOT_FOUND);
             let callers = http_callers(&gateway, in_flight, &path, &body, expect).await?;
-            let sample = closed_loop(callers, window, watched).await;
+            let sample = closed_loop(callers, window, watching(&gateway)).await;
             eprintln!(
                 "{:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
                 format!("offline-404/{in_flight}"),
@@ -230,8 +238,8 @@ async fn run(options: Options) -> Result<(), String> {
             offline.push(Offline { in_flight, sample });
         }
     }
-    // Stopping it waits for it to exit: blocking, so off the runtime's workers.
-    tokio::task::spawn_blocking(move || drop(gateway))
+    // Stopping them waits for them to exit: blocking, so off the runtime's workers.
+    tokio::task::spawn_blocking(move || drop((gateway, one_thread)))
         .await
         .map_err(|e| e.to_string())?;
 
@@ -278,6 +286,24 @@ async fn run(options: Options) -> Result<(), String> {
     println!("run time: {}", report::seconds(began.elapsed()));
     println!("{}", report.last_line());
     Ok(())
+}
+
+/// The gateway binary with `extra` flags, ready.
+async fn start_gateway(
+    mqtt_url: &str,
+    extra: &'static [&'static str],
+    wrapper: Vec<String>,
+) -> Result<GatewayProcess, String> {
+    let url = mqtt_url.to_owned();
+    let gateway = tokio::task::spawn_blocking(move || GatewayProcess::start(&url, extra, &wrapper))
+        .await
+        .map_err(|e| e.to_string())??;
+    eprintln!(
+        "gateway {extra:?}: pid {} on http://{}",
+        gateway.pid(),
+        gateway.addr
+    );
+    Ok(gateway)
 }
 
 /// `in_flight` keep-alive connections to the gateway, one caller each.

@@ -119,7 +119,7 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// `mqtt-gateway serve --mqtt-url URL --listen 127.0.0.1:PORT --id bench --no-demo-device`
+    /// `mqtt-gateway serve --mqtt-url URL --listen 127.0.0.1:PORT --id bench-PORT --no-demo-device`
     /// plus `extra` flags, run under `wrapper` (a command and its arguments, such as a
     /// profiler; empty for none); returns once `/readyz` answers 200 (connected and subscribed).
     pub fn start(mqtt_url: &str, extra: &[&str], wrapper: &[String]) -> Result<Self, String> {
@@ -139,7 +139,9 @@ impl GatewayProcess {
                 None => Command::new(binary),
             };
             let mut child = command
-                .args(["serve", "--mqtt-url", mqtt_url, "--id", "bench"])
+                .args(["serve", "--mqtt-url", mqtt_url])
+                // Its own id, so two gateways on the broker never take over each other's session.
+                .args(["--id", &format!("bench-{}", addr.port())])
                 .args(["--listen", &addr.to_string(), "--no-demo-device"])
                 .args(extra)
                 .stdin(Stdio::null())
