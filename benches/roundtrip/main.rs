@@ -5,8 +5,9 @@
 //! process, then measures
 //!
 //! 1. round trips at 1, 16, 64 and 256 calls in flight with 64-byte and 4 KiB payloads, QoS 1,
-//!    both as raw MQTT 5 request/response and through the gateway (keep-alive HTTP/1.1):
-//!    throughput, p50, p99, CPU per call of the gateway, the broker and this process;
+//!    as raw MQTT 5 request/response and through the gateway (keep-alive HTTP/1.1), the gateway
+//!    both as it ships and with `--worker-threads 1`: throughput, p50, p99, and CPU per call of
+//!    the gateway, the broker and this process;
 //! 2. the offline fast-fail: latency of the 404 for a device nobody listens for;
 //! 3. memory per parked call: a fresh gateway's RSS with 100,000 calls parked on a device that
 //!    never answers, minus its RSS at idle, over 100,000.
@@ -16,7 +17,8 @@
 //! for `benches/plot_roundtrip.py`. `--quick` is a smoke run of well under a minute.
 //!
 //! Every load is closed (a fixed number of calls in flight), bounded in time and count, and only
-//! touches 127.0.0.1.
+//! touches 127.0.0.1. The machine may be shared: each phase waits for it to be quiet, and one
+//! that other processes disturbed anyway is measured again (see `--retries`).
 
 mod callers;
 mod devices;
@@ -76,6 +78,12 @@ struct Options {
     #[arg(long)]
     only: Option<String>,
 
+    /// How often a phase is measured again when other processes used more than 0.15 cores
+    /// meanwhile (a shared machine); before each phase the benchmark also waits, up to a
+    /// minute, for the machine to be quiet. Neither happens with --quick.
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+
     /// Skip the offline (404) phases.
     #[arg(long)]
     no_offline: bool,
@@ -100,6 +108,9 @@ impl Options {
         Window {
             measure: Duration::from_secs_f64(self.seconds.unwrap_or(measure)),
             warmup: Duration::from_secs_f64(self.warmup.unwrap_or(warmup)),
+            // A smoke run checks that the benchmark works, not its numbers: no waiting.
+            retries: if self.quick { 0 } else { self.retries },
+            quiet_wait: Duration::from_secs(if self.quick { 0 } else { 60 }),
         }
     }
 
@@ -184,23 +195,33 @@ async fn run(options: Options) -> Result<(), String> {
                     Path::Gateway => Some(&gateway),
                     Path::GatewayOneThread => Some(&one_thread),
                 };
-                let sample = match target {
-                    None => {
-                        let callers = (0..in_flight)
-                            .map(|_| RawCaller::new(raw.clone(), body.clone()))
-                            .collect();
-                        let watched = Watched {
-                            gateway: None,
-                            broker: broker_pid,
-                        };
-                        closed_loop(callers, window, watched).await
+                let mut attempt = 0;
+                let sample = loop {
+                    measure::wait_quiet(window.quiet_wait).await;
+                    let sample = match target {
+                        None => {
+                            let callers = (0..in_flight)
+                                .map(|_| RawCaller::new(raw.clone(), body.clone()))
+                                .collect();
+                            let watched = Watched {
+                                gateway: None,
+                                broker: broker_pid,
+                            };
+                            closed_loop(callers, window, watched).await
+                        }
+                        Some(gateway) => {
+                            let path = service_path(devices::ECHO_DEVICE, None);
+                            let callers =
+                                http_callers(gateway, in_flight, &path, &body, Expect::Echo)
+                                    .await?;
+                            closed_loop(callers, window, watching(gateway)).await
+                        }
+                    };
+                    attempt += 1;
+                    if !sample.disturbed() || attempt > window.retries {
+                        break sample;
                     }
-                    Some(gateway) => {
-                        let path = service_path(devices::ECHO_DEVICE, None);
-                        let callers =
-                            http_callers(gateway, in_flight, &path, &body, Expect::Echo).await?;
-                        closed_loop(callers, window, watching(gateway)).await
-                    }
+                    eprintln!("{name:>22}: disturbed by other processes, measuring again");
                 };
                 eprintln!(
                     "{name:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
@@ -225,8 +246,16 @@ async fn run(options: Options) -> Result<(), String> {
         let body = json_payload(64);
         for in_flight in OFFLINE_IN_FLIGHT {
             let expect = Expect::Status(StatusCode::NOT_FOUND);
-            let callers = http_callers(&gateway, in_flight, &path, &body, expect).await?;
-            let sample = closed_loop(callers, window, watching(&gateway)).await;
+            let mut attempt = 0;
+            let sample = loop {
+                measure::wait_quiet(window.quiet_wait).await;
+                let callers = http_callers(&gateway, in_flight, &path, &body, expect).await?;
+                let sample = closed_loop(callers, window, watching(&gateway)).await;
+                attempt += 1;
+                if !sample.disturbed() || attempt > window.retries {
+                    break sample;
+                }
+            };
             eprintln!(
                 "{:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
                 format!("offline-404/{in_flight}"),

@@ -16,16 +16,24 @@ const CALL_LIMIT: Duration = Duration::from_secs(15);
 /// No caller makes more calls than this in one phase, however fast the server is.
 const MAX_CALLS_PER_CALLER: u64 = 5_000_000;
 
+/// A phase during which other processes used more than this many cores is disturbed: it is
+/// run again (see [`Window::retries`]) and, if it stays so, flagged in the report.
+pub const NOISY_OTHER_CORES: f64 = 0.15;
+
 /// Latencies are recorded in nanoseconds, from 1 µs to 60 s, to 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid histogram bounds")
 }
 
-/// How long a phase warms up, then measures.
+/// How long a phase warms up, then measures, and how often a disturbed phase is run again.
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
     pub warmup: Duration,
     pub measure: Duration,
+    /// Runs again of a phase that other processes disturbed.
+    pub retries: u32,
+    /// How long to wait, before each phase, for the rest of the machine to be quiet.
+    pub quiet_wait: Duration,
 }
 
 /// The processes whose CPU time a phase reads.
@@ -98,6 +106,15 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// Cores that other processes kept busy during the window.
+    pub fn other_cores(&self) -> Option<f64> {
+        Some(self.cpu.others()?.as_secs_f64() / self.window.as_secs_f64())
+    }
+
+    pub fn disturbed(&self) -> bool {
+        self.other_cores().is_some_and(|c| c > NOISY_OTHER_CORES)
+    }
+
     pub fn throughput(&self) -> f64 {
         self.calls as f64 / self.window.as_secs_f64()
     }
@@ -122,6 +139,29 @@ struct CallerResult {
     errors: u64,
     first_error: Option<String>,
     latency: Histogram<u64>,
+}
+
+/// Waits, at most `limit`, until the machine (nothing of ours runs between phases) has used less
+/// than [`NOISY_OTHER_CORES`] for half a second. Returns whether it became quiet.
+pub async fn wait_quiet(limit: Duration) -> bool {
+    let started = Instant::now();
+    let sample = Duration::from_millis(500);
+    loop {
+        let Some(before) = machine_busy() else {
+            return true;
+        };
+        tokio::time::sleep(sample).await;
+        let Some(after) = machine_busy() else {
+            return true;
+        };
+        let cores = after.saturating_sub(before).as_secs_f64() / sample.as_secs_f64();
+        if cores <= NOISY_OTHER_CORES {
+            return true;
+        }
+        if started.elapsed() >= limit {
+            return false;
+        }
+    }
 }
 
 /// Runs every caller in its own task until the window closes and returns what was measured.

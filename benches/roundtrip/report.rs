@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::measure::Sample;
+use crate::measure::{Sample, NOISY_OTHER_CORES};
 use crate::parked::Parked;
 
 /// Which path a round-trip phase measured.
@@ -74,12 +74,9 @@ fn cores_busy(sample: &Sample) -> f64 {
     total.as_secs_f64() / sample.window.as_secs_f64()
 }
 
-/// Above this many cores used by other processes during a phase, the report warns.
-const NOISY_OTHER_CORES: f64 = 0.15;
-
 /// Cores that other processes kept busy during the window.
 fn other_cores(sample: &Sample) -> Option<f64> {
-    Some(sample.cpu.others()?.as_secs_f64() / sample.window.as_secs_f64())
+    sample.other_cores()
 }
 
 impl Report {
