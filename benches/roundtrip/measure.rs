@@ -144,6 +144,9 @@ struct CallerResult {
 /// Waits, at most `limit`, until the machine (nothing of ours runs between phases) has used less
 /// than [`NOISY_OTHER_CORES`] for half a second. Returns whether it became quiet.
 pub async fn wait_quiet(limit: Duration) -> bool {
+    if limit.is_zero() {
+        return true;
+    }
     let started = Instant::now();
     let sample = Duration::from_millis(500);
     loop {
