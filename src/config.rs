@@ -135,6 +135,12 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Threads that run the process's tasks (default: one per CPU core). Where the broker
+    /// shares a small machine, 1 costs less CPU per call: HTTP and MQTT tasks then never wake
+    /// each other across threads (see BENCHMARKS.md).
+    #[arg(long, env = "GATEWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
+
     #[command(flatten)]
     pub security: SecurityArgs,
 }
@@ -225,6 +231,12 @@ pub struct DeviceArgs {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Threads that run the process's tasks (default: one per CPU core). Where the broker
+    /// shares a small machine, 1 costs less CPU per call: HTTP and MQTT tasks then never wake
+    /// each other across threads (see BENCHMARKS.md).
+    #[arg(long, env = "GATEWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -521,6 +533,16 @@ mod tests {
         let err = BrokerUrl::parse("mqtt://u:hunter2@[bad").unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(BrokerUrl::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn worker_threads_are_at_least_one() {
+        let parse = |n: &str| Cli::try_parse_from(["mqtt-gateway", "serve", "--worker-threads", n]);
+        assert!(parse("0").is_err());
+        let Some(Command::Serve(args)) = parse("1").unwrap().command else {
+            unreachable!("serve was given")
+        };
+        assert_eq!(args.worker_threads, Some(1));
     }
 
     #[test]

@@ -9,36 +9,33 @@ use tokio::net::TcpListener;
 
 mod healthcheck;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        None => serve(cli.serve).await,
-        Some(Command::Serve(args)) => serve(args).await,
-        Some(Command::Device(args)) => device(args).await,
-        Some(Command::ApiKey(args)) => {
-            match mqtt_gateway::http::auth::new_api_key(&args.name, &args.scopes) {
-                Ok((key, entry)) => {
-                    println!(
-                        "API key for {:?} (shown once; store it with the caller):\n\n    {key}\n",
-                        args.name
-                    );
-                    println!("Add this entry to the \"keys\" list of your --api-keys-file:\n\n    {entry}");
+    let worker_threads = match &cli.command {
+        None => cli.serve.worker_threads,
+        Some(Command::Serve(args)) => args.worker_threads,
+        Some(Command::Device(args)) => args.worker_threads,
+        _ => None,
+    };
+    let result = runtime(worker_threads).and_then(|runtime| {
+        runtime.block_on(async {
+            match cli.command {
+                None => serve(cli.serve).await,
+                Some(Command::Serve(args)) => serve(args).await,
+                Some(Command::Device(args)) => device(args).await,
+                Some(Command::ApiKey(args)) => api_key(&args),
+                Some(Command::Openapi) => {
+                    print!("{}", mqtt_gateway::http::docs::openapi_json());
                     Ok(())
                 }
-                Err(e) => Err(e),
+                Some(Command::Healthcheck(args)) => healthcheck::check(args.listen)
+                    .await
+                    .map(|ready| println!("{ready}")),
+                #[cfg(feature = "embedded-broker")]
+                Some(Command::Broker(args)) => broker(args).await,
             }
-        }
-        Some(Command::Openapi) => {
-            print!("{}", mqtt_gateway::http::docs::openapi_json());
-            Ok(())
-        }
-        Some(Command::Healthcheck(args)) => healthcheck::check(args.listen)
-            .await
-            .map(|ready| println!("{ready}")),
-        #[cfg(feature = "embedded-broker")]
-        Some(Command::Broker(args)) => broker(args).await,
-    };
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -46,6 +43,29 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `mqtt-gateway api-key`: a new key, shown once, and its keys-file entry.
+fn api_key(args: &mqtt_gateway::config::ApiKeyArgs) -> Result<(), String> {
+    let (key, entry) = mqtt_gateway::http::auth::new_api_key(&args.name, &args.scopes)?;
+    println!(
+        "API key for {:?} (shown once; store it with the caller):\n\n    {key}\n",
+        args.name
+    );
+    println!("Add this entry to the \"keys\" list of your --api-keys-file:\n\n    {entry}");
+    Ok(())
+}
+
+/// The multi-threaded Tokio runtime, with `--worker-threads` threads (default: one per core).
+fn runtime(worker_threads: Option<u16>) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n.into());
+    }
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 fn init_logging(format: LogFormat) {

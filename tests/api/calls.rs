@@ -458,3 +458,30 @@ async fn a_custom_topic_template_is_used_for_requests() {
     assert_eq!(&request.topic[..], b"site/d9/rpc/ping");
     assert_eq!(call.await.unwrap(), 504);
 }
+
+#[tokio::test]
+async fn an_http2_client_makes_many_calls_on_one_connection() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "demo-1").await;
+    let app = TestApp::spawn(&broker).await;
+    // HTTP/2 without TLS, as a proxy or a service mesh speaks it to a backend.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+
+    let calls = (0..20).map(|i| {
+        h2.post(app.service_url("demo-1", "echo"))
+            .body(i.to_string())
+            .send()
+    });
+    let responses = join_all(calls).await;
+
+    for (i, response) in responses.into_iter().enumerate() {
+        let response = response.expect("HTTP/2 call completes");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), i.to_string());
+    }
+}

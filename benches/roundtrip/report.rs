@@ -1,0 +1,390 @@
+//! The printed report (Markdown tables, pasted as they are into BENCHMARKS.md), the targets, and
+//! the JSON file the plot is drawn from.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::measure::{Sample, NOISY_OTHER_CORES};
+use crate::parked::Parked;
+
+/// Which path a round-trip phase measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// MQTT 5 request/response straight to the broker, no HTTP.
+    Raw,
+    /// Keep-alive HTTP/1.1 → gateway → broker → device → back, the gateway as it ships.
+    Gateway,
+    /// The same with `--worker-threads 1`.
+    GatewayOneThread,
+}
+
+impl Path {
+    pub const ALL: [Path; 3] = [Path::Raw, Path::Gateway, Path::GatewayOneThread];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Raw => "raw-mqtt",
+            Path::Gateway => "gateway",
+            Path::GatewayOneThread => "gateway-1-thread",
+        }
+    }
+}
+
+/// One measured round-trip phase.
+pub struct Phase {
+    pub path: Path,
+    pub payload: usize,
+    pub in_flight: usize,
+    pub sample: Sample,
+}
+
+/// One measured offline (404) phase.
+pub struct Offline {
+    pub in_flight: usize,
+    pub sample: Sample,
+}
+
+pub struct Report {
+    pub mode: &'static str,
+    pub machine: String,
+    pub broker: String,
+    pub phases: Vec<Phase>,
+    pub offline: Vec<Offline>,
+    pub parked: Option<Parked>,
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+fn payload_label(bytes: usize) -> String {
+    if bytes >= 1024 && bytes.is_multiple_of(1024) {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Cores busy on average during the window, over every watched process.
+fn cores_busy(sample: &Sample) -> f64 {
+    let cpu = sample.cpu;
+    let total = cpu.bench + cpu.gateway.unwrap_or_default() + cpu.broker.unwrap_or_default();
+    total.as_secs_f64() / sample.window.as_secs_f64()
+}
+
+/// Cores that other processes kept busy during the window.
+fn other_cores(sample: &Sample) -> Option<f64> {
+    sample.other_cores()
+}
+
+impl Report {
+    fn phase(&self, path: Path, payload: usize, in_flight: usize) -> Option<&Phase> {
+        self.phases
+            .iter()
+            .find(|p| p.path == path && p.payload == payload && p.in_flight == in_flight)
+    }
+
+    /// gateway/raw ratios of throughput and p50 at one setting.
+    pub fn ratios(&self, gateway: Path, payload: usize, in_flight: usize) -> Option<(f64, f64)> {
+        let raw = &self.phase(Path::Raw, payload, in_flight)?.sample;
+        let gw = &self.phase(gateway, payload, in_flight)?.sample;
+        Some((
+            gw.throughput() / raw.throughput().max(f64::MIN_POSITIVE),
+            gw.p50_us() / raw.p50_us().max(f64::MIN_POSITIVE),
+        ))
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        let _ = writeln!(w, "mqtt-gateway round-trip benchmark ({} mode)", self.mode);
+        let _ = writeln!(w, "machine: {}", self.machine);
+        let _ = writeln!(w, "broker: {}\n", self.broker);
+
+        let _ = writeln!(
+            w,
+            "Round trips, QoS 1, JSON payloads. raw-mqtt: an MQTT 5 client with Response Topic + \
+             Correlation Data, no HTTP. gateway: keep-alive HTTP/1.1 → gateway process → broker → \
+             device → back; gateway-1-thread: the same gateway run with --worker-threads 1. CPU columns are µs of CPU per call of each process (bench = load \
+             generator + echo device); cores busy = all three together; other cores = what \
+             the rest of the machine used meanwhile (should be near 0).\n"
+        );
+        let _ = writeln!(
+            w,
+            "| payload | in flight | path | calls/s | p50 µs | p99 µs | gw/raw calls/s | gw/raw p50 | gateway CPU µs/call | broker CPU µs/call | bench CPU µs/call | cores busy | other cores | errors |"
+        );
+        let _ = writeln!(
+            w,
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for phase in &self.phases {
+            let s = &phase.sample;
+            let (tput_ratio, p50_ratio) = match phase.path {
+                Path::Raw => (None, None),
+                gateway => self
+                    .ratios(gateway, phase.payload, phase.in_flight)
+                    .map_or((None, None), |(t, p)| (Some(t), Some(p))),
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {} | {} |",
+                payload_label(phase.payload),
+                phase.in_flight,
+                phase.path.name(),
+                s.throughput(),
+                s.p50_us(),
+                s.p99_us(),
+                opt(tput_ratio, 2),
+                opt(p50_ratio, 2),
+                opt(s.cpu_per_call_us(s.cpu.gateway), 1),
+                opt(s.cpu_per_call_us(s.cpu.broker), 1),
+                opt(s.cpu_per_call_us(Some(s.cpu.bench)), 1),
+                cores_busy(s),
+                opt(other_cores(s), 2),
+                s.errors,
+            );
+        }
+        let errors: Vec<_> = self
+            .phases
+            .iter()
+            .filter_map(|p| {
+                p.sample.first_error.as_ref().map(|e| {
+                    format!(
+                        "{} {} in flight {}: {e}",
+                        p.path.name(),
+                        payload_label(p.payload),
+                        p.in_flight
+                    )
+                })
+            })
+            .collect();
+        for e in errors {
+            let _ = writeln!(w, "error: {e}");
+        }
+        let busiest = self
+            .phases
+            .iter()
+            .filter_map(|p| other_cores(&p.sample))
+            .fold(0.0, f64::max);
+        if busiest > NOISY_OTHER_CORES {
+            let _ = writeln!(
+                w,
+                "WARNING: other processes used up to {busiest:.2} cores during a phase: those \
+                 numbers are disturbed; rerun on a quiet machine."
+            );
+        }
+
+        if !self.offline.is_empty() {
+            let _ = writeln!(
+                w,
+                "\nOffline device: the 404 for a device nobody listens for (the broker's PUBACK \
+                 0x10), keep-alive HTTP/1.1.\n"
+            );
+            let _ = writeln!(
+                w,
+                "| in flight | calls/s | p50 µs | p99 µs | gateway CPU µs/call | errors |"
+            );
+            let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
+            for o in &self.offline {
+                let s = &o.sample;
+                let _ = writeln!(
+                    w,
+                    "| {} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                    o.in_flight,
+                    s.throughput(),
+                    s.p50_us(),
+                    s.p99_us(),
+                    opt(s.cpu_per_call_us(s.cpu.gateway), 1),
+                    s.errors
+                );
+                if let Some(e) = &s.first_error {
+                    let _ = writeln!(w, "error: {e}");
+                }
+            }
+        }
+
+        if let Some(p) = &self.parked {
+            let _ = writeln!(
+                w,
+                "\nParked calls: a fresh gateway process, {} calls over {} HTTP/2 connections to a \
+                 device that never answers.\n",
+                p.calls, p.connections
+            );
+            let _ = writeln!(w, "| | value |");
+            let _ = writeln!(w, "|---|---:|");
+            let _ = writeln!(
+                w,
+                "| calls parked (reached the device, unanswered) | {} |",
+                p.parked
+            );
+            let _ = writeln!(w, "| answered early (should be 0) | {} |", p.answered);
+            let _ = writeln!(
+                w,
+                "| time to park them all | {:.1} s |",
+                p.time_to_park.as_secs_f64()
+            );
+            let _ = writeln!(w, "| RSS idle | {} KiB |", p.rss_idle_kib);
+            let _ = writeln!(
+                w,
+                "| RSS with the connections open, no calls | {} KiB |",
+                p.rss_connected_kib
+            );
+            let _ = writeln!(
+                w,
+                "| RSS with the calls parked | {} KiB |",
+                p.rss_parked_kib
+            );
+            let _ = writeln!(
+                w,
+                "| per parked call: (parked − idle) / parked | {:.0} B |",
+                p.bytes_per_call()
+            );
+            let _ = writeln!(
+                w,
+                "| per parked call, connections left out | {:.0} B |",
+                p.bytes_per_call_without_connections()
+            );
+            if let Some(a) = &p.first_answer {
+                let _ = writeln!(w, "first early answer: {a}");
+            }
+        }
+
+        let _ = writeln!(w, "\nTargets:");
+        for line in self.targets() {
+            let _ = writeln!(w, "- {line}");
+        }
+        out
+    }
+
+    fn targets(&self) -> Vec<String> {
+        let verdict = |ok: bool| if ok { "holds" } else { "MISSED" };
+        let mut lines = Vec::new();
+        for gateway in [Path::Gateway, Path::GatewayOneThread] {
+            let name = gateway.name();
+            if let Some((ratio, _)) = self.ratios(gateway, 64, 64) {
+                lines.push(format!(
+                    "throughput at 64 in flight, 64 B: {name}/raw = {ratio:.2} (target ≥ 0.85): {}",
+                    verdict(ratio >= 0.85)
+                ));
+            }
+            if let (Some(raw), Some(gw)) =
+                (self.phase(Path::Raw, 64, 1), self.phase(gateway, 64, 1))
+            {
+                let extra = gw.sample.p50_us() - raw.sample.p50_us();
+                lines.push(format!(
+                    "p50 at 1 in flight, 64 B: {name} − raw = {extra:.0} µs (target ≤ 100 µs): {}",
+                    verdict(extra <= 100.0)
+                ));
+            }
+        }
+        if let Some(p) = &self.parked {
+            let bytes = p.bytes_per_call();
+            let note = if p.calls < 100_000 {
+                " (fewer calls than the target's 100,000: a smoke run)"
+            } else {
+                ""
+            };
+            lines.push(format!(
+                "memory per parked call at {} parked: {bytes:.0} B (target ≤ 2048 B): {}{note}",
+                p.parked,
+                verdict(bytes <= 2048.0 && p.answered == 0)
+            ));
+        }
+        if let Some(o) = self.offline.iter().find(|o| o.in_flight == 1) {
+            let p99_ms = o.sample.p99_us() / 1000.0;
+            lines.push(format!(
+                "offline 404 p99 at 1 in flight: {p99_ms:.2} ms (target ≤ 5 ms): {}",
+                verdict(p99_ms <= 5.0 && o.sample.errors == 0)
+            ));
+        }
+        lines
+    }
+
+    /// The last line, exactly as the issue asks.
+    pub fn last_line(&self) -> String {
+        let ratio = self
+            .ratios(Path::Gateway, 64, 64)
+            .map_or(f64::NAN, |(t, _)| t);
+        format!("throughput ratio gateway/raw-mqtt at 64 in flight: {ratio:.2}")
+    }
+
+    pub fn to_json(&self) -> Value {
+        let sample = |s: &Sample| {
+            json!({
+                "calls": s.calls,
+                "errors": s.errors,
+                "window_s": s.window.as_secs_f64(),
+                "throughput": s.throughput(),
+                "p50_us": s.p50_us(),
+                "p90_us": s.latency.value_at_quantile(0.90) as f64 / 1000.0,
+                "p99_us": s.p99_us(),
+                "p999_us": s.latency.value_at_quantile(0.999) as f64 / 1000.0,
+                "max_us": s.latency.max() as f64 / 1000.0,
+                "gateway_cpu_us_per_call": s.cpu_per_call_us(s.cpu.gateway),
+                "broker_cpu_us_per_call": s.cpu_per_call_us(s.cpu.broker),
+                "bench_cpu_us_per_call": s.cpu_per_call_us(Some(s.cpu.bench)),
+                "cores_busy": cores_busy(s),
+                "other_cores": other_cores(s),
+            })
+        };
+        json!({
+            "mode": self.mode,
+            "machine": self.machine,
+            "broker": self.broker,
+            "phases": self.phases.iter().map(|p| json!({
+                "path": p.path.name(),
+                "payload": p.payload,
+                "in_flight": p.in_flight,
+                "sample": sample(&p.sample),
+            })).collect::<Vec<_>>(),
+            "offline": self.offline.iter().map(|o| json!({
+                "in_flight": o.in_flight,
+                "sample": sample(&o.sample),
+            })).collect::<Vec<_>>(),
+            "parked": self.parked.as_ref().map(|p| json!({
+                "calls": p.calls,
+                "parked": p.parked,
+                "answered": p.answered,
+                "connections": p.connections,
+                "rss_idle_kib": p.rss_idle_kib,
+                "rss_connected_kib": p.rss_connected_kib,
+                "rss_parked_kib": p.rss_parked_kib,
+                "bytes_per_call": p.bytes_per_call(),
+                "bytes_per_call_without_connections": p.bytes_per_call_without_connections(),
+                "time_to_park_s": p.time_to_park.as_secs_f64(),
+            })),
+            "targets": self.targets(),
+            "last_line": self.last_line(),
+        })
+    }
+}
+
+/// A short description of the machine: CPU model, cores, memory, kernel.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown CPU".to_owned(), |m| m.trim().to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+/// "1.2 s" for progress lines.
+pub fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
