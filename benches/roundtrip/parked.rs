@@ -89,6 +89,9 @@ pub async fn measure(mqtt_url: &str, calls: usize, wrapper: &[String]) -> Result
             &[
                 "--mqtt-request-queue",
                 &queue,
+                // Above the default cap of 10,000 calls in flight, or most would be shed.
+                "--max-in-flight",
+                &queue,
                 "--max-timeout-ms",
                 &max_timeout,
             ],
