@@ -1,17 +1,15 @@
-//! The access gate in front of the routes: authentication, rate limits, and which routes are
+//! The access gate, run by the one middleware in front of the routes ([`super::observe`]):
+//! authentication, rate limits, and which routes are
 //! open. Health and readiness are always open (orchestrators probe them); the API always needs
 //! a caller when authentication is configured; docs and metrics as configured.
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use super::auth::{Authenticator, RateLimits};
 use super::error::ApiError;
-use super::AppState;
 
 /// Who may reach what.
 pub struct AccessPolicy {
@@ -46,28 +44,25 @@ impl AccessPolicy {
     }
 }
 
-pub async fn gate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let policy = &state.access;
+/// Lets the request through (with its [`super::auth::Caller`] attached when authentication is
+/// on), or answers it: 401, or 429 past the caller's rate limit.
+pub fn admit(policy: &AccessPolicy, request: &mut Request) -> Result<(), ApiError> {
     if !policy.authenticator.enabled() || !policy.protects(request.uri().path()) {
-        return next.run(request).await;
+        return Ok(());
     }
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = match policy.authenticator.authenticate(authorization) {
-        Ok(caller) => caller,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
+    let caller = policy.authenticator.authenticate(authorization)?;
     if let Some(limits) = &policy.rate_limits {
         if let Err(retry_after) = limits.check(&caller.name) {
-            return ApiError::RateLimited {
+            return Err(ApiError::RateLimited {
                 caller: caller.name,
                 retry_after,
-            }
-            .into_response();
+            });
         }
     }
     request.extensions_mut().insert(caller);
-    next.run(request).await
+    Ok(())
 }

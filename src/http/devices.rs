@@ -99,6 +99,42 @@ async fn call_service(
     caller: Option<Extension<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // Parsed in a plain function that consumes the request's parts: a parked call then holds
+    // only its DeviceCall, not the URI, headers and extensions (which an async fn would keep
+    // alive until it returns; about 900 bytes a parked call, measured by the benchmark).
+    let request = Parts {
+        path,
+        uri,
+        headers,
+        request_id,
+        caller,
+        body,
+    };
+    let call = device_call(&state.limits, request)?;
+    let reply = state.gateway.call(call).await?;
+    Ok(reply_response(reply))
+}
+
+/// What `call_service` extracted, handed over whole so that none of it outlives parsing.
+struct Parts {
+    path: Result<Path<(String, String)>, PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
+    caller: Option<Extension<Caller>>,
+    body: Result<Bytes, BytesRejection>,
+}
+
+/// The call a request asks for, or why it cannot be made.
+fn device_call(limits: &super::Limits, request: Parts) -> Result<DeviceCall, ApiError> {
+    let Parts {
+        path,
+        uri,
+        headers,
+        request_id,
+        caller,
+        body,
+    } = request;
     let Path((device, service)) = path.map_err(|e| ApiError::InvalidPath(e.body_text()))?;
     let device = DeviceId::parse(device).map_err(ApiError::InvalidDeviceId)?;
     let service = ServiceName::parse(service).map_err(ApiError::InvalidService)?;
@@ -112,10 +148,10 @@ async fn call_service(
             });
         }
     }
-    let timeout = parse_timeout(uri.query(), &state.limits)?;
+    let timeout = parse_timeout(uri.query(), limits)?;
     let payload = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
-            limit: state.limits.max_body_bytes,
+            limit: limits.max_body_bytes,
         },
         _ => ApiError::BadBody(e.body_text()),
     })?;
@@ -128,17 +164,14 @@ async fn call_service(
         let id = header_text("x-request-id", id.header_value())?;
         user_properties.push((REQUEST_ID_PROPERTY.to_owned(), id.to_owned()));
     }
-
-    let call = DeviceCall {
+    Ok(DeviceCall {
         device,
         service,
         payload,
         content_type,
         user_properties,
         timeout,
-    };
-    let reply = state.gateway.call(call).await?;
-    Ok(reply_response(reply))
+    })
 }
 
 /// For `/api/v1/devices/{device_id}/services/{service}` with an empty device id or service

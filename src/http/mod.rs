@@ -85,10 +85,7 @@ pub fn router(state: AppState) -> Router {
     api.merge(docs::swagger_ui(docs::finish(spec)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            access::gate,
-        ))
+        // The access gate and the per-call log line and metrics, in one layer.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe::observe_call,

@@ -1,4 +1,6 @@
-//! One log line and one metrics sample per call.
+//! The one middleware in front of the routes: the access gate (see [`super::access`]), then
+//! one log line and one metrics sample per call. One layer, not two: each `from_fn` layer boxes
+//! every request's future again, which a parked call carries for as long as it waits.
 //!
 //! The line carries the request id (the caller's `x-request-id`, or a new UUID), the device and
 //! service (from the path), the status, the problem code and the duration: never the payload or
@@ -8,7 +10,7 @@ use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tower_http::request_id::RequestId;
 
 use super::error::ProblemCode;
@@ -17,9 +19,16 @@ use super::AppState;
 /// The prefix of the paths that are calls (the rest is health, metrics and docs).
 const CALLS: &str = "/api/";
 
-pub async fn observe_call(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn observe_call(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if !request.uri().path().starts_with(CALLS) {
-        return next.run(request).await;
+        return match super::access::admit(&state.access, &mut request) {
+            Ok(()) => next.run(request).await,
+            Err(refusal) => refusal.into_response(),
+        };
     }
     let started = Instant::now();
     let request_id = request
@@ -29,7 +38,10 @@ pub async fn observe_call(State(state): State<AppState>, request: Request, next:
         .unwrap_or("-")
         .to_owned();
     let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
+    let response = match super::access::admit(&state.access, &mut request) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
+    };
     let took = started.elapsed();
     let status = response.status().as_u16();
     let code = response.extensions().get::<ProblemCode>().copied();

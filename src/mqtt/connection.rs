@@ -187,7 +187,10 @@ impl Gateway {
             return Err(CallError::Overloaded);
         };
         let mut parked = inner.pending.park();
-        let publish = call.to_publish(&inner.topics, &inner.response_topic, parked.id());
+        // Only the timeout is needed once the request is sent: the call itself (its payload may
+        // pin a large receive buffer) is consumed rather than kept while the call waits.
+        let timeout = call.timeout;
+        let publish = call.into_publish(&inner.topics, &inner.response_topic, parked.id());
 
         let size = publish.size();
         let limits = [
@@ -228,7 +231,7 @@ impl Gateway {
             link.unsent.push_back(parked.id());
         }
 
-        match tokio::time::timeout(call.timeout, parked.outcome()).await {
+        match tokio::time::timeout(timeout, parked.outcome()).await {
             Ok(CallOutcome::Reply(reply)) => Ok(reply),
             Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers)) if inner.settling() => {
                 Err(CallError::DevicesReconnecting)
@@ -237,7 +240,7 @@ impl Gateway {
             Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
             Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
             Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
-            Err(_) => Err(CallError::Timeout(call.timeout)),
+            Err(_) => Err(CallError::Timeout(timeout)),
         }
     }
 

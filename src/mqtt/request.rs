@@ -30,8 +30,8 @@ impl DeviceCall {
     /// Response Topic, Correlation Data, and a Message Expiry Interval equal to the caller's
     /// deadline rounded up to whole seconds, so no device acts on a request its caller has
     /// given up on.
-    pub fn to_publish(
-        &self,
+    pub fn into_publish(
+        self,
         topics: &TopicTemplate,
         response_topic: &str,
         id: CorrelationId,
@@ -44,14 +44,14 @@ impl DeviceCall {
             message_expiry_interval: Some(expiry_seconds(self.timeout)),
             response_topic: Some(response_topic.to_owned()),
             correlation_data: Some(Bytes::copy_from_slice(id.as_bytes())),
-            user_properties: self.user_properties.clone(),
-            content_type: self.content_type.clone(),
+            user_properties: self.user_properties,
+            content_type: self.content_type,
             ..Default::default()
         };
         Publish::new(
             topics.topic(&self.device, &self.service),
             QoS::AtLeastOnce,
-            self.payload.clone(),
+            self.payload,
             Some(properties),
         )
     }
@@ -86,7 +86,7 @@ mod tests {
             timeout: Duration::from_millis(2500),
         };
         let id = CorrelationId::random();
-        let p = call.to_publish(&TopicTemplate::default(), "gw/replies", id);
+        let p = call.into_publish(&TopicTemplate::default(), "gw/replies", id);
         assert_eq!(&p.topic[..], b"devices/d1/echo");
         assert_eq!(p.qos, QoS::AtLeastOnce);
         let props = p.properties.unwrap();
