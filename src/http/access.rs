@@ -1,4 +1,4 @@
-//! The access gate, run by the one middleware in front of the routes ([`super::observe`]):
+//! The access gate, run by the service in front of the routes ([`super::front`]):
 //! authentication, rate limits, and which routes are
 //! open. Health and readiness are always open (orchestrators probe them); the API always needs
 //! a caller when authentication is configured; docs and metrics as configured.

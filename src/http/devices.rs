@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Extension, Path, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_http::request_id::RequestId;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -90,59 +91,113 @@ pub fn router() -> OpenApiRouter<AppState> {
             example = json!({"type": "urn:mqtt-gateway:problem:device-timeout", "title": "The device did not answer in time", "status": 504, "detail": "no reply within 10000 ms; raise timeout_ms if the device needs longer", "code": "device-timeout"})),
     ),
 )]
-async fn call_service(
-    State(state): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    uri: Uri,
-    headers: HeaderMap,
-    request_id: Option<Extension<RequestId>>,
-    caller: Option<Extension<Caller>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    // Parsed in a plain function that consumes the request's parts: a parked call then holds
-    // only its DeviceCall, not the URI, headers and extensions (which an async fn would keep
-    // alive until it returns; about 900 bytes a parked call, measured by the benchmark).
-    let call = device_call(&state.limits, path, uri, headers, request_id, caller, body)?;
-    let reply = state.gateway.call(call).await?;
-    Ok(reply_response(reply))
+async fn call_service(State(state): State<AppState>, request: Request) -> Response {
+    Call::new(request).run(&state).await
 }
 
-/// The call a request asks for, or why it cannot be made.
+/// A POST whose path is the call route's. The front service sends these straight to [`Call`];
+/// other methods on this path are the router's (405).
+pub fn is_call(request: &Request) -> bool {
+    request.method() == Method::POST && call_names(request.uri().path()).is_some()
+}
+
+/// The device id and service of a call route path, still percent-encoded, as the router would
+/// match `{device_id}` and `{service}`: segments without `/` (an empty one is refused by name
+/// when parsed).
+fn call_names(path: &str) -> Option<(&str, &str)> {
+    let (device, service) = path
+        .strip_prefix("/api/v1/devices/")?
+        .split_once("/services/")?;
+    (!device.contains('/') && !service.contains('/')).then_some((device, service))
+}
+
+/// One call (read the body, parse the request, publish, wait, answer), with its request taken
+/// apart so that its future holds little, taken apart so that its future holds little: the head is boxed and freed
+/// once parsed, so a parked call holds only its [`crate::mqtt::PendingCall`], not the URI,
+/// headers and body it came from.
+pub struct Call {
+    head: Box<Parts>,
+    body: Body,
+}
+
+impl Call {
+    pub fn new(request: Request) -> Self {
+        let (head, body) = request.into_parts();
+        Self {
+            head: Box::new(head),
+            body,
+        }
+    }
+
+    pub async fn run(self, state: &AppState) -> Response {
+        let body = read_body(self.body, state.limits.max_body_bytes).await;
+        let pending = device_call(&state.limits, *self.head, body)
+            .and_then(|call| state.gateway.send(call).map_err(ApiError::from));
+        let reply = match pending {
+            Ok(pending) => pending.reply().await.map_err(ApiError::from),
+            Err(error) => Err(error),
+        };
+        match reply {
+            Ok(reply) => reply_response(reply),
+            Err(error) => error.into_response(),
+        }
+    }
+}
+
+/// The whole body, up to `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::BadBody(format!(
+            "Failed to buffer the request body: {e}"
+        ))),
+    }
+}
+
+/// One path segment, percent-decoded as the router decodes `{device_id}` and `{service}`.
+fn path_segment(key: &str, raw: &str) -> Result<String, ApiError> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| ApiError::InvalidPath(format!("Invalid URL: Invalid UTF-8 in `{key}`")))
+}
+
+/// The call a request asks for, or why it cannot be made. Checks run in a fixed order, so a
+/// request with several faults always gets the same answer.
 fn device_call(
     limits: &super::Limits,
-    path: Result<Path<(String, String)>, PathRejection>,
-    uri: Uri,
-    headers: HeaderMap,
-    request_id: Option<Extension<RequestId>>,
-    caller: Option<Extension<Caller>>,
-    body: Result<Bytes, BytesRejection>,
+    parts: Parts,
+    body: Result<Bytes, ApiError>,
 ) -> Result<DeviceCall, ApiError> {
-    let Path((device, service)) = path.map_err(|e| ApiError::InvalidPath(e.body_text()))?;
-    let device = DeviceId::parse(device).map_err(ApiError::InvalidDeviceId)?;
-    let service = ServiceName::parse(service).map_err(ApiError::InvalidService)?;
+    let (device, service) = call_names(parts.uri.path()).ok_or_else(|| {
+        ApiError::InvalidPath("not /api/v1/devices/{device_id}/services/{service}".into())
+    })?;
+    let device =
+        DeviceId::parse(path_segment("device_id", device)?).map_err(ApiError::InvalidDeviceId)?;
+    let service =
+        ServiceName::parse(path_segment("service", service)?).map_err(ApiError::InvalidService)?;
     // Set by the access gate when authentication is on; checked before anything is published.
-    if let Some(Extension(caller)) = caller {
+    if let Some(caller) = parts.extensions.get::<Caller>() {
         if !caller.may_call(device.as_str(), service.as_str()) {
             return Err(ApiError::InsufficientScope {
-                caller: caller.name,
+                caller: caller.name.clone(),
                 device: device.to_string(),
                 service: service.to_string(),
             });
         }
     }
-    let timeout = parse_timeout(uri.query(), limits)?;
-    let payload = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
-            limit: limits.max_body_bytes,
-        },
-        _ => ApiError::BadBody(e.body_text()),
-    })?;
+    let timeout = parse_timeout(parts.uri.query(), limits)?;
+    let payload = body?;
+    let headers = &parts.headers;
     let content_type = match headers.get(header::CONTENT_TYPE) {
         Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v)?.to_owned()),
         None => None,
     };
-    let mut user_properties = user_properties(&headers)?;
-    if let Some(Extension(id)) = request_id {
+    let mut user_properties = user_properties(headers)?;
+    if let Some(id) = parts.extensions.get::<RequestId>() {
         let id = header_text("x-request-id", id.header_value())?;
         user_properties.push((REQUEST_ID_PROPERTY.to_owned(), id.to_owned()));
     }

@@ -384,7 +384,7 @@ impl IntoResponse for ApiError {
         // Serializing a struct of strings and integers cannot fail.
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
-        // For the per-call log line and metrics (see `observe`).
+        // For the per-call log line and metrics (see `front`).
         response.extensions_mut().insert(problem.code);
         let headers = response.headers_mut();
         headers.insert(

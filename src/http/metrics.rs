@@ -2,7 +2,7 @@
 //!
 //! One registry per gateway (not a process-global one), so several gateways in one process,
 //! as in the tests, never mix their numbers. Per-call metrics are recorded by
-//! [`super::observe`]; the MQTT connection's own counters are read at scrape time.
+//! [`super::front`]; the MQTT connection's own counters are read at scrape time.
 
 use std::time::Duration;
 

@@ -8,17 +8,21 @@ pub mod auth;
 pub mod devices;
 pub mod docs;
 pub mod error;
+pub mod front;
 pub mod health;
 pub mod metrics;
-pub mod observe;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method};
+use axum::response::Response;
 use axum::Router;
 use tokio::net::TcpListener;
+use tower::make::Shared;
+use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -78,28 +82,39 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     docs::finish(api().into_openapi())
 }
 
-/// The whole HTTP application: the API, `/openapi.json` and the Swagger UI at `/docs`.
+/// The routes: the API, `/openapi.json` and the Swagger UI at `/docs`, and problem+json for
+/// unknown paths. [`service`] puts the access gate, request ids and CORS in front of them.
 pub fn router(state: AppState) -> Router {
-    let max_body = state.limits.max_body_bytes;
     let (api, spec) = api().split_for_parts();
     api.merge(docs::swagger_ui(docs::finish(spec)))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body))
-        // The access gate and the per-call log line and metrics, in one layer.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            observe::observe_call,
-        ))
-        // Every response, errors included, carries the request id.
+        // Failed requests are logged once, by `ApiError`, at a level fitting the cause; the
+        // trace layer's own failure line (ERROR for every 5xx) would only repeat it louder.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+        .with_state(state)
+}
+
+/// The whole HTTP application, as hyper serves it: request ids, CORS, then the
+/// [`front::handle`] service (access gate, per-call log and metrics, calls), then the
+/// [`router`]. No layer boxes a call's future (see [`front`]).
+pub fn service(
+    state: AppState,
+) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+       + Clone
+       + Send
+       + 'static {
+    let cors = cors(&state.cors_origins);
+    let front = Arc::new(front::Front {
+        router: router(state.clone()),
+        state,
+    });
+    ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Every response, errors and preflights included, carries the request id.
         .layer(PropagateRequestIdLayer::x_request_id())
         // Outside the gate: a browser's preflight carries no credentials.
-        .layer(tower::util::option_layer(cors(&state.cors_origins)))
-        // Failed calls are logged once, by `ApiError`, at a level fitting the cause; the trace
-        // layer's own failure line (ERROR for every 5xx, a device timeout included) would only
-        // repeat it louder.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
+        .option_layer(cors)
+        .service_fn(move |request| front::handle(front.clone(), request))
 }
 
 /// CORS for browser web apps on the listed origins (`*` for any). Preflights are answered
@@ -129,7 +144,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, Shared::new(service(state)))
         .with_graceful_shutdown(shutdown)
         .await
 }

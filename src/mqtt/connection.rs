@@ -25,11 +25,11 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
 use rumqttc::Outgoing;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use super::pending::PendingRequests;
+use super::pending::{Parked, PendingRequests};
 use super::{CallError, CallOutcome, CorrelationId, DeviceCall, DeviceReply, PublishRefusal};
 use crate::backoff::Backoff;
 use crate::names::TopicTemplate;
@@ -178,17 +178,21 @@ impl Gateway {
 
     /// Publishes the request, parks the call, and waits for its outcome.
     pub async fn call(&self, call: DeviceCall) -> Result<DeviceReply, CallError> {
+        self.send(call)?.reply().await
+    }
+
+    /// Parks the call and hands its request to the connection, without waiting: what a caller
+    /// holds while the device works is only the [`PendingCall`], not the request it came from.
+    pub fn send(&self, call: DeviceCall) -> Result<PendingCall, CallError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(CallError::ShuttingDown);
         }
-        let Ok(_permit) = inner.in_flight.clone().try_acquire_owned() else {
+        let Ok(permit) = inner.in_flight.clone().try_acquire_owned() else {
             inner.counters.shed.fetch_add(1, Ordering::Relaxed);
             return Err(CallError::Overloaded);
         };
-        let mut parked = inner.pending.park();
-        // Only the timeout is needed once the request is sent: the call itself (its payload may
-        // pin a large receive buffer) is consumed rather than kept while the call waits.
+        let parked = inner.pending.park();
         let timeout = call.timeout;
         let publish = call.into_publish(&inner.topics, &inner.response_topic, parked.id());
 
@@ -230,18 +234,12 @@ impl Gateway {
             }
             link.unsent.push_back(parked.id());
         }
-
-        match tokio::time::timeout(timeout, parked.outcome()).await {
-            Ok(CallOutcome::Reply(reply)) => Ok(reply),
-            Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers)) if inner.settling() => {
-                Err(CallError::DevicesReconnecting)
-            }
-            Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
-            Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
-            Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
-            Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
-            Err(_) => Err(CallError::Timeout(timeout)),
-        }
+        Ok(PendingCall {
+            parked,
+            timeout,
+            _permit: permit,
+            gateway: self.inner.clone(),
+        })
     }
 
     /// Connected to the broker and subscribed to the response topic.
@@ -294,6 +292,34 @@ impl Gateway {
         inner.lock_link().ready = false;
         inner.ready.send_replace(false);
         let _ = inner.client.try_disconnect();
+    }
+}
+
+/// A call whose request has been handed to the connection: await [`PendingCall::reply`].
+/// Dropping it un-parks the call (the caller went away) and frees its in-flight slot.
+pub struct PendingCall {
+    parked: Parked,
+    timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+    gateway: Arc<Inner>,
+}
+
+impl PendingCall {
+    /// Waits for the device's reply, the broker's refusal, or the call's timeout.
+    pub async fn reply(mut self) -> Result<DeviceReply, CallError> {
+        match tokio::time::timeout(self.timeout, self.parked.outcome()).await {
+            Ok(CallOutcome::Reply(reply)) => Ok(reply),
+            Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers))
+                if self.gateway.settling() =>
+            {
+                Err(CallError::DevicesReconnecting)
+            }
+            Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
+            Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
+            Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
+            Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
+            Err(_) => Err(CallError::Timeout(self.timeout)),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use connection::{Gateway, GatewayOptions};
+pub use connection::{Gateway, GatewayOptions, PendingCall};
 pub use request::DeviceCall;
 
 /// Correlation Data of one request: 128 random bits, so a reply can only be matched by someone
