@@ -73,6 +73,12 @@ struct Options {
     #[arg(long)]
     parked: Option<usize>,
 
+    /// Parked calls on their way (sent, not yet parked) at most at once: they arrive as fast
+    /// as the gateway parks them. 0 sends them all at once, so the memory a burst grows on its
+    /// way in is measured too.
+    #[arg(long, default_value_t = 1000)]
+    park_window: usize,
+
     /// Only run round-trip phases whose name contains this, such as `gateway/64B/64`
     /// (names are PATH/PAYLOAD/IN_FLIGHT, e.g. `raw-mqtt/4096B/16`); for profiling one setting.
     #[arg(long)]
@@ -276,7 +282,8 @@ async fn run(options: Options) -> Result<(), String> {
         0 => None,
         calls => {
             eprintln!("parking {calls} calls on a fresh gateway…");
-            let parked = parked::measure(&mqtt_url, calls, &options.wrapper()).await?;
+            let parked =
+                parked::measure(&mqtt_url, calls, options.park_window, &options.wrapper()).await?;
             eprintln!(
                 "{:>22}: {} parked in {}, {:.0} B per call",
                 "parked",

@@ -11,6 +11,13 @@
 //! A call counts as parked when the silent device has received its request (the gateway parks a
 //! call before publishing it) and the client has had no answer for it: the gateway has no
 //! metrics route to ask.
+//!
+//! The calls arrive as fast as the gateway parks them, with at most `window` of them on their way
+//! (sent, not yet parked) at any moment, so what is measured is what a parked call holds, not the
+//! buffers a burst of 100,000 requests at once grows on its way in (h2's received-frame slab,
+//! rumqttc's request channel: they grow with the burst and never shrink). With a window of 0 all
+//! calls are sent at once and those buffers are measured too; the gateway's request queue is then
+//! raised to hold them all (its default, 4,096, would refuse most with 503).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +50,8 @@ pub struct Parked {
     pub answered: u64,
     pub first_answer: Option<String>,
     pub connections: usize,
+    /// The most calls on their way (sent, not yet parked) at once; 0: all sent at once.
+    pub window: usize,
     pub rss_idle_kib: u64,
     pub rss_connected_kib: u64,
     pub rss_parked_kib: u64,
@@ -78,25 +87,28 @@ async fn settled_rss(pid: u32) -> Result<u64, String> {
     Ok(last)
 }
 
-pub async fn measure(mqtt_url: &str, calls: usize, wrapper: &[String]) -> Result<Parked, String> {
+pub async fn measure(
+    mqtt_url: &str,
+    calls: usize,
+    window: usize,
+    wrapper: &[String],
+) -> Result<Parked, String> {
     let silent = SilentDevice::start(mqtt_url).await;
-    let queue = (calls + 1024).to_string();
+    let enough = (calls + 1024).to_string();
     let max_timeout = PARKED_TIMEOUT_MS.to_string();
     let (url, wrapper) = (mqtt_url.to_owned(), wrapper.to_vec());
     let gateway = tokio::task::spawn_blocking(move || {
-        GatewayProcess::start(
-            &url,
-            &[
-                "--mqtt-request-queue",
-                &queue,
-                // Above the default cap of 10,000 calls in flight, or most would be shed.
-                "--max-in-flight",
-                &queue,
-                "--max-timeout-ms",
-                &max_timeout,
-            ],
-            &wrapper,
-        )
+        let mut flags = vec![
+            // Above the default cap of 10,000 calls in flight, or most would be shed.
+            "--max-in-flight",
+            &enough,
+            "--max-timeout-ms",
+            &max_timeout,
+        ];
+        if window == 0 {
+            flags.extend(["--mqtt-request-queue", &enough]);
+        }
+        GatewayProcess::start(&url, &flags, &wrapper)
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -126,7 +138,17 @@ pub async fn measure(mqtt_url: &str, calls: usize, wrapper: &[String]) -> Result
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(calls);
     for i in 0..calls {
-        let mut connection = connections[i / STREAMS_PER_CONNECTION].clone();
+        while window > 0
+            && i as u64
+                >= silent.received.load(Ordering::Relaxed)
+                    + answered.load(Ordering::Relaxed)
+                    + window as u64
+            && started.elapsed() < PARK_LIMIT
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Round robin, as a proxy spreads its callers' calls over its connection pool.
+        let mut connection = connections[i % connections_needed].clone();
         let (path, payload) = (path.clone(), payload.clone());
         let (answered, first_answer) = (answered.clone(), first_answer.clone());
         tasks.push(tokio::spawn(async move {
@@ -165,6 +187,7 @@ pub async fn measure(mqtt_url: &str, calls: usize, wrapper: &[String]) -> Result
         answered: answered_now,
         first_answer,
         connections: connections_needed,
+        window,
         rss_idle_kib,
         rss_connected_kib,
         rss_parked_kib,

@@ -209,8 +209,13 @@ impl Report {
             let _ = writeln!(
                 w,
                 "\nParked calls: a fresh gateway process, {} calls over {} HTTP/2 connections to a \
-                 device that never answers.\n",
-                p.calls, p.connections
+                 device that never answers, {}.\n",
+                p.calls,
+                p.connections,
+                match p.window {
+                    0 => "all sent at once".to_owned(),
+                    w => format!("with at most {w} on their way (sent, not yet parked) at once"),
+                }
             );
             let _ = writeln!(w, "| | value |");
             let _ = writeln!(w, "|---|---:|");
@@ -348,6 +353,7 @@ impl Report {
                 "parked": p.parked,
                 "answered": p.answered,
                 "connections": p.connections,
+                "window": p.window,
                 "rss_idle_kib": p.rss_idle_kib,
                 "rss_connected_kib": p.rss_connected_kib,
                 "rss_parked_kib": p.rss_parked_kib,

@@ -130,8 +130,14 @@ impl Call {
     }
 
     pub async fn run(self, state: &AppState) -> Response {
-        let body = read_body(self.body, state.limits.max_body_bytes).await;
-        let pending = device_call(&state.limits, *self.head, body)
+        let Call { head, body } = self;
+        let body = read_body(body, state.limits.max_body_bytes).await;
+        // Moved out of its box in a block, so the box is freed here, not when the call ends.
+        let head = {
+            let head = head;
+            *head
+        };
+        let pending = device_call(&state.limits, head, body)
             .and_then(|call| state.gateway.send(call).map_err(ApiError::from));
         let reply = match pending {
             Ok(pending) => pending.reply().await.map_err(ApiError::from),

@@ -20,10 +20,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::Request;
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use tower::ServiceExt;
-use tower_http::request_id::RequestId;
+use futures::future::Either;
+use futures::FutureExt;
+use tower::{Layer, ServiceExt};
+use tower_http::cors::CorsLayer;
 
 use super::error::ProblemCode;
 use super::{access, devices, AppState};
@@ -31,22 +34,46 @@ use super::{access, devices, AppState};
 /// The prefix of the paths that are calls (the rest is health, metrics and docs).
 const CALLS: &str = "/api/";
 
+const X_REQUEST_ID: &str = "x-request-id";
+
 /// What the front needs for every request; shared by all connections.
 pub struct Front {
     pub state: AppState,
     /// Health, metrics, docs, and every request that is not a well-formed call.
     pub router: Router,
+    /// CORS for browser origins, when configured.
+    pub cors: Option<CorsLayer>,
 }
 
 /// Answers one request. Never fails: every error is a response.
 ///
+/// With CORS configured, every request goes through tower-http's CORS service first (outside
+/// the gate: a browser's preflight carries no credentials); its future is boxed, so the CORS
+/// state costs nothing when CORS is off.
+pub fn handle(
+    front: Arc<Front>,
+    request: Request,
+) -> impl Future<Output = Result<Response, Infallible>> + Send {
+    match &front.cors {
+        None => Either::Left(answer(front, request).map(Ok)),
+        Some(cors) => {
+            let inner = tower::service_fn({
+                let front = front.clone();
+                move |request| answer(front.clone(), request).map(Ok::<_, Infallible>)
+            });
+            Either::Right(Box::pin(cors.layer(inner).oneshot(request)))
+        }
+    }
+}
+
+/// Everything but CORS.
+///
 /// Everything that reads the request runs before the returned future exists; the future keeps
 /// only what the wait needs (an async fn would keep its arguments, the whole request, for as
 /// long as the call is parked).
-pub fn handle(
-    front: Arc<Front>,
-    mut request: Request,
-) -> impl Future<Output = Result<Response, Infallible>> + Send {
+fn answer(front: Arc<Front>, mut request: Request) -> impl Future<Output = Response> + Send {
+    // Set by the request-id layer: the caller's, or a new UUID. Every response carries it.
+    let request_id = request.headers().get(X_REQUEST_ID).cloned();
     let observed = request
         .uri()
         .path()
@@ -59,7 +86,7 @@ pub fn handle(
         Ok(()) => Next::Route(Box::pin(front.router.clone().oneshot(request))),
     };
     async move {
-        let response = match next {
+        let mut response = match next {
             Next::Answer(response) => *response,
             Next::Call(call) => call.run(&front.state).await,
             Next::Route(future) => match future.await {
@@ -68,9 +95,12 @@ pub fn handle(
             },
         };
         if let Some(observed) = observed {
-            observed.finish(&front.state, &response);
+            observed.finish(&front.state, request_id.as_ref(), &response);
         }
-        Ok(response)
+        if let Some(id) = request_id {
+            response.headers_mut().entry(X_REQUEST_ID).or_insert(id);
+        }
+        response
     }
 }
 
@@ -84,32 +114,24 @@ enum Next {
 /// What the per-call log line and metrics need from the request.
 struct Observed {
     started: Instant,
-    request_id: String,
     path: String,
 }
 
 impl Observed {
     fn start(request: &Request) -> Self {
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .and_then(|id| id.header_value().to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
         Self {
             started: Instant::now(),
-            request_id,
             path: request.uri().path().to_owned(),
         }
     }
 
-    fn finish(self, state: &AppState, response: &Response) {
+    fn finish(self, state: &AppState, request_id: Option<&HeaderValue>, response: &Response) {
         let took = self.started.elapsed();
         let status = response.status().as_u16();
         let code = response.extensions().get::<ProblemCode>().copied();
         state.metrics.record_call(code, status, took);
         tracing::info!(
-            request_id = self.request_id,
+            request_id = request_id.and_then(|id| id.to_str().ok()).unwrap_or("-"),
             path = self.path,
             status,
             code = code.map_or("", ProblemCode::as_str),
@@ -150,6 +172,7 @@ mod tests {
         let front = Arc::new(Front {
             router: Router::new(),
             state,
+            cors: None,
         });
         let request = || {
             Request::post("/api/v1/devices/d/services/s")
@@ -157,7 +180,11 @@ mod tests {
                 .unwrap()
         };
         let handle_size = std::mem::size_of_val(&handle(front.clone(), request()));
-        eprintln!("handle: {handle_size} B");
-        assert!(handle_size <= 768, "a call's future is {handle_size} B");
+        // What hyper's task holds: the service and the request until it is called, then the
+        // service's future.
+        let service = crate::http::service(front.state.clone());
+        let oneshot_size = std::mem::size_of_val(&service.oneshot(request()));
+        eprintln!("handle: {handle_size} B, oneshot: {oneshot_size} B");
+        assert!(oneshot_size <= 640, "a call's future is {oneshot_size} B");
     }
 }

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tower::make::Shared;
 use tower::{Service, ServiceBuilder};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{MakeRequestUuid, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
@@ -94,26 +94,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The whole HTTP application, as hyper serves it: request ids, CORS, then the
-/// [`front::handle`] service (access gate, per-call log and metrics, calls), then the
-/// [`router`]. No layer boxes a call's future (see [`front`]).
+/// The whole HTTP application, as hyper serves it: request ids, then [`front::handle`] (CORS,
+/// the access gate, per-call log and metrics, calls), then the [`router`]. Nothing boxes a
+/// call's future (see [`front`]).
 pub fn service(
     state: AppState,
 ) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
        + Clone
        + Send
        + 'static {
-    let cors = cors(&state.cors_origins);
     let front = Arc::new(front::Front {
         router: router(state.clone()),
+        cors: cors(&state.cors_origins),
         state,
     });
     ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        // Every response, errors and preflights included, carries the request id.
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // Outside the gate: a browser's preflight carries no credentials.
-        .option_layer(cors)
         .service_fn(move |request| front::handle(front.clone(), request))
 }
 

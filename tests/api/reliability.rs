@@ -174,6 +174,26 @@ async fn each_call_logs_one_json_line_with_its_request_id_and_no_payload_or_head
         .to_owned();
     assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
 
+    // Refusals and the routes that are not calls carry one too.
+    let refused = http
+        .post(format!(
+            "{}?timeout_ms=1",
+            gateway.service_url("logged", "echo")
+        ))
+        .header("x-request-id", "req-43")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert_eq!(refused.headers()["x-request-id"], "req-43");
+    let health = http
+        .get(format!("{}/healthz", gateway.base))
+        .header("x-request-id", "req-44")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.headers()["x-request-id"], "req-44");
+
     let found = eventually(Duration::from_secs(3), || {
         gateway.output().iter().any(|l| l.contains(&generated))
     })
@@ -185,7 +205,7 @@ async fn each_call_logs_one_json_line_with_its_request_id_and_no_payload_or_head
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["message"] == "call")
         .collect();
-    assert_eq!(call_lines.len(), 2, "one line per call: {lines:?}");
+    assert_eq!(call_lines.len(), 3, "one line per call: {lines:?}");
     let first = &call_lines[0]["fields"];
     assert_eq!(first["request_id"], "req-42");
     assert_eq!(first["status"], 200);
