@@ -60,15 +60,15 @@ pub struct RawMqtt {
 }
 
 impl RawMqtt {
-    /// Connects with the gateway's own client options and subscribes (QoS 1, as the gateway
-    /// does) to a response topic of its own.
+    /// Connects with the gateway's own client options (a clean session) and subscribes to a
+    /// response topic of its own at QoS 0, as the gateway does with a clean session.
     pub async fn connect(mqtt_url: &str) -> Arc<Self> {
         let options = devices::mqtt_options(mqtt_url, "bench-raw-caller");
         // Channel capacity as the gateway's default --mqtt-request-queue.
         let (client, mut eventloop) = AsyncClient::new(options, 4096);
         let response_topic = "bench/raw/replies".to_owned();
         client
-            .subscribe(response_topic.clone(), QoS::AtLeastOnce)
+            .subscribe(response_topic.clone(), QoS::AtMostOnce)
             .await
             .expect("the event loop is alive");
         let waiters: Arc<Waiters> = Arc::default();

@@ -338,6 +338,19 @@ impl Inner {
         at.is_some_and(|at| at.elapsed() < self.reconnect_settle)
     }
 
+    /// The QoS of the response topic subscription. With a clean session, QoS 1 would buy
+    /// nothing: a reply in flight when the connection drops is lost with the session either way
+    /// (and its call is failed at once), while every reply would cost a PUBACK from us and an
+    /// in-flight slot at the broker (Mosquitto allows 20 per client by default and queues, then
+    /// drops, the rest). With a persistent session, QoS 1 makes the broker keep the replies
+    /// that arrive while we are away.
+    fn reply_qos(&self) -> QoS {
+        match self.session_expiry {
+            Some(_) => QoS::AtLeastOnce,
+            None => QoS::AtMostOnce,
+        }
+    }
+
     fn set_ready(&self, ready: bool) {
         self.lock_link().ready = ready;
         self.ready.send_replace(ready);
@@ -506,7 +519,7 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                     if inner.session_expiry.is_some() {
                         inner.session_lost(&mut eventloop, &mut in_flight);
                     }
-                    let filter = Filter::new(inner.response_topic.clone(), QoS::AtLeastOnce);
+                    let filter = Filter::new(inner.response_topic.clone(), inner.reply_qos());
                     eventloop
                         .pending
                         .push_back(Request::Subscribe(Subscribe::new(filter, None)));
