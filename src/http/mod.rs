@@ -19,6 +19,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method};
 use axum::response::Response;
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower::make::Shared;
@@ -140,6 +141,14 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Responses go out as soon as they are written: without TCP_NODELAY, Nagle's algorithm
+    // holds a small write back while earlier data is unacknowledged (HTTP/2 frames, pipelined
+    // responses), up to the peer's delayed-ACK timer.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+        }
+    });
     axum::serve(listener, Shared::new(service(state)))
         .with_graceful_shutdown(shutdown)
         .await
