@@ -194,9 +194,9 @@ pub fn service_path(device: &str, timeout_ms: Option<u64>) -> String {
     }
 }
 
-fn post(addr: SocketAddr, uri: &str, payload: &Bytes) -> Request<Full<Bytes>> {
+fn request(method: &Method, addr: SocketAddr, uri: &str, payload: &Bytes) -> Request<Full<Bytes>> {
     Request::builder()
-        .method(Method::POST)
+        .method(method.clone())
         .uri(uri)
         .header(
             HOST,
@@ -228,6 +228,7 @@ pub enum Expect {
 /// One keep-alive HTTP/1.1 connection to the gateway, one call at a time.
 pub struct HttpCaller {
     sender: http1::SendRequest<Full<Bytes>>,
+    method: Method,
     addr: SocketAddr,
     path: String,
     payload: Bytes,
@@ -247,11 +248,23 @@ impl HttpCaller {
         tokio::spawn(connection);
         Ok(Self {
             sender,
+            method: Method::POST,
             addr,
             path,
             payload,
             expect,
         })
+    }
+}
+
+impl HttpCaller {
+    /// Calls with another method (GET for the HTTP floor, which sends no body).
+    pub fn with_method(mut self, method: Method) -> Self {
+        if method == Method::GET {
+            self.payload = Bytes::new();
+        }
+        self.method = method;
+        self
     }
 }
 
@@ -263,7 +276,7 @@ impl Caller for HttpCaller {
             .map_err(|e| format!("connection: {e}"))?;
         let response = self
             .sender
-            .send_request(post(self.addr, &self.path, &self.payload))
+            .send_request(request(&self.method, self.addr, &self.path, &self.payload))
             .await
             .map_err(|e| format!("request: {e}"))?;
         let status = response.status();
@@ -311,7 +324,7 @@ impl Http2Connection {
         let uri = format!("http://{}{path}", self.addr);
         let response = self
             .sender
-            .send_request(post(self.addr, &uri, payload))
+            .send_request(request(&Method::POST, self.addr, &uri, payload))
             .await
             .map_err(|e| format!("request: {e}"))?;
         let status = response.status();

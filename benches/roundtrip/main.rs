@@ -32,10 +32,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 
 use callers::{json_payload, service_path, Caller, Expect, HttpCaller, RawCaller, RawMqtt};
-use measure::{closed_loop, Watched, Window};
+use measure::{closed_loop, Sample, Watched, Window};
 use procs::{GatewayProcess, Mosquitto};
 use report::{Offline, Path, Phase, Report};
 
@@ -186,6 +186,7 @@ async fn run(options: Options) -> Result<(), String> {
     };
 
     let mut phases = Vec::new();
+    let mut http_floor = None;
     for payload in PAYLOADS {
         let body = json_payload(payload);
         for in_flight in IN_FLIGHT {
@@ -242,6 +243,30 @@ async fn run(options: Options) -> Result<(), String> {
                     in_flight,
                     sample,
                 });
+            }
+            let floor_selected =
+                options.selected("gateway/64B/1") || options.selected("http-floor");
+            if payload == 64 && in_flight == 1 && floor_selected {
+                // Right after the 64 B / 1 phases, so the same machine state: what one HTTP
+                // round trip to the gateway process costs with nothing behind it.
+                let sample = loop_until_quiet(window, || async {
+                    let expect = Expect::Status(StatusCode::OK);
+                    let caller =
+                        HttpCaller::connect(gateway.addr, "/healthz".into(), body.clone(), expect)
+                            .await?
+                            .with_method(Method::GET);
+                    Ok(closed_loop(vec![caller], window, watching(&gateway)).await)
+                })
+                .await?;
+                eprintln!(
+                    "{:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
+                    "http-floor/1",
+                    sample.throughput(),
+                    sample.p50_us(),
+                    sample.p99_us(),
+                    sample.errors
+                );
+                http_floor = Some(sample);
             }
         }
     }
@@ -304,6 +329,7 @@ async fn run(options: Options) -> Result<(), String> {
         broker,
         phases,
         offline,
+        http_floor,
         parked,
     };
     let json_path = options
@@ -343,6 +369,23 @@ async fn start_gateway(
 }
 
 /// `in_flight` keep-alive connections to the gateway, one caller each.
+/// Measures a phase again while other processes disturb it, as the round-trip phases do.
+async fn loop_until_quiet<F, Fut>(window: Window, mut phase: F) -> Result<Sample, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Sample, String>>,
+{
+    let mut attempt = 0;
+    loop {
+        measure::wait_quiet(window.quiet_wait).await;
+        let sample = phase().await?;
+        attempt += 1;
+        if !sample.disturbed() || attempt > window.retries {
+            return Ok(sample);
+        }
+    }
+}
+
 async fn http_callers(
     gateway: &GatewayProcess,
     in_flight: usize,
