@@ -217,6 +217,32 @@ async fn each_call_logs_one_json_line_with_its_request_id_and_no_payload_or_head
 }
 
 #[tokio::test]
+async fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let broker = TestBroker::start();
+    let gateway = GatewayProcess::serve(&broker.url(), &[], &[]).await;
+    let response = http_client()
+        .post(gateway.service_url("nobody", "echo"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error() || response.status().is_server_error());
+    let logged = eventually(Duration::from_secs(3), || {
+        gateway.output().iter().any(|l| l.contains("call"))
+    })
+    .await;
+    assert!(logged, "{:?}", gateway.output());
+    let coloured: Vec<_> = gateway
+        .output()
+        .into_iter()
+        .filter(|l| l.contains('\u{1b}'))
+        .collect();
+    assert!(
+        coloured.is_empty(),
+        "escape codes in a log file: {coloured:?}"
+    );
+}
+
+#[tokio::test]
 async fn sigterm_lets_calls_in_flight_finish_answers_the_rest_503_and_exits_0() {
     let broker = TestBroker::start();
     let _device = demo_device(&broker, "d").await;
