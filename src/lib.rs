@@ -3,13 +3,17 @@
 //! Web applications call devices over REST; devices answer over MQTT 5. A tour of the modules,
 //! in the order a call travels:
 //!
-//! - [`http`]: the axum front end. `POST /api/v1/devices/{device_id}/services/{service}` is
-//!   parsed into a [`mqtt::DeviceCall`]: names checked by [`names`], `timeout_ms`, content type,
-//!   `x-mqtt-*` headers as user properties. Failures are RFC 9457 problem+json.
+//! - [`http`]: the HTTP front end. [`http::front`] takes every request (access gate, per-call
+//!   log line and metrics) and runs `POST /api/v1/devices/{device_id}/services/{service}`
+//!   itself, without boxing (a parked call holds one small future); the rest goes to the axum
+//!   router. A call is parsed into a [`mqtt::DeviceCall`]: names checked by [`names`],
+//!   `timeout_ms`, content type, `x-mqtt-*` headers as user properties. Failures are RFC 9457
+//!   problem+json.
 //! - [`names`]: [`names::DeviceId`], [`names::ServiceName`] and the topic template, the one place
 //!   request topics are made, so no caller input can escape its topic level.
 //! - [`mqtt`]: the request becomes an MQTT 5 PUBLISH (QoS 1, Response Topic, Correlation Data,
-//!   Message Expiry, Content Type); the call is parked in the pending map; the one connection
+//!   Message Expiry, Content Type), handed to the connection by [`mqtt::Gateway::send`]; the
+//!   call is parked in the pending map as a [`mqtt::PendingCall`]; the one connection
 //!   task ties the broker's PUBACK to it (0x10 means no device listens: 404 at once) and routes
 //!   the reply, received on the gateway's one response topic, back to it.
 //! - [`device`]: the device-side library: register topic filters with async handlers; replies go

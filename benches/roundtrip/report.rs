@@ -207,6 +207,18 @@ impl Report {
             }
         }
 
+        if let Some(f) = &self.http_floor {
+            let _ = writeln!(
+                w,
+                "\nHTTP floor: GET /healthz at 1 in flight on the same keep-alive HTTP/1.1 client (one \
+                 round trip to the gateway process, no MQTT): p50 {:.0} µs, p99 {:.0} µs, gateway \
+                 CPU {} µs/call.",
+                f.p50_us(),
+                f.p99_us(),
+                opt(f.cpu_per_call_us(f.cpu.gateway), 1)
+            );
+        }
+
         if let Some(p) = &self.parked {
             let _ = writeln!(
                 w,
