@@ -112,9 +112,8 @@ fn call_names(path: &str) -> Option<(&str, &str)> {
 }
 
 /// One call (read the body, parse the request, publish, wait, answer), with its request taken
-/// apart so that its future holds little, taken apart so that its future holds little: the head is boxed and freed
-/// once parsed, so a parked call holds only its [`crate::mqtt::PendingCall`], not the URI,
-/// headers and body it came from.
+/// apart so that its future holds little: the head is boxed and freed once parsed, so a parked
+/// call holds only its [`crate::mqtt::PendingCall`], not the URI, headers and body it came from.
 pub struct Call {
     head: Box<Parts>,
     body: Body,

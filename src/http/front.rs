@@ -73,7 +73,12 @@ pub fn handle(
 /// long as the call is parked).
 fn answer(front: Arc<Front>, mut request: Request) -> impl Future<Output = Response> + Send {
     // Set by the request-id layer: the caller's, or a new UUID. Every response carries it.
-    let request_id = request.headers().get(X_REQUEST_ID).cloned();
+    // Copied, not cloned: a clone may share the buffer the request was read into (hyper's
+    // HTTP/1 parser hands out slices of it), which a parked call would keep alive.
+    let request_id = request
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|id| HeaderValue::from_bytes(id.as_bytes()).ok());
     let observed = request
         .uri()
         .path()
