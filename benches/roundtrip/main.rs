@@ -202,10 +202,8 @@ async fn run(options: Options) -> Result<(), String> {
                     Path::Gateway => Some(&gateway),
                     Path::GatewayOneThread => Some(&one_thread),
                 };
-                let mut attempt = 0;
-                let sample = loop {
-                    measure::wait_quiet(window.quiet_wait).await;
-                    let sample = match target {
+                let sample = measured(window, &name, || async {
+                    Ok(match target {
                         None => {
                             let callers = (0..in_flight)
                                 .map(|_| RawCaller::new(raw.clone(), body.clone()))
@@ -223,20 +221,9 @@ async fn run(options: Options) -> Result<(), String> {
                                     .await?;
                             closed_loop(callers, window, watching(gateway)).await
                         }
-                    };
-                    attempt += 1;
-                    if !sample.disturbed() || attempt > window.retries {
-                        break sample;
-                    }
-                    eprintln!("{name:>22}: disturbed by other processes, measuring again");
-                };
-                eprintln!(
-                    "{name:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
-                    sample.throughput(),
-                    sample.p50_us(),
-                    sample.p99_us(),
-                    sample.errors
-                );
+                    })
+                })
+                .await?;
                 phases.push(Phase {
                     path,
                     payload,
@@ -249,7 +236,7 @@ async fn run(options: Options) -> Result<(), String> {
             if payload == 64 && in_flight == 1 && floor_selected {
                 // Right after the 64 B / 1 phases, so the same machine state: what one HTTP
                 // round trip to the gateway process costs with nothing behind it.
-                let sample = loop_until_quiet(window, || async {
+                let sample = measured(window, "http-floor/1", || async {
                     let expect = Expect::Status(StatusCode::OK);
                     let caller =
                         HttpCaller::connect(gateway.addr, "/healthz".into(), body.clone(), expect)
@@ -258,14 +245,6 @@ async fn run(options: Options) -> Result<(), String> {
                     Ok(closed_loop(vec![caller], window, watching(&gateway)).await)
                 })
                 .await?;
-                eprintln!(
-                    "{:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
-                    "http-floor/1",
-                    sample.throughput(),
-                    sample.p50_us(),
-                    sample.p99_us(),
-                    sample.errors
-                );
                 http_floor = Some(sample);
             }
         }
@@ -277,24 +256,12 @@ async fn run(options: Options) -> Result<(), String> {
         let body = json_payload(64);
         for in_flight in OFFLINE_IN_FLIGHT {
             let expect = Expect::Status(StatusCode::NOT_FOUND);
-            let mut attempt = 0;
-            let sample = loop {
-                measure::wait_quiet(window.quiet_wait).await;
+            let name = format!("offline-404/{in_flight}");
+            let sample = measured(window, &name, || async {
                 let callers = http_callers(&gateway, in_flight, &path, &body, expect).await?;
-                let sample = closed_loop(callers, window, watching(&gateway)).await;
-                attempt += 1;
-                if !sample.disturbed() || attempt > window.retries {
-                    break sample;
-                }
-            };
-            eprintln!(
-                "{:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
-                format!("offline-404/{in_flight}"),
-                sample.throughput(),
-                sample.p50_us(),
-                sample.p99_us(),
-                sample.errors
-            );
+                Ok(closed_loop(callers, window, watching(&gateway)).await)
+            })
+            .await?;
             offline.push(Offline { in_flight, sample });
         }
     }
@@ -369,21 +336,31 @@ async fn start_gateway(
 }
 
 /// `in_flight` keep-alive connections to the gateway, one caller each.
-/// Measures a phase again while other processes disturb it, as the round-trip phases do.
-async fn loop_until_quiet<F, Fut>(window: Window, mut phase: F) -> Result<Sample, String>
+/// Measures one phase once the machine is quiet, again (up to `window.retries` times) while other
+/// processes disturb it, and prints its line.
+async fn measured<F, Fut>(window: Window, name: &str, mut phase: F) -> Result<Sample, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Sample, String>>,
 {
     let mut attempt = 0;
-    loop {
+    let sample = loop {
         measure::wait_quiet(window.quiet_wait).await;
         let sample = phase().await?;
         attempt += 1;
         if !sample.disturbed() || attempt > window.retries {
-            return Ok(sample);
+            break sample;
         }
-    }
+        eprintln!("{name:>22}: disturbed by other processes, measuring again");
+    };
+    eprintln!(
+        "{name:>22}: {:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}",
+        sample.throughput(),
+        sample.p50_us(),
+        sample.p99_us(),
+        sample.errors
+    );
+    Ok(sample)
 }
 
 async fn http_callers(
