@@ -14,7 +14,7 @@ CATS = [
     ("HTTP connection tasks (hyper h1 Dispatcher)", r"(Dispatcher|h1::|hyper::proto|axum::serve)", [
         ("write syscalls (responses)", r"(writev|sys_write|sendto|sendmsg)"),
         ("read syscalls (requests)", r"(sys_read|recvfrom|readv|recvmsg|sys_recv)"),
-        ("Gateway::call: park + publish into rumqttc", r"(PendingRequests::park|try_publish|into_publish|lock_link|flume)"),
+        ("Gateway::send: park + publish into rumqttc", r"(PendingRequests::park|try_publish|into_publish|lock_link|flume)"),
         ("handler: extract, parse, build reply", r"(call_service|devices::|reply_response|Handler<)"),
         ("axum routing + tower layers", r"(axum::routing|tower_http|tower::|Router)"),
         ("hyper parse/encode", r"(role::Server|parse_headers|encode)"),

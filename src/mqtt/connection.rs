@@ -176,11 +176,6 @@ impl Gateway {
         (Gateway { inner }, task)
     }
 
-    /// Publishes the request, parks the call, and waits for its outcome.
-    pub async fn call(&self, call: DeviceCall) -> Result<DeviceReply, CallError> {
-        self.send(call)?.reply().await
-    }
-
     /// Parks the call and hands its request to the connection, without waiting: what a caller
     /// holds while the device works is only the [`PendingCall`], not the request it came from.
     pub fn send(&self, call: DeviceCall) -> Result<PendingCall, CallError> {
