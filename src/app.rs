@@ -12,11 +12,13 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::config::{BrokerUrl, SecurityArgs, ServeArgs};
+use crate::budget::ByteBudget;
+use crate::config::{BrokerUrl, HttpArgs, SecurityArgs, ServeArgs};
 use crate::device::{RunningHost, ServiceHost};
-use crate::http::access::AccessPolicy;
-use crate::http::auth::{Authenticator, JwtSettings, RateLimits};
+use crate::http::access::{AccessPolicy, OpenApiGuard};
+use crate::http::auth::{Authenticator, CallerSlots, JwtSettings, RateLimits};
 use crate::http::metrics::Metrics;
+use crate::http::server::{ServerLimits, ServerStats};
 use crate::http::{self, AppState, Limits};
 use crate::mqtt::{Gateway, GatewayOptions};
 
@@ -93,6 +95,8 @@ pub fn access_policy(args: &SecurityArgs) -> Result<AccessPolicy, StartError> {
     };
     let authenticator =
         Authenticator::new(args.api_keys_file.as_deref(), jwt).map_err(StartError::Config)?;
+    let open_api_guard = (!authenticator.enabled())
+        .then(|| OpenApiGuard::new(&args.cors_origins, &args.allowed_hosts));
     let rate_limits = NonZeroU32::new(args.rate_limit_per_second).map(|rate| {
         let burst = args
             .rate_limit_burst
@@ -105,7 +109,98 @@ pub fn access_policy(args: &SecurityArgs) -> Result<AccessPolicy, StartError> {
         rate_limits,
         docs_require_auth: args.docs_require_auth,
         metrics_require_auth: args.metrics_require_auth,
+        open_api_guard,
     })
+}
+
+/// Descriptors kept free of HTTP connections: the broker connection, its reconnects, files,
+/// the runtime's own (epoll, pipes), logs.
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// The default `--http-max-connections`, when the open-file limit allows it.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 4096;
+
+/// The HTTP server's limits, from the flags and the process's open-file limit: the connection
+/// cap always leaves room for the broker connection (and, with the embedded broker, for the
+/// devices that connect to it in this process).
+pub fn server_limits(args: &HttpArgs, embedded_broker: bool) -> Result<ServerLimits, StartError> {
+    let files = open_file_limit();
+    let reserved = RESERVED_DESCRIPTORS + if embedded_broker { files / 4 } else { 0 };
+    let room = files.saturating_sub(reserved);
+    let max_connections = match args.http_max_connections {
+        Some(n) if u64::from(n) > room => {
+            return Err(StartError::Config(format!(
+                "--http-max-connections {n} does not fit the open-file limit: `ulimit -n` is \
+                 {files}, and {reserved} descriptors stay free for the broker connection and \
+                 files, which leaves {room}. Raise the limit or ask for fewer connections"
+            )))
+        }
+        Some(n) => u64::from(n),
+        None if room == 0 => {
+            return Err(StartError::Config(format!(
+                "the open-file limit (`ulimit -n` = {files}) leaves no descriptors for HTTP \
+                 connections once {reserved} are kept for the broker connection and files; \
+                 raise it"
+            )))
+        }
+        None => room.min(DEFAULT_MAX_CONNECTIONS),
+    };
+    Ok(ServerLimits {
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        header_timeout: Duration::from_millis(args.http_header_timeout_ms),
+        idle_timeout: Duration::from_millis(args.http_idle_timeout_ms),
+        write_timeout: Duration::from_millis(args.http_write_timeout_ms),
+        max_header_bytes: args.http_max_header_bytes as usize,
+        http2_max_streams: args.http2_max_streams,
+    })
+}
+
+/// The soft limit on open files (`ulimit -n`); the binary raises it to the hard limit at start.
+#[cfg(unix)]
+pub fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, which `limit` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return DEFAULT_MAX_CONNECTIONS + RESERVED_DESCRIPTORS;
+    }
+    limit.rlim_cur
+}
+
+#[cfg(not(unix))]
+pub fn open_file_limit() -> u64 {
+    DEFAULT_MAX_CONNECTIONS + RESERVED_DESCRIPTORS
+}
+
+/// Raises the soft open-file limit to the hard one (as Go and many servers do): the soft
+/// default is often 1024, too few for a gateway. Returns the limit now in force.
+#[cfg(unix)]
+pub fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit struct, which `limit` is.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+#[cfg(not(unix))]
+pub fn raise_open_file_limit() -> u64 {
+    open_file_limit()
 }
 
 /// The gateway's id: the given one, checked, or a random one.
@@ -130,10 +225,12 @@ pub struct App {
     demo_id: Option<String>,
     broker: BrokerChoice,
     limits: Limits,
+    server_limits: ServerLimits,
     /// How long calls in flight may finish after the shutdown signal.
     grace: Duration,
     access: Arc<AccessPolicy>,
     cors_origins: Arc<Vec<String>>,
+    caller_slots: Arc<CallerSlots>,
 }
 
 impl App {
@@ -147,6 +244,7 @@ impl App {
             )));
         }
         let access = access_policy(&args.security)?;
+        let server_limits = server_limits(&args.http, broker.embedded)?;
         if !access.authenticator.enabled()
             && !args.listen.ip().is_loopback()
             && !args.security.insecure_no_auth
@@ -166,12 +264,16 @@ impl App {
                 .map_err(StartError::Config)?,
             gateway_id,
             topics: args.topic_template.clone(),
-            request_queue: args.mqtt_request_queue.max(1),
-            max_in_flight: args.max_in_flight.max(1),
+            request_queue: args.mqtt_request_queue as usize,
+            max_in_flight: args.max_in_flight as usize,
             reconnect_settle: Duration::from_millis(args.reconnect_settle_ms),
             session_expiry: (args.mqtt_session_expiry_secs > 0)
                 .then_some(args.mqtt_session_expiry_secs),
+            budget: ByteBudget::new(usize::try_from(args.max_buffered_bytes).unwrap_or(usize::MAX)),
         };
+        let per_caller = args
+            .max_in_flight_per_caller
+            .unwrap_or((args.max_in_flight / 4).max(1));
 
         let demo_id = match (&args.demo_device, args.no_demo_device, broker.embedded) {
             (Some(id), _, _) => Some(id.clone()),
@@ -202,10 +304,14 @@ impl App {
             grace: Duration::from_millis(args.shutdown_grace_ms),
             access: Arc::new(access),
             cors_origins: Arc::new(args.security.cors_origins.clone()),
+            caller_slots: CallerSlots::new(per_caller),
+            server_limits,
             limits: Limits {
                 default_timeout_ms: args.default_timeout_ms,
                 max_timeout_ms: args.max_timeout_ms,
                 max_body_bytes: args.max_body_bytes,
+                body_timeout: Duration::from_millis(args.http.http_body_timeout_ms),
+                max_reply_header_bytes: args.max_reply_header_bytes,
             },
         })
     }
@@ -231,13 +337,28 @@ impl App {
         }
         print_banner(&local.to_string(), &self.broker, self.demo_id.as_deref());
 
+        let server_stats = Arc::new(ServerStats::default());
         let state = AppState {
             gateway: self.gateway.clone(),
             limits: Arc::new(self.limits),
-            metrics: Arc::new(Metrics::new(self.gateway.clone())),
-            access: self.access,
+            metrics: Arc::new(Metrics::new(self.gateway.clone(), server_stats.clone())),
+            access: self.access.clone(),
             cors_origins: self.cors_origins,
+            caller_slots: self.caller_slots,
         };
+        // The rate limiter keeps a bucket per caller seen; forget the idle ones now and then.
+        let sweeper = self.access.rate_limits.is_some().then(|| {
+            let access = self.access.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(RATE_LIMIT_SWEEP);
+                loop {
+                    every.tick().await;
+                    if let Some(limits) = &access.rate_limits {
+                        limits.forget_idle();
+                    }
+                }
+            })
+        });
 
         // Graceful shutdown: on the signal, stop accepting connections and refuse new calls;
         // calls in flight may finish within the grace period; then the rest are answered 503.
@@ -249,7 +370,7 @@ impl App {
             gateway.begin_shutdown();
             let _ = stopping_tx.send(());
         };
-        let server = http::serve(listener, state, signal);
+        let server = http::serve(listener, state, self.server_limits, server_stats, signal);
         tokio::pin!(server);
         let served = tokio::select! {
             served = &mut server => served,
@@ -272,6 +393,9 @@ impl App {
             }
         };
 
+        if let Some(sweeper) = sweeper {
+            sweeper.abort();
+        }
         self.gateway.disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.mqtt_task).await;
         if let Some(demo) = self.demo {
@@ -299,5 +423,9 @@ fn print_banner(listen: &str, broker: &BrokerChoice, demo: Option<&str>) {
              -H 'content-type: application/json' -d '{{\"hello\":\"world\"}}'\n"
         );
     }
-    println!("{text}");
+    text.push('\n');
+    crate::logging::print(&text);
 }
+
+/// How often the rate limiter forgets callers whose bucket is full again.
+const RATE_LIMIT_SWEEP: Duration = Duration::from_secs(10);

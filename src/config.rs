@@ -85,15 +85,34 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Requests that may wait for the MQTT connection at once; beyond it calls get 503 at once.
-    #[arg(long, env = "GATEWAY_MQTT_REQUEST_QUEUE", default_value_t = 4096)]
-    pub mqtt_request_queue: usize,
+    /// Bytes the gateway may hold for calls at once: request bodies being received or waiting
+    /// to be written to the broker, and replies being written to callers (default: 64 MiB).
+    /// Past it calls get 503 `overloaded` at once.
+    #[arg(long, env = "GATEWAY_MAX_BUFFERED_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_bytes: u64,
 
-    /// The most calls in flight at once; beyond it calls get 503 with Retry-After at once, so
-    /// memory stays bounded. The default suits one machine: a parked call costs a few KiB, and
-    /// ten thousand callers waiting on devices is already a crowd.
-    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 10_000)]
-    pub max_in_flight: usize,
+    /// Requests that may wait for the MQTT connection at once; beyond it calls get 503 at once.
+    #[arg(long, env = "GATEWAY_MQTT_REQUEST_QUEUE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub mqtt_request_queue: u32,
+
+    /// The most calls in flight at once (from the request head until the answer); beyond it
+    /// calls get 503 with Retry-After at once, so memory stays bounded. The default suits one
+    /// machine: a parked call costs about 2 KiB, and ten thousand callers waiting on devices is
+    /// already a crowd.
+    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// The most calls one authenticated caller (API key or JWT subject) may have in flight;
+    /// beyond it its calls get 429 `too-many-in-flight`, so no caller can take every slot.
+    /// Default: a quarter of --max-in-flight. An API key may set its own (`max_in_flight`).
+    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT_PER_CALLER", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight_per_caller: Option<u32>,
+
+    /// The most bytes of `x-mqtt-*` headers a device's reply may turn into (its user
+    /// properties, names and values); past it the caller gets 502 `invalid-device-reply`,
+    /// since proxies refuse responses with large heads (nginx: 4-8 KiB by default).
+    #[arg(long, env = "GATEWAY_MAX_REPLY_HEADER_BYTES", default_value_t = 8 * 1024)]
+    pub max_reply_header_bytes: usize,
 
     /// Keep the MQTT session this many seconds across disconnects (clean start off), so replies
     /// published while the gateway was briefly away still arrive. 0: a clean session each time.
@@ -142,7 +161,50 @@ pub struct ServeArgs {
     pub worker_threads: Option<u16>,
 
     #[command(flatten)]
+    pub http: HttpArgs,
+
+    #[command(flatten)]
     pub security: SecurityArgs,
+}
+
+/// What the HTTP server allows each client, so slow, idle or greedy clients cannot hold the
+/// gateway's descriptors and memory (SECURITY.md has the table).
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// The most HTTP connections open at once; past it a connection gets 503 and is closed.
+    /// Default: 4096, or fewer when the open-file limit (`ulimit -n`) is lower: 64 descriptors
+    /// (and a quarter of the limit with the embedded broker, whose clients share the process)
+    /// stay free for the broker connection and files. A larger value than that is refused.
+    #[arg(long, env = "GATEWAY_HTTP_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: Option<u32>,
+
+    /// How long a client may take to send a complete request head (HTTP/1.1), from its first
+    /// byte or from connecting; then the connection is closed.
+    #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_timeout_ms: u64,
+
+    /// How long a connection may stay open with no request in progress (keep-alive; HTTP/2
+    /// connections get GOAWAY).
+    #[arg(long, env = "GATEWAY_HTTP_IDLE_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_idle_timeout_ms: u64,
+
+    /// How long a call's request body may take to arrive, in all; then 408 `body-timeout`.
+    #[arg(long, env = "GATEWAY_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_body_timeout_ms: u64,
+
+    /// How long a client may take to read a response, and any one write may stay blocked; then
+    /// the connection is closed and what its responses held is freed.
+    #[arg(long, env = "GATEWAY_HTTP_WRITE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_write_timeout_ms: u64,
+
+    /// The largest request head (request line and headers), in bytes; past it hyper answers
+    /// 431. Also HTTP/2's header list size.
+    #[arg(long, env = "GATEWAY_HTTP_MAX_HEADER_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub http_max_header_bytes: u32,
+
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, env = "GATEWAY_HTTP2_MAX_STREAMS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_streams: u32,
 }
 
 /// Who may call the API. With none of the authentication flags, the API is open, which the
@@ -186,6 +248,12 @@ pub struct SecurityArgs {
     /// Browser origins allowed to call the API (CORS), comma-separated, or `*`.
     #[arg(long, env = "GATEWAY_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+
+    /// With no authentication configured: host names (besides IP addresses, `localhost` and
+    /// `*.localhost`) that requests may name in `Host`, comma-separated. Other names are refused
+    /// (403 `host-not-allowed`), so a web page cannot reach the open API by DNS rebinding.
+    #[arg(long, env = "GATEWAY_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
 
     /// Calls a second each caller (API key or token subject) may make on average; 0: no limit.
     #[arg(long, env = "GATEWAY_RATE_LIMIT_PER_SECOND", default_value_t = 0)]
@@ -300,13 +368,14 @@ pub struct MqttArgs {
     )]
     pub mqtt_client_key_file: Option<PathBuf>,
 
-    /// MQTT keep-alive, in seconds: how soon a dead connection is noticed.
-    #[arg(long, env = "GATEWAY_MQTT_KEEP_ALIVE_SECS", default_value_t = 30)]
+    /// MQTT keep-alive, in seconds (5 to 65535): how soon a dead connection is noticed.
+    #[arg(long, env = "GATEWAY_MQTT_KEEP_ALIVE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=65_535))]
     pub mqtt_keep_alive_secs: u64,
 
     /// The largest MQTT packet this client sends or accepts, in bytes (default: 1 MiB, room for
-    /// the largest body plus properties). rumqttc's own default is only 10 KiB.
-    #[arg(long, env = "GATEWAY_MQTT_MAX_PACKET_BYTES", default_value_t = 1024 * 1024)]
+    /// the largest body plus properties; at least 128, at most MQTT's 268435455). rumqttc's own
+    /// default is only 10 KiB.
+    #[arg(long, env = "GATEWAY_MQTT_MAX_PACKET_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(128..=268_435_455))]
     pub mqtt_max_packet_bytes: u32,
 }
 
@@ -434,7 +503,7 @@ impl MqttArgs {
             Scheme::Ws | Scheme::Wss => url.display_address(),
         };
         let mut options = MqttOptions::new(client_id, host, url.port);
-        options.set_keep_alive(Duration::from_secs(self.mqtt_keep_alive_secs.max(5)));
+        options.set_keep_alive(Duration::from_secs(self.mqtt_keep_alive_secs));
         options.set_clean_start(true);
         options.set_max_packet_size(Some(self.mqtt_max_packet_bytes));
         // Seconds: a broker that accepts TCP but never answers CONNECT is given up on quickly.

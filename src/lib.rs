@@ -3,7 +3,9 @@
 //! Web applications call devices over REST; devices answer over MQTT 5. A tour of the modules,
 //! in the order a call travels:
 //!
-//! - [`http`]: the HTTP front end. [`http::front`] takes every request (access gate, per-call
+//! - [`http`]: the HTTP front end. [`http::server`] accepts connections and enforces the
+//!   per-connection limits (connections, head, idle and write timeouts); [`http::front`] takes
+//!   every request (access gate, per-call
 //!   log line and metrics) and runs `POST /api/v1/devices/{device_id}/services/{service}`
 //!   itself, without boxing (a parked call holds one small future); the rest goes to the axum
 //!   router. A call is parsed into a [`mqtt::DeviceCall`]: names checked by [`names`],
@@ -22,16 +24,20 @@
 //! - [`broker`]: the embedded broker, so `cargo run` needs nothing else (feature
 //!   `embedded-broker`, on by default).
 //! - [`config`]: the command line; every flag also reads a `GATEWAY_*` environment variable.
+//! - [`budget`]: the cap on bytes calls hold (`--max-buffered-bytes`), shared by both sides.
+//! - [`logging`]: logs through a bounded queue, so a stuck reader never stalls the gateway.
 //! - [`protocol`]: the wire conventions gateway and devices share (the status user property).
 
 pub mod app;
 pub mod backoff;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod demo;
 pub mod device;
 pub mod http;
+pub mod logging;
 pub mod mqtt;
 pub mod names;
 pub mod protocol;

@@ -296,10 +296,13 @@ struct Shared {
 
 async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
     let mut backoff = Backoff::default();
+    let client_id = eventloop.options.client_id();
+    // When the current connection's CONNACK came (see `Backoff::after_failure`).
+    let mut connected_at: Option<Instant> = None;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff.reset();
+                connected_at = Some(Instant::now());
                 if ack.session_present {
                     shared.ready.send_replace(true);
                 } else if !shared.services.is_empty() {
@@ -334,7 +337,9 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => {
                 shared.ready.send_replace(false);
-                tokio::time::sleep(backoff.after_failure(&e, "device")).await;
+                let lived = connected_at.take().map(|at| at.elapsed());
+                let delay = backoff.after_failure(&e, "device", &client_id, lived);
+                tokio::time::sleep(delay).await;
             }
         }
     }

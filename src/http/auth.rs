@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -72,9 +72,15 @@ fn glob(pattern: &str, text: &str) -> bool {
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The key's name or the token's `sub`: what logs and rate limits are keyed by.
-    pub name: String,
+    /// The key's name or the token's `sub`: what logs, rate limits and in-flight limits are
+    /// keyed by.
+    pub name: Arc<str>,
     pub scopes: Arc<Vec<Scope>>,
+    /// This caller's own in-flight limit, if its key sets one (else `--max-in-flight-per-caller`).
+    pub max_in_flight: Option<u32>,
+    /// The largest `timeout_ms` this caller may ask for, if its key sets one (at most
+    /// `--max-timeout-ms` all the same).
+    pub max_timeout_ms: Option<u64>,
 }
 
 impl Caller {
@@ -107,6 +113,12 @@ struct KeyEntry {
     /// dictionary can guess one.
     sha256: String,
     scopes: Vec<String>,
+    /// Calls this key may have in flight at once (default: `--max-in-flight-per-caller`).
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+    /// The largest `timeout_ms` this key may ask for (default: `--max-timeout-ms`).
+    #[serde(default)]
+    max_timeout_ms: Option<u64>,
 }
 
 /// The claims a JWT must carry.
@@ -153,11 +165,19 @@ impl Authenticator {
                 })?;
                 let scopes = parse_scopes(&entry.scopes)
                     .map_err(|e| format!("API key {:?}: {e}", entry.name))?;
+                if entry.max_in_flight == Some(0) {
+                    return Err(format!(
+                        "API key {:?}: max_in_flight must be at least 1",
+                        entry.name
+                    ));
+                }
                 keys.insert(
                     hash,
                     Caller {
-                        name: entry.name,
+                        name: entry.name.into(),
                         scopes: Arc::new(scopes),
+                        max_in_flight: entry.max_in_flight,
+                        max_timeout_ms: entry.max_timeout_ms,
                     },
                 );
             }
@@ -240,8 +260,10 @@ impl JwtVerifier {
                     let scopes =
                         parse_scopes(&raw).map_err(|e| AuthError::Invalid(format!(": {e}")))?;
                     return Ok(Caller {
-                        name: claims.sub,
+                        name: claims.sub.into(),
                         scopes: Arc::new(scopes),
+                        max_in_flight: None,
+                        max_timeout_ms: None,
                     });
                 }
                 Err(e) => last = format!(" ({e})"),
@@ -283,9 +305,15 @@ pub fn new_api_key(name: &str, scopes: &[String]) -> Result<(String, String), St
     Ok((key, entry.to_string()))
 }
 
+/// Past this many callers tracked, the limiter forgets idle ones at once instead of waiting for
+/// the gateway's periodic sweep. Callers are the keys file's keys and the subjects of validly
+/// signed tokens, so the map holds only callers seen since the last sweep (every few seconds)
+/// whose bucket has not refilled yet.
+pub const SWEEP_PAST_CALLERS: usize = 100_000;
+
 /// Per-caller token buckets.
 pub struct RateLimits {
-    limiter: DefaultKeyedRateLimiter<String>,
+    limiter: DefaultKeyedRateLimiter<Arc<str>>,
 }
 
 impl RateLimits {
@@ -297,14 +325,90 @@ impl RateLimits {
     }
 
     /// Ok, or how many whole seconds to wait (at least 1).
-    pub fn check(&self, caller: &str) -> Result<(), u64> {
-        // Callers are the configured keys and validly signed tokens' subjects: a bounded set.
-        self.limiter
-            .check_key(&caller.to_owned())
-            .map_err(|not_until| {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-            })
+    pub fn check(&self, caller: &Arc<str>) -> Result<(), u64> {
+        if self.limiter.len() >= SWEEP_PAST_CALLERS {
+            self.forget_idle();
+        }
+        self.limiter.check_key(caller).map_err(Self::seconds)
+    }
+
+    fn seconds(not_until: governor::NotUntil<governor::clock::QuantaInstant>) -> u64 {
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+    }
+
+    /// Forgets callers whose bucket is full again: they are indistinguishable from new ones.
+    /// The gateway calls this every few seconds, so the map holds only recently active callers.
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// Callers tracked now.
+    pub fn tracked(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// Calls in flight per authenticated caller, so one caller cannot take every slot of
+/// `--max-in-flight` (`--max-in-flight-per-caller`, or its key's own `max_in_flight`).
+/// Only callers with a call in flight have an entry.
+pub struct CallerSlots {
+    default_limit: u32,
+    in_flight: Mutex<HashMap<Arc<str>, u32>>,
+}
+
+impl CallerSlots {
+    pub fn new(default_limit: u32) -> Arc<Self> {
+        Arc::new(Self {
+            default_limit: default_limit.max(1),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for one call of `caller`, or the caller's limit when it has that many in flight.
+    pub fn take(self: &Arc<Self>, caller: &Caller) -> Result<CallerSlot, u32> {
+        let limit = caller.max_in_flight.unwrap_or(self.default_limit);
+        let mut in_flight = self.lock();
+        match in_flight.get_mut(&caller.name) {
+            Some(n) if *n >= limit => return Err(limit),
+            Some(n) => *n += 1,
+            None => {
+                in_flight.insert(caller.name.clone(), 1);
+            }
+        }
+        Ok(CallerSlot {
+            slots: self.clone(),
+            name: caller.name.clone(),
+        })
+    }
+
+    /// Calls `caller` has in flight now.
+    pub fn in_flight(&self, caller: &str) -> u32 {
+        self.lock().get(caller).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u32>> {
+        // Every critical section is one map operation: a poisoned lock is still consistent.
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One call's place in its caller's in-flight count; given back when dropped.
+pub struct CallerSlot {
+    slots: Arc<CallerSlots>,
+    name: Arc<str>,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.slots.lock();
+        if let Some(n) = in_flight.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.name);
+            }
+        }
     }
 }
 
@@ -351,7 +455,7 @@ mod tests {
         assert!(!std::fs::read_to_string(&path).unwrap().contains(&key));
         let auth = Authenticator::new(Some(&path), None).unwrap();
         let caller = auth.authenticate(Some(&format!("Bearer {key}"))).unwrap();
-        assert_eq!(caller.name, "app");
+        assert_eq!(&*caller.name, "app");
         assert_eq!(
             auth.authenticate(Some("Bearer nope")).unwrap_err(),
             AuthError::Invalid(String::new())
@@ -362,5 +466,51 @@ mod tests {
                 .unwrap_err(),
             AuthError::Missing
         );
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn caller(name: &str, max_in_flight: Option<u32>) -> Caller {
+        Caller {
+            name: name.into(),
+            scopes: Arc::new(vec![]),
+            max_in_flight,
+            max_timeout_ms: None,
+        }
+    }
+
+    #[test]
+    fn each_caller_has_its_own_in_flight_limit_and_idle_callers_leave_no_entry() {
+        let slots = CallerSlots::new(2);
+        let (a, b) = (caller("a", None), caller("b", Some(3)));
+        let a1 = slots.take(&a).unwrap();
+        let _a2 = slots.take(&a).unwrap();
+        assert_eq!(slots.take(&a).err(), Some(2), "a is at the default limit");
+        let bs: Vec<_> = (0..3).map(|_| slots.take(&b).unwrap()).collect();
+        assert_eq!(slots.take(&b).err(), Some(3), "b's key sets its own");
+        drop(a1);
+        assert!(slots.take(&a).is_ok(), "a slot came back");
+        drop(bs);
+        assert_eq!(slots.in_flight("b"), 0);
+        assert!(
+            !slots.lock().contains_key("b"),
+            "no entry for an idle caller"
+        );
+    }
+
+    #[test]
+    fn the_rate_limiter_forgets_idle_callers() {
+        let limits = RateLimits::new(NonZeroU32::new(1000).unwrap(), NonZeroU32::new(1).unwrap());
+        for i in 0..5000 {
+            let _ = limits.check(&Arc::from(format!("subject-{i}")));
+        }
+        assert_eq!(limits.tracked(), 5000);
+        // At 1000 a second with a burst of 1, every bucket is full again after a millisecond.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        limits.forget_idle();
+        assert_eq!(limits.tracked(), 0, "idle callers are forgotten");
     }
 }

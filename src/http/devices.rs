@@ -2,21 +2,26 @@
 
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tower_http::request_id::RequestId;
+use bytes::BytesMut;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Caller;
+use super::auth::{Caller, CallerSlot};
 use super::docs::AnyBytes;
 use super::error::{ApiError, Problem};
 use super::AppState;
-use crate::mqtt::{DeviceCall, DeviceReply};
+use crate::budget::Held;
+use crate::mqtt::{CallError, DeviceCall, DeviceReply, PendingCall, Slot};
 use crate::names::{DeviceId, ServiceName};
 use crate::protocol::{REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY};
 
@@ -34,10 +39,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// `devices/{device_id}/{service}` (QoS 1) with a Response Topic, random Correlation Data, a
 /// Message Expiry Interval equal to `timeout_ms` rounded up to seconds, the Content Type, and
 /// every `x-mqtt-<key>` header as user property `<key>` (plus `traceparent`/`tracestate`, and
-/// `request-id`: the caller's `x-request-id`, or a new one, also returned as `x-request-id`). The
-/// device's reply becomes the response: its payload byte for byte, its Content Type, its
-/// `status` user property as the HTTP status (200 when absent), and its other user properties
-/// as `x-mqtt-<key>` headers.
+/// `request-id`: the caller's `x-request-id` if it is at most 128 visible ASCII characters, or a
+/// new one, also returned as `x-request-id`). The device's reply becomes the response: its
+/// payload byte for byte, its Content Type, its `status` user property as the HTTP status (200
+/// when absent), and its other user properties as `x-mqtt-<key>` headers.
 ///
 /// Try it with the demo device: `demo-1`, service `echo`.
 #[utoipa::path(
@@ -62,7 +67,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         ),
     ),
     responses(
-        (status = 200, description = "The device's reply (or another status the device chose with its `status` user property). Its user properties come back as `x-mqtt-<key>` headers.",
+        (status = 200, description = "The device's reply (or another status the device chose with its `status` user property; 204, 205 and 304 without a body). Its user properties come back as `x-mqtt-<key>` headers. Served with `X-Content-Type-Options: nosniff` and `Content-Security-Policy: sandbox; default-src 'none'`, so no reply runs as a page of the gateway's origin.",
             content(
                 (serde_json::Value = "application/json", example = json!({"hello": "world"})),
                 (String = "text/plain"),
@@ -74,17 +79,18 @@ pub fn router() -> OpenApiRouter<AppState> {
             example = json!({"type": "urn:mqtt-gateway:problem:invalid-device-id", "title": "Invalid device id", "status": 400, "detail": "invalid device id: must not contain '/': it is a topic separator or an MQTT wildcard", "code": "invalid-device-id"})),
         (status = 401, description = "Authentication is configured and the call has no valid `Authorization: Bearer` API key or JWT. Code: `unauthorized`.", body = Problem, content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = "The caller's scopes do not cover this device and service (code `insufficient-scope`), or the broker refused the request (PUBACK 0x87, code `not-authorized`).", body = Problem, content_type = "application/problem+json",
+        (status = 403, description = "The caller's scopes do not cover this device and service (code `insufficient-scope`), or the broker refused the request (PUBACK 0x87, code `not-authorized`), or, on a gateway without authentication, the request came from another web origin (code `origin-not-allowed`) or named a host that is not the gateway's (code `host-not-allowed`).", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:not-authorized", "title": "The broker refused the request", "status": 403, "detail": "the MQTT broker does not allow this gateway to publish to this device's topic (reason 0x87)", "code": "not-authorized"})),
         (status = 404, description = "No device listens (PUBACK 0x10, answered at once), or no such route. Codes: `device-offline`, `not-found`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:device-offline", "title": "No device is listening", "status": 404, "detail": "no device is subscribed to this service's topic: the device is offline or does not offer this service", "code": "device-offline"})),
         (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request body did not arrive in time (10 s in all unless configured otherwise, `--http-body-timeout-ms`); the connection is closed. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over the limit, or the MQTT packet is over the broker's or the gateway's maximum packet size. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
-        (status = 429, description = "The caller is over its rate limit (code `rate-limited`, see `Retry-After`), or the broker's quota is exceeded (PUBACK 0x97, code `quota-exceeded`).", body = Problem, content_type = "application/problem+json",
+        (status = 429, description = "The caller is over its rate limit (code `rate-limited`, see `Retry-After`), or already has as many calls in flight as it may (code `too-many-in-flight`, `--max-in-flight-per-caller`), or the broker's quota is exceeded (PUBACK 0x97, code `quota-exceeded`).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
-        (status = 502, description = "The broker refused the request for another reason, or the device's `status` property is not an HTTP status. Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or too many requests are queued. Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting` (no subscriber yet, within a few seconds of the gateway reconnecting to the broker).", body = Problem, content_type = "application/problem+json",
+        (status = 502, description = "The broker refused the request for another reason, or the device's reply is invalid: its `status` property is not a final HTTP status (200 to 599), or its user properties would make more than 8 KiB of `x-mqtt-*` headers (`--max-reply-header-bytes`). Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or the gateway is full: too many calls in flight (`--max-in-flight`) or too many bytes held for calls (`--max-buffered-bytes`). Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting` (no subscriber yet, within a few seconds of the gateway reconnecting to the broker).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying.")),
             example = json!({"type": "urn:mqtt-gateway:problem:broker-unavailable", "title": "Not connected to the MQTT broker", "status": 503, "detail": "the gateway is not connected to the MQTT broker", "code": "broker-unavailable"})),
         (status = 504, description = "The device did not answer within `timeout_ms`. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json",
@@ -111,9 +117,10 @@ fn call_names(path: &str) -> Option<(&str, &str)> {
     (!device.contains('/') && !service.contains('/')).then_some((device, service))
 }
 
-/// One call (read the body, parse the request, publish, wait, answer), with its request taken
-/// apart so that its future holds little: the head is boxed and freed once parsed, so a parked
-/// call holds only its [`crate::mqtt::PendingCall`], not the URI, headers and body it came from.
+/// One call (check the head, take its places, read the body, publish, wait, answer), with its
+/// request taken apart so that its future holds little: the head is boxed and freed once
+/// parsed, so a parked call holds only its [`crate::mqtt::PendingCall`], not the URI, headers
+/// and body it came from.
 pub struct Call {
     head: Box<Parts>,
     body: Body,
@@ -129,36 +136,216 @@ impl Call {
     }
 
     pub async fn run(self, state: &AppState) -> Response {
-        let Call { head, body } = self;
-        let body = read_body(body, state.limits.max_body_bytes).await;
-        // Moved out of its box in a block, so the box is freed here, not when the call ends.
-        let head = {
-            let head = head;
-            *head
+        // Everything up to the publish runs boxed: it lasts only until the request is sent, and
+        // a parked call's future must not keep room for it (see `front`'s size test).
+        let (pending, caller) = match Box::pin(self.send(state)).await {
+            Ok(sent) => sent,
+            Err(response) => return response,
         };
-        let pending = device_call(&state.limits, head, body)
-            .and_then(|call| state.gateway.send(call).map_err(ApiError::from));
-        let reply = match pending {
-            Ok(pending) => pending.reply().await.map_err(ApiError::from),
-            Err(error) => Err(error),
-        };
+        let reply = pending.reply().await.map_err(ApiError::from);
+        // The caller's place is given back once the answer is known.
+        drop(caller);
         match reply {
-            Ok(reply) => reply_response(reply),
+            Ok(reply) => reply_response(reply, &state.limits),
             Err(error) => error.into_response(),
+        }
+    }
+
+    /// Checks the head, takes the call's places, reads the body and publishes the request; or
+    /// the answer when any of it fails.
+    async fn send(self, state: &AppState) -> Result<(PendingCall, Option<CallerSlot>), Response> {
+        let Call { head, body } = self;
+        let plan = BodyPlan::of(&head, state.limits.max_body_bytes);
+        let (call, places) = match admit(state, *head, &plan) {
+            Ok(admitted) => admitted,
+            Err(error) => return Err(plan.refuse(body, state, error).await),
+        };
+        let (payload, held) = read_body(body, &plan, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Places { slot, caller } = places;
+        let pending = state
+            .gateway
+            .send(slot, call.with_payload(payload, held))
+            .map_err(|e| ApiError::from(e).into_response())?;
+        Ok((pending, caller))
+    }
+}
+
+/// What the head says about the body, decided before any of it is read.
+struct BodyPlan {
+    /// `Content-Length`, when the client sent one.
+    content_length: Option<u64>,
+    /// The client waits for `100 Continue` before sending the body, which hyper sends only
+    /// when the body is first read: an answer without reading it means the body never comes.
+    expects_continue: bool,
+    /// HTTP/1: a body left unread costs the connection (hyper closes it, and the client may
+    /// see a reset instead of the answer), so a refusal reads it first. HTTP/2 resets only the
+    /// stream.
+    http1: bool,
+    limit: usize,
+}
+
+impl BodyPlan {
+    fn of(head: &Parts, limit: usize) -> Self {
+        let content_length = head
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let expects_continue = head
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        Self {
+            content_length,
+            expects_continue,
+            http1: head.version <= Version::HTTP_11,
+            limit,
+        }
+    }
+
+    fn too_large(&self) -> bool {
+        self.content_length.is_some_and(|n| n > self.limit as u64)
+    }
+
+    /// Answers without using the body. An HTTP/1 body that may still be arriving is read and
+    /// dropped first (at most the body limit, within the body timeout), so the client sees
+    /// the answer and the connection stays usable; unless the client waits for `100 Continue`
+    /// or announced more than the limit, when it is better not to ask for it at all.
+    async fn refuse(&self, body: Body, state: &AppState, error: ApiError) -> Response {
+        if self.http1 && !self.expects_continue && !self.too_large() && !body.is_end_stream() {
+            let drain = async {
+                let mut body = body;
+                let mut left = self.limit;
+                while let Some(Ok(frame)) = body.frame().await {
+                    let n = frame.data_ref().map_or(0, Bytes::len);
+                    if n > left {
+                        break;
+                    }
+                    left -= n;
+                }
+            };
+            let _ = tokio::time::timeout(state.limits.body_timeout, drain).await;
+        }
+        error.into_response()
+    }
+}
+
+/// A call's head, checked: everything the request needs but its payload.
+struct CallHead {
+    device: DeviceId,
+    service: ServiceName,
+    content_type: Option<String>,
+    user_properties: Vec<(String, String)>,
+    timeout: Duration,
+}
+
+impl CallHead {
+    fn with_payload(self, payload: Bytes, held: Held) -> DeviceCall {
+        DeviceCall {
+            device: self.device,
+            service: self.service,
+            payload,
+            content_type: self.content_type,
+            user_properties: self.user_properties,
+            timeout: self.timeout,
+            held: Some(held),
         }
     }
 }
 
-/// The whole body, up to `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::BodyTooLarge { limit })
+/// A call's places among the calls in flight: the gateway's and its caller's.
+struct Places {
+    slot: Slot,
+    caller: Option<CallerSlot>,
+}
+
+/// Checks the head and takes the call's places, in a fixed order (so a request with several
+/// faults always gets the same answer): names, scope, timeout, headers, body size, the
+/// caller's in-flight limit, the gateway's.
+fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, Places), ApiError> {
+    let caller = parts.extensions.get::<Caller>();
+    let head = call_head(&state.limits, &parts, caller)?;
+    if plan.too_large() {
+        // At once, before the body is asked for: a client waiting for `100 Continue` never
+        // sends it.
+        return Err(ApiError::BodyTooLarge { limit: plan.limit });
+    }
+    let caller =
+        match caller {
+            Some(caller) => Some(state.caller_slots.take(caller).map_err(|limit| {
+                ApiError::TooManyInFlight {
+                    caller: crate::logging::bounded(&caller.name).into_owned(),
+                    limit,
+                }
+            })?),
+            None => None,
+        };
+    let slot = state.gateway.reserve()?;
+    Ok((head, Places { slot, caller }))
+}
+
+/// The whole body, up to the limit, within the body timeout, its bytes held in the budget.
+async fn read_body(
+    body: Body,
+    plan: &BodyPlan,
+    state: &AppState,
+) -> Result<(Bytes, Held), ApiError> {
+    let limit = plan.limit;
+    let budget = state.gateway.budget();
+    let full = || {
+        ApiError::Call(CallError::BufferFull {
+            limit: budget.limit(),
+        })
+    };
+    // A declared length is held at once (the buffer is made that large); a chunked body's
+    // bytes as they come.
+    let declared = plan.content_length.map_or(0, |n| n as usize);
+    let mut held = budget.try_hold(declared).ok_or_else(full)?;
+    let collect = async {
+        let mut body = body;
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::BadBody(format!("Failed to buffer the request body: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            total += data.len();
+            if total > limit {
+                return Err(ApiError::BodyTooLarge { limit });
+            }
+            if total > held.bytes() && !held.grow(total - held.bytes()) {
+                return Err(full());
+            }
+            // One piece (the usual case) is kept as it came; more are joined.
+            match (first.take(), joined.as_mut()) {
+                (None, None) => first = Some(data),
+                (Some(previous), _) => {
+                    let mut buffer = BytesMut::with_capacity(declared.max(total));
+                    buffer.extend_from_slice(&previous);
+                    buffer.extend_from_slice(&data);
+                    joined = Some(buffer);
+                }
+                (None, Some(buffer)) => buffer.extend_from_slice(&data),
+            }
         }
-        Err(e) => Err(ApiError::BadBody(format!(
-            "Failed to buffer the request body: {e}"
-        ))),
+        Ok(match (first, joined) {
+            (_, Some(buffer)) => buffer.freeze(),
+            (Some(one), None) => one,
+            (None, None) => Bytes::new(),
+        })
+    };
+    match tokio::time::timeout(state.limits.body_timeout, collect).await {
+        Ok(Ok(payload)) => Ok((payload, held)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(ApiError::BodyTimeout {
+            timeout_ms: u64::try_from(state.limits.body_timeout.as_millis()).unwrap_or(u64::MAX),
+        }),
     }
 }
 
@@ -170,13 +357,12 @@ fn path_segment(key: &str, raw: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::InvalidPath(format!("Invalid URL: Invalid UTF-8 in `{key}`")))
 }
 
-/// The call a request asks for, or why it cannot be made. Checks run in a fixed order, so a
-/// request with several faults always gets the same answer.
-fn device_call(
+/// The call a request's head asks for, or why it cannot be made.
+fn call_head(
     limits: &super::Limits,
-    parts: Parts,
-    body: Result<Bytes, ApiError>,
-) -> Result<DeviceCall, ApiError> {
+    parts: &Parts,
+    caller: Option<&Caller>,
+) -> Result<CallHead, ApiError> {
     let (device, service) = call_names(parts.uri.path()).ok_or_else(|| {
         ApiError::InvalidPath("not /api/v1/devices/{device_id}/services/{service}".into())
     })?;
@@ -185,31 +371,33 @@ fn device_call(
     let service =
         ServiceName::parse(path_segment("service", service)?).map_err(ApiError::InvalidService)?;
     // Set by the access gate when authentication is on; checked before anything is published.
-    if let Some(caller) = parts.extensions.get::<Caller>() {
+    if let Some(caller) = caller {
         if !caller.may_call(device.as_str(), service.as_str()) {
             return Err(ApiError::InsufficientScope {
-                caller: caller.name.clone(),
+                caller: crate::logging::bounded(&caller.name).into_owned(),
                 device: device.to_string(),
                 service: service.to_string(),
             });
         }
     }
-    let timeout = parse_timeout(parts.uri.query(), limits)?;
-    let payload = body?;
+    let max_timeout_ms = caller
+        .and_then(|c| c.max_timeout_ms)
+        .map_or(limits.max_timeout_ms, |own| own.min(limits.max_timeout_ms));
+    let timeout = parse_timeout(parts.uri.query(), limits, max_timeout_ms)?;
     let headers = &parts.headers;
     let content_type = match headers.get(header::CONTENT_TYPE) {
         Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v)?.to_owned()),
         None => None,
     };
     let mut user_properties = user_properties(headers)?;
-    if let Some(id) = parts.extensions.get::<RequestId>() {
-        let id = header_text("x-request-id", id.header_value())?;
+    // Set (checked, or new) by the front.
+    if let Some(id) = headers.get("x-request-id") {
+        let id = header_text("x-request-id", id)?;
         user_properties.push((REQUEST_ID_PROPERTY.to_owned(), id.to_owned()));
     }
-    Ok(DeviceCall {
+    Ok(CallHead {
         device,
         service,
-        payload,
         content_type,
         user_properties,
         timeout,
@@ -233,9 +421,14 @@ pub fn empty_name_error(path: &str) -> Option<ApiError> {
     None
 }
 
-/// `timeout_ms`: whole milliseconds, 1 up to the configured maximum.
-fn parse_timeout(query: Option<&str>, limits: &super::Limits) -> Result<Duration, ApiError> {
-    let mut timeout_ms = limits.default_timeout_ms;
+/// `timeout_ms`: whole milliseconds, from the minimum up to `max_timeout_ms` (the configured
+/// maximum, or the caller's own when lower).
+fn parse_timeout(
+    query: Option<&str>,
+    limits: &super::Limits,
+    max_timeout_ms: u64,
+) -> Result<Duration, ApiError> {
+    let mut timeout_ms = limits.default_timeout_ms.min(max_timeout_ms);
     for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if key != "timeout_ms" {
             return Err(ApiError::UnknownQueryParameter(key.into_owned()));
@@ -243,12 +436,12 @@ fn parse_timeout(query: Option<&str>, limits: &super::Limits) -> Result<Duration
         timeout_ms = value
             .parse::<u64>()
             .ok()
-            .filter(|ms| (super::MIN_TIMEOUT_MS..=limits.max_timeout_ms).contains(ms))
+            .filter(|ms| (super::MIN_TIMEOUT_MS..=max_timeout_ms).contains(ms))
             .ok_or_else(|| {
                 ApiError::InvalidTimeout(format!(
-                    "{value:?} is not a whole number of milliseconds from {} to {}",
+                    "{:?} is not a whole number of milliseconds from {} to {max_timeout_ms}",
+                    crate::logging::bounded(&value),
                     super::MIN_TIMEOUT_MS,
-                    limits.max_timeout_ms
                 ))
             })?;
     }
@@ -295,11 +488,28 @@ fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiErr
 
 /// The device's reply as an HTTP response: its payload byte for byte, its status, its content
 /// type (or a guess), its user properties as `x-mqtt-*` headers.
-fn reply_response(reply: DeviceReply) -> Response {
+///
+/// The payload is the device's, not the gateway's, yet it is served from the gateway's origin
+/// (the one of `/docs`): `nosniff` and a sandboxing CSP keep a device's HTML or script from
+/// running there. 204, 205 and 304 have no body, whatever the device sent.
+fn reply_response(reply: DeviceReply, limits: &super::Limits) -> Response {
+    let header_bytes: usize = reply
+        .user_properties
+        .iter()
+        .map(|(k, v)| USER_PROPERTY_HEADER_PREFIX.len() + k.len() + v.len())
+        .sum();
+    if header_bytes > limits.max_reply_header_bytes {
+        return ApiError::ReplyHeadersTooLarge {
+            bytes: header_bytes,
+            limit: limits.max_reply_header_bytes,
+        }
+        .into_response();
+    }
     let status = reply
         .status
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
+    let bodiless = matches!(status.as_u16(), 204 | 205 | 304);
     let content_type = reply
         .content_type
         .as_deref()
@@ -311,9 +521,28 @@ fn reply_response(reply: DeviceReply) -> Response {
                 HeaderValue::from_static("application/octet-stream")
             }
         });
-    let mut response = (status, reply.payload).into_response();
+    let body = ReplyBody {
+        payload: if bodiless {
+            Bytes::new()
+        } else {
+            reply.payload
+        },
+        _held: reply.held,
+    };
+    let mut response = Response::new(Body::new(body));
+    *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, content_type);
+    if !bodiless {
+        headers.insert(header::CONTENT_TYPE, content_type);
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(REPLY_CSP),
+    );
     for (key, value) in reply.user_properties {
         let name = HeaderName::try_from(format!("{USER_PROPERTY_HEADER_PREFIX}{key}"));
         let value = HeaderValue::from_str(&value);
@@ -321,10 +550,48 @@ fn reply_response(reply: DeviceReply) -> Response {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }
-            _ => tracing::debug!(%key, "reply user property cannot be an HTTP header; dropped"),
+            _ => tracing::debug!(
+                key = %crate::logging::bounded(&key),
+                "reply user property cannot be an HTTP header; dropped"
+            ),
         }
     }
     response
+}
+
+/// The Content-Security-Policy of a device's reply: a document of its own origin, with no
+/// scripts, plugins or loads, should a browser open it.
+pub const REPLY_CSP: &str = "sandbox; default-src 'none'";
+
+/// A reply's payload as a response body, holding its bytes in the gateway's budget until hyper
+/// has taken them.
+struct ReplyBody {
+    payload: Bytes,
+    _held: Option<Held>,
+}
+
+impl http_body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.payload.is_empty() {
+            return Poll::Ready(None);
+        }
+        let payload = std::mem::take(&mut self.payload);
+        Poll::Ready(Some(Ok(Frame::data(payload))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.payload.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.payload.len() as u64)
+    }
 }
 
 #[cfg(test)]
@@ -335,13 +602,23 @@ mod tests {
     #[test]
     fn timeout_parsing() {
         let limits = Limits::default();
+        let max = limits.max_timeout_ms;
         assert_eq!(
-            parse_timeout(None, &limits).unwrap(),
+            parse_timeout(None, &limits, max).unwrap(),
             Duration::from_secs(10)
         );
         assert_eq!(
-            parse_timeout(Some("timeout_ms=250"), &limits).unwrap(),
+            parse_timeout(Some("timeout_ms=250"), &limits, max).unwrap(),
             Duration::from_millis(250)
+        );
+        assert!(
+            parse_timeout(Some("timeout_ms=2000"), &limits, 1000).is_err(),
+            "over the caller's own maximum"
+        );
+        assert_eq!(
+            parse_timeout(None, &limits, 1000).unwrap(),
+            Duration::from_secs(1),
+            "the default never exceeds the caller's maximum"
         );
         for bad in [
             "timeout_ms=0",
@@ -353,14 +630,14 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    parse_timeout(Some(bad), &limits),
+                    parse_timeout(Some(bad), &limits, max),
                     Err(ApiError::InvalidTimeout(_))
                 ),
                 "{bad}"
             );
         }
         assert!(matches!(
-            parse_timeout(Some("timeout=5"), &limits),
+            parse_timeout(Some("timeout=5"), &limits, max),
             Err(ApiError::UnknownQueryParameter(_))
         ));
     }
@@ -372,16 +649,21 @@ mod tests {
             content_type: None,
             status: None,
             user_properties: vec![],
+            held: None,
         };
+        let limits = Limits::default();
         let ct = |r: Response| {
             r.headers()[header::CONTENT_TYPE]
                 .to_str()
                 .unwrap()
                 .to_owned()
         };
-        assert_eq!(ct(reply_response(reply(b"{\"a\":1}"))), "application/json");
         assert_eq!(
-            ct(reply_response(reply(b"\xff\x00"))),
+            ct(reply_response(reply(b"{\"a\":1}"), &limits)),
+            "application/json"
+        );
+        assert_eq!(
+            ct(reply_response(reply(b"\xff\x00"), &limits)),
             "application/octet-stream"
         );
     }

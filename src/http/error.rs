@@ -51,6 +51,16 @@ pub enum ApiError {
     },
     #[error("{caller:?} is over its rate limit; retry in {retry_after} s")]
     RateLimited { caller: String, retry_after: u64 },
+    #[error("{caller:?} already has {limit} calls in flight, as many as it may; retry when one has finished")]
+    TooManyInFlight { caller: String, limit: u32 },
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
+    #[error("requests from the web origin {origin:?} are refused: the gateway has no authentication configured, so only its own pages and the origins in --cors-origins may call it")]
+    OriginNotAllowed { origin: String },
+    #[error("the Host {host:?} is not this gateway's: with no authentication configured, only IP addresses, localhost and the names in --allowed-hosts are served (a web page could otherwise reach the open API by DNS rebinding)")]
+    HostNotAllowed { host: String },
+    #[error("the device's reply has {bytes} bytes of user properties; at most {limit} become x-mqtt-* headers (--max-reply-header-bytes)")]
+    ReplyHeadersTooLarge { bytes: usize, limit: usize },
 }
 
 /// The stable, machine-readable problem codes. Clients switch on these; they never change
@@ -72,12 +82,20 @@ pub enum ProblemCode {
     InvalidHeader,
     /// 400: the body could not be read.
     InvalidBody,
+    /// 408: the body did not arrive within `--http-body-timeout-ms`.
+    BodyTimeout,
     /// 401: no bearer token, or not a valid one.
     Unauthorized,
     /// 403: the caller's scopes do not cover this device and service.
     InsufficientScope,
     /// 429: the caller is over its rate limit.
     RateLimited,
+    /// 429: the caller has as many calls in flight as it may.
+    TooManyInFlight,
+    /// 403: an open gateway refuses a browser request from another web origin.
+    OriginNotAllowed,
+    /// 403: an open gateway refuses a `Host` that is not its own (DNS rebinding).
+    HostNotAllowed,
     /// 403: the broker refused the request (PUBACK 0x87).
     NotAuthorized,
     /// 404: no device is subscribed to the service's topic (PUBACK 0x10).
@@ -119,6 +137,10 @@ impl ProblemCode {
             UnknownQueryParameter => "unknown-query-parameter",
             InvalidHeader => "invalid-header",
             InvalidBody => "invalid-body",
+            BodyTimeout => "body-timeout",
+            TooManyInFlight => "too-many-in-flight",
+            OriginNotAllowed => "origin-not-allowed",
+            HostNotAllowed => "host-not-allowed",
             Unauthorized => "unauthorized",
             InsufficientScope => "insufficient-scope",
             RateLimited => "rate-limited",
@@ -242,13 +264,38 @@ impl ApiError {
                 ProblemCode::RateLimited,
                 "Rate limit exceeded",
             ),
+            TooManyInFlight { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ProblemCode::TooManyInFlight,
+                "Too many calls in flight",
+            ),
+            BodyTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                ProblemCode::BodyTimeout,
+                "Request body timed out",
+            ),
+            OriginNotAllowed { .. } => (
+                StatusCode::FORBIDDEN,
+                ProblemCode::OriginNotAllowed,
+                "Origin not allowed",
+            ),
+            HostNotAllowed { .. } => (
+                StatusCode::FORBIDDEN,
+                ProblemCode::HostNotAllowed,
+                "Host not allowed",
+            ),
+            ReplyHeadersTooLarge { .. } => (
+                StatusCode::BAD_GATEWAY,
+                ProblemCode::InvalidDeviceReply,
+                "The device's reply is invalid",
+            ),
             Call(e) => match e {
                 C::NotConnected => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     ProblemCode::BrokerUnavailable,
                     "Not connected to the MQTT broker",
                 ),
-                C::Overloaded => (
+                C::Overloaded | C::BufferFull { .. } => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     ProblemCode::Overloaded,
                     "Gateway overloaded",
@@ -347,9 +394,11 @@ impl ApiError {
         matches!(
             self,
             ApiError::NotReady
+                | ApiError::TooManyInFlight { .. }
                 | ApiError::Call(
                     CallError::NotConnected
                         | CallError::Overloaded
+                        | CallError::BufferFull { .. }
                         | CallError::ConnectionLost
                         | CallError::ShuttingDown
                         | CallError::DevicesReconnecting
@@ -375,10 +424,12 @@ impl IntoResponse for ApiError {
         let problem = self.problem();
         let status =
             StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        // The detail may quote the caller (a path, a header name): bounded in the log.
+        let detail = crate::logging::bounded(&problem.detail);
         if status.is_server_error() {
-            tracing::warn!(code = problem.code.as_str(), detail = %problem.detail, "call failed");
+            tracing::warn!(code = problem.code.as_str(), detail = %detail, "call failed");
         } else {
-            tracing::debug!(code = problem.code.as_str(), detail = %problem.detail, "call refused");
+            tracing::debug!(code = problem.code.as_str(), detail = %detail, "call refused");
         }
         let retry_after = self.retry_after();
         // Serializing a struct of strings and integers cannot fail.
@@ -396,6 +447,10 @@ impl IntoResponse for ApiError {
         }
         if let ApiError::Unauthorized(_) = &self {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::BodyTimeout { .. } = &self {
+            // The rest of the body may still come: this connection cannot carry another request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(value) = retry_after.and_then(|s| HeaderValue::from_str(&s).ok()) {
             headers.insert(header::RETRY_AFTER, value);
@@ -446,6 +501,7 @@ mod tests {
             ),
             (CallError::NotConnected, 503, "broker-unavailable"),
             (CallError::Overloaded, 503, "overloaded"),
+            (CallError::BufferFull { limit: 1 }, 503, "overloaded"),
             (CallError::ConnectionLost, 503, "connection-lost"),
             (CallError::ShuttingDown, 503, "shutting-down"),
             (CallError::DevicesReconnecting, 503, "devices-reconnecting"),
@@ -475,7 +531,11 @@ mod code_tests {
     /// The code in the JSON body, the one in `type`, and the one in the spec are one string.
     #[test]
     fn serialized_codes_match_as_str() {
-        let all: [ProblemCode; 24] = [
+        let all: [ProblemCode; 28] = [
+            BodyTimeout,
+            TooManyInFlight,
+            OriginNotAllowed,
+            HostNotAllowed,
             Unauthorized,
             InsufficientScope,
             RateLimited,

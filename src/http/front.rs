@@ -9,9 +9,11 @@
 //! The router still has the call route, for the OpenAPI document and the 405 for other
 //! methods, and its handler runs the same [`super::devices::Call`].
 //!
-//! The log line carries the request id (the caller's `x-request-id`, or a new UUID), the path,
-//! the status, the problem code and the duration: never the payload or any header value, so
-//! info-level logs hold no caller data beyond names.
+//! The log line carries the request id (the caller's `x-request-id` when it is at most 128
+//! visible ASCII characters, else a new UUID), the caller (API key name or token subject), the
+//! path, the status, the problem code and the duration: never the payload or any header value,
+//! and caller text only cut to a bounded length. A call whose client went away before its answer
+//! gets its line too, with outcome `client-disconnected` (status 499, as nginx logs it).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,6 +30,7 @@ use futures::FutureExt;
 use tower::{Layer, ServiceExt};
 use tower_http::cors::CorsLayer;
 
+use super::auth::Caller;
 use super::error::ProblemCode;
 use super::{access, devices, AppState};
 
@@ -35,6 +38,32 @@ use super::{access, devices, AppState};
 const CALLS: &str = "/api/";
 
 const X_REQUEST_ID: &str = "x-request-id";
+
+/// The longest request id taken from a caller; longer or stranger ones are replaced.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The caller's request id if it is 1 to [`MAX_REQUEST_ID_BYTES`] visible ASCII characters
+/// (copied, so a parked call does not keep the buffer the request was read into), else a new
+/// UUID, which then replaces the caller's in the request. Either way the id travels to the
+/// device and back in the response.
+fn request_id(request: &mut Request) -> HeaderValue {
+    if let Some(id) = request.headers().get(X_REQUEST_ID) {
+        let bytes = id.as_bytes();
+        if (1..=MAX_REQUEST_ID_BYTES).contains(&bytes.len())
+            && bytes.iter().all(|b| (0x21..=0x7e).contains(b))
+        {
+            if let Ok(id) = HeaderValue::from_bytes(bytes) {
+                return id;
+            }
+        }
+    }
+    let mut text = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    // A hyphenated UUID is always a valid header value.
+    let id = HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    request.headers_mut().insert(X_REQUEST_ID, id.clone());
+    id
+}
 
 /// What the front needs for every request; shared by all connections.
 pub struct Front {
@@ -72,39 +101,45 @@ pub fn handle(
 /// only what the wait needs (an async fn would keep its arguments, the whole request, for as
 /// long as the call is parked).
 fn answer(front: Arc<Front>, mut request: Request) -> impl Future<Output = Response> + Send {
-    // Set by the request-id layer: the caller's, or a new UUID. Every response carries it.
-    // Copied, not cloned: a clone may share the buffer the request was read into (hyper's
-    // HTTP/1 parser hands out slices of it), which a parked call would keep alive.
-    let request_id = request
-        .headers()
-        .get(X_REQUEST_ID)
-        .and_then(|id| HeaderValue::from_bytes(id.as_bytes()).ok());
-    let observed = request
+    let request_id = request_id(&mut request);
+    let mut observed = request
         .uri()
         .path()
         .starts_with(CALLS)
         .then(|| Observed::start(&request));
     let next = match access::admit(&front.state.access, &mut request) {
         Err(refusal) => Next::Answer(Box::new(refusal.into_response())),
-        Ok(()) if devices::is_call(&request) => Next::Call(devices::Call::new(request)),
-        // Not a call: nothing parks here, so the router's boxed future costs nothing that lasts.
-        Ok(()) => Next::Route(Box::pin(front.router.clone().oneshot(request))),
+        Ok(()) => {
+            if let (Some(observed), Some(caller)) =
+                (observed.as_mut(), request.extensions().get::<Caller>())
+            {
+                observed.caller = Some(caller.name.clone());
+            }
+            if devices::is_call(&request) {
+                Next::Call(devices::Call::new(request))
+            } else {
+                // Not a call: nothing parks here, so the router's boxed future costs nothing
+                // that lasts.
+                Next::Route(Box::pin(front.router.clone().oneshot(request)))
+            }
+        }
     };
     async move {
+        // Logs the call even if this future is dropped before the answer (the client left).
+        let log = CallLog {
+            front,
+            observed,
+            request_id,
+        };
         let mut response = match next {
             Next::Answer(response) => *response,
-            Next::Call(call) => call.run(&front.state).await,
+            Next::Call(call) => call.run(&log.front.state).await,
             Next::Route(future) => match future.await {
                 Ok(response) => response,
                 Err(never) => match never {},
             },
         };
-        if let Some(observed) = observed {
-            observed.finish(&front.state, request_id.as_ref(), &response);
-        }
-        if let Some(id) = request_id {
-            response.headers_mut().entry(X_REQUEST_ID).or_insert(id);
-        }
+        log.finish(&mut response);
         response
     }
 }
@@ -119,32 +154,85 @@ enum Next {
 /// What the per-call log line and metrics need from the request.
 struct Observed {
     started: Instant,
+    /// The path, cut to a bounded length.
     path: String,
+    /// The authenticated caller; None on an open gateway or when refused at the gate.
+    caller: Option<Arc<str>>,
 }
 
 impl Observed {
     fn start(request: &Request) -> Self {
         Self {
             started: Instant::now(),
-            path: request.uri().path().to_owned(),
+            path: crate::logging::bounded(request.uri().path()).into_owned(),
+            caller: None,
         }
     }
 
-    fn finish(self, state: &AppState, request_id: Option<&HeaderValue>, response: &Response) {
+    fn log(&self, state: &AppState, request_id: &HeaderValue, status: u16, outcome: &str) {
         let took = self.started.elapsed();
-        let status = response.status().as_u16();
-        let code = response.extensions().get::<ProblemCode>().copied();
-        state.metrics.record_call(code, status, took);
         tracing::info!(
-            request_id = request_id.and_then(|id| id.to_str().ok()).unwrap_or("-"),
+            request_id = request_id.to_str().unwrap_or("-"),
+            caller = self
+                .caller
+                .as_deref()
+                .map_or("-".into(), crate::logging::bounded)
+                .as_ref(),
             path = self.path,
             status,
-            code = code.map_or("", ProblemCode::as_str),
+            code = outcome,
             duration_ms = took.as_secs_f64() * 1000.0,
             "call"
         );
+        state.metrics.record_call(outcome, status, took);
     }
 }
+
+/// A request's answer on its way: logs and counts a call once, answered or abandoned.
+struct CallLog {
+    front: Arc<Front>,
+    observed: Option<Observed>,
+    request_id: HeaderValue,
+}
+
+impl CallLog {
+    /// Logs the answered call and gives the response its request id.
+    fn finish(mut self, response: &mut Response) {
+        if let Some(observed) = self.observed.take() {
+            let code = response.extensions().get::<ProblemCode>().copied();
+            observed.log(
+                &self.front.state,
+                &self.request_id,
+                response.status().as_u16(),
+                code.map_or("", ProblemCode::as_str),
+            );
+        }
+        response
+            .headers_mut()
+            .entry(X_REQUEST_ID)
+            .or_insert_with(|| self.request_id.clone());
+    }
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        if let Some(observed) = self.observed.take() {
+            observed.log(
+                &self.front.state,
+                &self.request_id,
+                CLIENT_DISCONNECTED_STATUS,
+                CLIENT_DISCONNECTED,
+            );
+        }
+    }
+}
+
+/// The outcome of a call whose HTTP client went away before the answer (the device may still
+/// act on it), in logs and metrics.
+pub const CLIENT_DISCONNECTED: &str = "client-disconnected";
+
+/// The status logged for [`CLIENT_DISCONNECTED`]: nginx's 499, "client closed request".
+pub const CLIENT_DISCONNECTED_STATUS: u16 = 499;
 
 #[cfg(test)]
 mod tests {
@@ -166,13 +254,15 @@ mod tests {
             max_in_flight: 8,
             session_expiry: None,
             reconnect_settle: std::time::Duration::ZERO,
+            budget: crate::budget::ByteBudget::new(1024),
         });
         let state = AppState {
             gateway: gateway.clone(),
             limits: Arc::new(Limits::default()),
-            metrics: Arc::new(Metrics::new(gateway)),
+            metrics: Arc::new(Metrics::new(gateway, Default::default())),
             access: AccessPolicy::open(),
             cors_origins: Arc::new(vec![]),
+            caller_slots: crate::http::auth::CallerSlots::new(8),
         };
         let front = Arc::new(Front {
             router: Router::new(),
@@ -186,7 +276,8 @@ mod tests {
         };
         let handle_size = std::mem::size_of_val(&handle(front.clone(), request()));
         // What hyper's task holds: the service and the request until it is called, then the
-        // service's future.
+        // service's future (and the connection's request guard, one pointer: see
+        // `server::tests::the_connection_adds_one_pointer_to_a_calls_future`).
         let service = crate::http::service(front.state.clone());
         let oneshot_size = std::mem::size_of_val(&service.oneshot(request()));
         eprintln!("handle: {handle_size} B, oneshot: {oneshot_size} B");

@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::ProblemCode;
+use super::server::ServerStats;
 use super::AppState;
 use crate::mqtt::Gateway;
 
@@ -28,7 +28,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
-    /// `answered` when the device replied, else the problem code (`device-timeout`, ...).
+    /// `answered` when the device replied, `client-disconnected` when the caller left first,
+    /// else the problem code (`device-timeout`, ...).
     outcome: String,
     status: u16,
 }
@@ -42,7 +43,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(gateway: Gateway) -> Self {
+    pub fn new(gateway: Gateway, server: std::sync::Arc<ServerStats>) -> Self {
         let mut registry = Registry::with_prefix("mqtt_gateway");
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
@@ -57,7 +58,7 @@ impl Metrics {
             "Time from receiving a call to answering it",
             duration.clone(),
         );
-        registry.register_collector(Box::new(ConnectionCollector { gateway }));
+        registry.register_collector(Box::new(ConnectionCollector { gateway, server }));
         Self {
             registry,
             calls,
@@ -65,9 +66,14 @@ impl Metrics {
         }
     }
 
-    /// Records one finished call.
-    pub fn record_call(&self, code: Option<ProblemCode>, status: u16, took: Duration) {
-        let outcome = code.map_or("answered", ProblemCode::as_str).to_owned();
+    /// Records one finished call: its problem code, or "" when the device answered.
+    pub fn record_call(&self, outcome: &str, status: u16, took: Duration) {
+        let outcome = if outcome.is_empty() {
+            "answered"
+        } else {
+            outcome
+        }
+        .to_owned();
         self.calls
             .get_or_create(&CallLabels { outcome, status })
             .inc();
@@ -82,16 +88,20 @@ impl Metrics {
     }
 }
 
-/// The MQTT side's counters, read at scrape time.
+/// The MQTT side's and the HTTP server's counters, read at scrape time.
 #[derive(Debug)]
 struct ConnectionCollector {
     gateway: Gateway,
+    server: std::sync::Arc<ServerStats>,
 }
 
 impl Collector for ConnectionCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.gateway.stats();
-        let gauges: [(&str, &str, i64); 2] = [
+        let server = &self.server;
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        let open = server.open.load(std::sync::atomic::Ordering::Relaxed);
+        let gauges: [(&str, &str, i64); 4] = [
             (
                 "calls_in_flight",
                 "Calls waiting for their device now",
@@ -99,15 +109,25 @@ impl Collector for ConnectionCollector {
             ),
             (
                 "broker_connected",
-                "1 while connected to the broker and subscribed to the response topic",
+                "1 while connected to the broker and its response topic delivers (a probe came back)",
                 i64::from(s.ready),
+            ),
+            (
+                "http_connections",
+                "HTTP connections open now",
+                i64::try_from(open).unwrap_or(i64::MAX),
+            ),
+            (
+                "buffered_bytes",
+                "Bytes held for calls now: bodies being received or sent to the broker, replies being written (--max-buffered-bytes)",
+                i64::try_from(s.buffered_bytes).unwrap_or(i64::MAX),
             ),
         ];
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
-        let counters: [(&str, &str, u64); 5] = [
+        let counters: [(&str, &str, u64); 8] = [
             (
                 "broker_reconnects",
                 "Connections to the broker after the first",
@@ -132,6 +152,21 @@ impl Collector for ConnectionCollector {
                 "calls_shed",
                 "Calls refused at once because the gateway was full",
                 s.shed,
+            ),
+            (
+                "http_connections_refused",
+                "HTTP connections answered 503 and closed because --http-max-connections were open",
+                load(&server.refused),
+            ),
+            (
+                "http_connections_timed_out",
+                "HTTP connections closed by a timeout: request head, response write, or a close that did not finish",
+                load(&server.timed_out),
+            ),
+            (
+                "log_lines_dropped",
+                "Log lines dropped because the reader of the gateway's output stopped reading",
+                crate::logging::dropped_lines(),
             ),
         ];
         for (name, help, value) in counters {

@@ -11,21 +11,21 @@ pub mod error;
 pub mod front;
 pub mod health;
 pub mod metrics;
+pub mod server;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method};
 use axum::response::Response;
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
-use tower::make::Shared;
-use tower::{Service, ServiceBuilder};
+use tower::Service;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
-use tower_http::request_id::{MakeRequestUuid, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
@@ -46,6 +46,10 @@ pub struct Limits {
     pub max_timeout_ms: u64,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive, in all.
+    pub body_timeout: Duration,
+    /// The most bytes of `x-mqtt-*` headers a reply may become.
+    pub max_reply_header_bytes: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +58,8 @@ impl Default for Limits {
             default_timeout_ms: 10_000,
             max_timeout_ms: 300_000,
             max_body_bytes: 256 * 1024,
+            body_timeout: Duration::from_secs(10),
+            max_reply_header_bytes: 8 * 1024,
         }
     }
 }
@@ -68,6 +74,8 @@ pub struct AppState {
     pub access: Arc<access::AccessPolicy>,
     /// Browser origins allowed to call the API (CORS); empty: no cross-origin access.
     pub cors_origins: Arc<Vec<String>>,
+    /// Calls in flight per authenticated caller.
+    pub caller_slots: Arc<auth::CallerSlots>,
 }
 
 /// The documented routes, with the OpenAPI document generated from their handlers.
@@ -95,9 +103,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The whole HTTP application, as hyper serves it: request ids, then [`front::handle`] (CORS,
-/// the access gate, per-call log and metrics, calls), then the [`router`]. Nothing boxes a
-/// call's future (see [`front`]).
+/// The whole HTTP application, as each connection serves it: [`front::handle`] (request ids,
+/// CORS, the access gate, per-call log and metrics, calls), then the [`router`]. Nothing boxes
+/// a call's future (see [`front`]).
 pub fn service(
     state: AppState,
 ) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
@@ -109,9 +117,7 @@ pub fn service(
         cors: cors(&state.cors_origins),
         state,
     });
-    ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .service_fn(move |request| front::handle(front.clone(), request))
+    tower::service_fn(move |request| front::handle(front.clone(), request))
 }
 
 /// CORS for browser web apps on the listed origins (`*` for any). Preflights are answered
@@ -135,23 +141,16 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     Some(layer)
 }
 
-/// Serves the application on an already-bound listener until `shutdown` completes.
+/// Serves the application on an already-bound listener until `shutdown` completes (see
+/// [`server`] for what each connection may do).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    limits: server::ServerLimits,
+    stats: Arc<server::ServerStats>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Responses go out as soon as they are written: without TCP_NODELAY, Nagle's algorithm
-    // holds a small write back while earlier data is unacknowledged (HTTP/2 frames, pipelined
-    // responses), up to the peer's delayed-ACK timer.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
-        }
-    });
-    axum::serve(listener, Shared::new(service(state)))
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, service(state), limits, stats, shutdown).await
 }
 
 async fn not_found(method: Method, request: Request) -> ApiError {

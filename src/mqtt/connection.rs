@@ -30,8 +30,10 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use super::pending::{Parked, PendingRequests};
+use super::readiness::{self, Action, Problem, Readiness};
 use super::{CallError, CallOutcome, CorrelationId, DeviceCall, DeviceReply, PublishRefusal};
 use crate::backoff::Backoff;
+use crate::budget::{ByteBudget, Held};
 use crate::names::TopicTemplate;
 use crate::protocol::STATUS_PROPERTY;
 
@@ -58,6 +60,9 @@ pub struct GatewayOptions {
     /// For this long after a reconnect, "no matching subscribers" means the devices may still
     /// be re-subscribing, not that they are offline: such calls get 503 (retry) instead of 404.
     pub reconnect_settle: Duration,
+    /// The bytes calls may hold (`--max-buffered-bytes`): a request's payload until it is
+    /// written to the broker, a reply until its HTTP response is handed over.
+    pub budget: Arc<ByteBudget>,
 }
 
 impl GatewayOptions {
@@ -77,7 +82,7 @@ struct Counters {
     replies_without_correlation: AtomicU64,
     /// Replies whose status property was not an HTTP status code.
     invalid_replies: AtomicU64,
-    /// Calls refused because `max_in_flight` calls were already parked.
+    /// Calls refused because `max_in_flight` calls were already in flight.
     shed: AtomicU64,
 }
 
@@ -93,6 +98,8 @@ pub struct GatewayStats {
     pub replies_without_correlation: u64,
     pub invalid_replies: u64,
     pub shed: u64,
+    /// Bytes held for calls now (see [`GatewayOptions::budget`]).
+    pub buffered_bytes: usize,
 }
 
 /// The handle the web layer uses to call devices. Cheap to clone.
@@ -124,15 +131,27 @@ struct Inner {
     /// DISCONNECT was sent: the task ends instead of reconnecting.
     disconnecting: AtomicBool,
     counters: Counters,
+    budget: Arc<ByteBudget>,
+    /// The client id, for the log line that says another client is using it.
+    client_id: String,
+    /// Subscribed and probed; see [`readiness`].
+    readiness: Mutex<Readiness>,
 }
 
 /// What must change together: whether requests may be sent, and the order they were sent in.
 #[derive(Default)]
 struct Link {
-    /// Connected and subscribed to the response topic.
+    /// Connected, subscribed to the response topic, and the probe came back.
     ready: bool,
-    /// Calls whose request is in rumqttc's channel but has no packet id yet, oldest first.
-    unsent: VecDeque<CorrelationId>,
+    /// Calls whose request is in rumqttc's channel but has no packet id yet, oldest first, with
+    /// the budget their payload holds until it is written.
+    unsent: VecDeque<(CorrelationId, Option<Held>)>,
+}
+
+/// A place among the calls in flight (`--max-in-flight`), taken before the request body is read
+/// so that bodies being uploaded count too; given back when the call ends.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -154,6 +173,7 @@ impl Gateway {
             mqtt.set_clean_start(false);
             mqtt.set_session_expiry_interval(Some(expiry));
         }
+        let client_id = mqtt.client_id();
         let (client, eventloop) = AsyncClient::new(mqtt, options.request_queue);
         let inner = Arc::new(Inner {
             client,
@@ -171,24 +191,47 @@ impl Gateway {
             shutting_down: AtomicBool::new(false),
             disconnecting: AtomicBool::new(false),
             counters: Counters::default(),
+            budget: options.budget,
+            client_id,
+            readiness: Mutex::new(Readiness::default()),
         });
         let task = tokio::spawn(run(eventloop, inner.clone()));
+        tokio::spawn(watch_readiness(inner.clone()));
         (Gateway { inner }, task)
     }
 
-    /// Parks the call and hands its request to the connection, without waiting: what a caller
-    /// holds while the device works is only the [`PendingCall`], not the request it came from.
-    pub fn send(&self, call: DeviceCall) -> Result<PendingCall, CallError> {
+    /// A place for one call among those in flight, or why there is none: shutting down, not
+    /// connected, or `--max-in-flight` calls in flight (503 at once).
+    pub fn reserve(&self) -> Result<Slot, CallError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(CallError::ShuttingDown);
+        }
+        if !self.is_ready() {
+            return Err(CallError::NotConnected);
         }
         let Ok(permit) = inner.in_flight.clone().try_acquire_owned() else {
             inner.counters.shed.fetch_add(1, Ordering::Relaxed);
             return Err(CallError::Overloaded);
         };
+        Ok(Slot { _permit: permit })
+    }
+
+    /// The budget calls' bytes are held in.
+    pub fn budget(&self) -> &Arc<ByteBudget> {
+        &self.inner.budget
+    }
+
+    /// Parks the call and hands its request to the connection, without waiting: what a caller
+    /// holds while the device works is only the [`PendingCall`], not the request it came from.
+    pub fn send(&self, slot: Slot, mut call: DeviceCall) -> Result<PendingCall, CallError> {
+        let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(CallError::ShuttingDown);
+        }
         let parked = inner.pending.park();
         let timeout = call.timeout;
+        let held = call.held.take();
         let publish = call.into_publish(&inner.topics, &inner.response_topic, parked.id());
 
         let size = publish.size();
@@ -227,17 +270,18 @@ impl Gateway {
                 inner.counters.shed.fetch_add(1, Ordering::Relaxed);
                 return Err(CallError::Overloaded);
             }
-            link.unsent.push_back(parked.id());
+            link.unsent.push_back((parked.id(), held));
         }
         Ok(PendingCall {
             parked,
             timeout,
-            _permit: permit,
+            _slot: slot,
             gateway: self.inner.clone(),
         })
     }
 
-    /// Connected to the broker and subscribed to the response topic.
+    /// Connected to the broker, subscribed to the response topic, and a probe published there
+    /// came back.
     pub fn is_ready(&self) -> bool {
         *self.inner.ready.borrow()
     }
@@ -264,6 +308,7 @@ impl Gateway {
             replies_without_correlation: c.replies_without_correlation.load(Ordering::Relaxed),
             invalid_replies: c.invalid_replies.load(Ordering::Relaxed),
             shed: c.shed.load(Ordering::Relaxed),
+            buffered_bytes: self.inner.budget.used(),
         }
     }
 
@@ -274,7 +319,7 @@ impl Gateway {
 
     /// Shutdown, step 2 (the grace period is over): answer every call still waiting with 503.
     pub fn fail_parked(&self) -> usize {
-        self.inner.pending.fail_all(CallOutcome::ShuttingDown)
+        self.inner.pending.fail_all(|| CallOutcome::ShuttingDown)
     }
 
     /// Shutdown, step 3: send DISCONNECT; the connection task then ends. Calls still parked
@@ -295,25 +340,37 @@ impl Gateway {
 pub struct PendingCall {
     parked: Parked,
     timeout: Duration,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
     gateway: Arc<Inner>,
 }
 
 impl PendingCall {
     /// Waits for the device's reply, the broker's refusal, or the call's timeout.
-    pub async fn reply(mut self) -> Result<DeviceReply, CallError> {
-        match tokio::time::timeout(self.timeout, self.parked.outcome()).await {
-            Ok(CallOutcome::Reply(reply)) => Ok(reply),
-            Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers))
-                if self.gateway.settling() =>
-            {
-                Err(CallError::DevicesReconnecting)
+    ///
+    /// An `async` block that uses its captured `self` in place: an `async fn` would also keep a
+    /// second copy of `self` in the future, and a parked call is this future.
+    #[allow(clippy::manual_async_fn)]
+    pub fn reply(mut self) -> impl std::future::Future<Output = Result<DeviceReply, CallError>> {
+        async move {
+            // Named, so the block captures it: precise capture would take only the fields used
+            // below and drop the in-flight slot as soon as `reply` returns.
+            let _slot = &self._slot;
+            match tokio::time::timeout(self.timeout, self.parked.outcome()).await {
+                Ok(CallOutcome::Reply(reply)) => Ok(reply),
+                Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers))
+                    if self.gateway.settling() =>
+                {
+                    Err(CallError::DevicesReconnecting)
+                }
+                Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
+                Ok(CallOutcome::BufferFull) => Err(CallError::BufferFull {
+                    limit: self.gateway.budget.limit(),
+                }),
+                Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
+                Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
+                Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
+                Err(_) => Err(CallError::Timeout(self.timeout)),
             }
-            Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
-            Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
-            Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
-            Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
-            Err(_) => Err(CallError::Timeout(self.timeout)),
         }
     }
 }
@@ -351,6 +408,60 @@ impl Inner {
         self.ready.send_replace(ready);
     }
 
+    fn lock_readiness(&self) -> std::sync::MutexGuard<'_, Readiness> {
+        // Every critical section is one state transition: a poisoned lock is still consistent.
+        self.readiness.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The request an [`Action`] asks for, handed to `send` (the event loop's queue, or the
+    /// client's channel).
+    fn act(&self, action: Action, send: impl FnOnce(Request)) {
+        match action {
+            Action::Nothing => {}
+            Action::Subscribe => {
+                let filter = Filter::new(self.response_topic.clone(), self.reply_qos());
+                send(Request::Subscribe(Subscribe::new(filter, None)));
+            }
+            Action::Probe(nonce) => {
+                let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    correlation_data: Some(readiness::probe_correlation(nonce).into()),
+                    ..Default::default()
+                };
+                send(Request::Publish(Publish::new(
+                    self.response_topic.clone(),
+                    QoS::AtMostOnce,
+                    bytes::Bytes::new(),
+                    Some(properties),
+                )));
+            }
+        }
+    }
+
+    /// One log line for a readiness problem, naming what to check.
+    fn report(&self, problem: &Problem, reasons: Option<&[SubscribeReasonCode]>) {
+        let topic = &self.response_topic;
+        match problem {
+            Problem::SubscribeRefused(retry_in) => error!(
+                response_topic = %topic,
+                ?reasons,
+                ?retry_in,
+                "the broker refused the response topic subscription; check its ACL (the gateway \
+                 needs to read and write its response topic). Calls get 503 until it is granted"
+            ),
+            Problem::SubscribeTimedOut => warn!(
+                response_topic = %topic,
+                "no SUBACK for the response topic subscription in time; subscribing again"
+            ),
+            Problem::ProbeLost { attempt } => error!(
+                response_topic = %topic,
+                attempt,
+                "replies never arrive: a message the gateway published to its own response topic \
+                 did not come back. The broker's ACL must let it read and write that topic. \
+                 Calls get 503 until a probe comes back"
+            ),
+        }
+    }
+
     /// The connection dropped. With a clean session, nothing queued or unacknowledged will
     /// reach the broker, and replies to what did would go to a subscription that no longer
     /// exists: fail every parked call now (503) rather than let it run into its timeout. With a
@@ -360,6 +471,7 @@ impl Inner {
         eventloop: &mut EventLoop,
         in_flight: &mut HashMap<u16, CorrelationId>,
     ) {
+        self.lock_readiness().disconnected();
         {
             let mut link = self.lock_link();
             link.ready = false;
@@ -391,7 +503,7 @@ impl Inner {
     }
 
     fn fail_all_lost(&self) {
-        let failed = self.pending.fail_all(CallOutcome::ConnectionLost);
+        let failed = self.pending.fail_all(|| CallOutcome::ConnectionLost);
         if failed > 0 {
             warn!(failed, "connection lost: failed the calls it carried");
         }
@@ -403,6 +515,17 @@ impl Inner {
             return;
         }
         let properties = publish.properties.unwrap_or_default();
+        if let Some(nonce) = properties
+            .correlation_data
+            .as_deref()
+            .and_then(readiness::probe_nonce)
+        {
+            if self.lock_readiness().probe_returned(nonce) {
+                self.set_ready(true);
+                info!(response_topic = %self.response_topic, "ready: the response topic delivers");
+            }
+            return;
+        }
         let Some(id) = properties
             .correlation_data
             .as_deref()
@@ -415,12 +538,24 @@ impl Inner {
             return;
         };
         let outcome = match split_status(properties.user_properties) {
-            Ok((status, user_properties)) => CallOutcome::Reply(DeviceReply {
-                payload: publish.payload,
-                content_type: properties.content_type,
-                status,
-                user_properties,
-            }),
+            Ok((status, user_properties)) => {
+                // What the HTTP response will hold until the client takes it.
+                let bytes = publish.payload.len()
+                    + user_properties
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
+                match self.budget.try_hold(bytes) {
+                    Some(held) => CallOutcome::Reply(DeviceReply {
+                        payload: publish.payload,
+                        content_type: properties.content_type,
+                        status,
+                        user_properties,
+                        held: Some(held),
+                    }),
+                    None => CallOutcome::BufferFull,
+                }
+            }
             Err(why) => {
                 self.counters
                     .invalid_replies
@@ -451,9 +586,14 @@ fn split_status(user_properties: UserProperties) -> Result<(Option<u16>, UserPro
                 .trim()
                 .parse::<u16>()
                 .ok()
-                .filter(|c| (100..=599).contains(c))
+                // 1xx are informational: a reply cannot be one (an HTTP/1.1 101 would switch the
+                // caller's connection to another protocol).
+                .filter(|c| (200..=599).contains(c))
                 .ok_or_else(|| {
-                    format!("{STATUS_PROPERTY:?} is {value:?}, not an HTTP status code (100-599)")
+                    format!(
+                        "{STATUS_PROPERTY:?} is {:?}, not a final HTTP status code (200-599)",
+                        crate::logging::bounded(&value)
+                    )
                 })?;
             status = Some(code);
         }
@@ -476,16 +616,19 @@ fn refusal(reason: PubAckReason) -> Option<PublishRefusal> {
 }
 
 /// The event loop. Nothing else polls it, and it never awaits the client (rumqtt issue 1025):
-/// its own requests (the subscription) go straight into the event loop's queue.
+/// its own requests (the subscription, the probe) go straight into the event loop's queue.
 async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
     // Packet id → call, from the moment the request is written until its PUBACK.
     let mut in_flight: HashMap<u16, CorrelationId> = HashMap::new();
     let mut backoff = Backoff::default();
     let mut connected_once = false;
+    // When the current connection's CONNACK came: how long a connection lived decides whether
+    // the next reconnect may be quick (see `Backoff::after_failure`).
+    let mut connected_at: Option<Instant> = None;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff.reset();
+                connected_at = Some(Instant::now());
                 if connected_once {
                     inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                     *inner
@@ -506,41 +649,38 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                     session_present = ack.session_present,
                     "connected to the MQTT broker"
                 );
-                if ack.session_present {
-                    // Our subscription survived with the session: serve at once. rumqttc now
-                    // retransmits the unacknowledged requests, then sends the queued ones.
-                    inner.set_ready(true);
-                } else {
-                    if inner.session_expiry.is_some() {
-                        inner.session_lost(&mut eventloop, &mut in_flight);
-                    }
-                    let filter = Filter::new(inner.response_topic.clone(), inner.reply_qos());
-                    eventloop
-                        .pending
-                        .push_back(Request::Subscribe(Subscribe::new(filter, None)));
+                if !ack.session_present && inner.session_expiry.is_some() {
+                    inner.session_lost(&mut eventloop, &mut in_flight);
                 }
+                // With the session present our subscription survived: only the probe is
+                // needed. rumqttc now retransmits the unacknowledged requests, then sends the
+                // queued ones.
+                let action = inner
+                    .lock_readiness()
+                    .connected(Instant::now(), ack.session_present);
+                inner.act(action, |request| eventloop.pending.push_back(request));
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let granted = ack
                     .return_codes
                     .iter()
                     .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
-                if granted {
-                    inner.set_ready(true);
-                    info!(response_topic = %inner.response_topic, "ready: subscribed to the response topic");
-                } else {
-                    error!(
-                        response_topic = %inner.response_topic,
-                        reasons = ?ack.return_codes,
-                        "the broker refused the response topic subscription; check its ACL"
-                    );
+                let (action, problem) = inner.lock_readiness().subscribed(Instant::now(), granted);
+                if let Some(problem) = problem {
+                    inner.report(&problem, Some(&ack.return_codes));
+                } else if granted {
+                    debug!(response_topic = %inner.response_topic, "subscribed to the response topic; probing it");
                 }
+                inner.act(action, |request| eventloop.pending.push_back(request));
             }
+            // The probe (QoS 0, packet id 0) belongs to no call.
+            Ok(Event::Outgoing(Outgoing::Publish(0))) => {}
             // A retransmission on a resumed session keeps its packet id, already mapped.
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if in_flight.contains_key(&pkid) => {}
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                // Written: the payload's budget is given back as the entry is dropped.
                 match inner.lock_link().unsent.pop_front() {
-                    Some(id) => {
+                    Some((id, _written)) => {
                         in_flight.insert(pkid, id);
                     }
                     None => warn!(pkid, "a request left with no call waiting for its PUBACK"),
@@ -566,9 +706,46 @@ async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                     break;
                 }
                 inner.connection_lost(&mut eventloop, &mut in_flight);
-                tokio::time::sleep(backoff.after_failure(&e, "gateway")).await;
+                let lived = connected_at.take().map(|at| at.elapsed());
+                let delay = backoff.after_failure(&e, "gateway", &inner.client_id, lived);
+                tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Once a second: subscribes again when a SUBACK never came or a refusal has waited its turn,
+/// and probes again when a probe got lost, saying why the gateway is not ready. Through the
+/// client's channel, like a call, since only the event loop may touch the event loop.
+async fn watch_readiness(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if inner.disconnecting.load(Ordering::SeqCst) {
+            return;
+        }
+        let (action, problem) = inner.lock_readiness().tick(Instant::now());
+        if let Some(problem) = problem {
+            inner.report(&problem, None);
+        }
+        let client = inner.client.clone();
+        inner.act(action, |request| {
+            let sent = match request {
+                Request::Subscribe(subscribe) => client.try_subscribe_many(subscribe.filters),
+                Request::Publish(publish) => client.try_publish_with_properties(
+                    String::from_utf8_lossy(&publish.topic).into_owned(),
+                    publish.qos,
+                    false,
+                    publish.payload,
+                    publish.properties.unwrap_or_default(),
+                ),
+                _ => Ok(()),
+            };
+            if let Err(e) = sent {
+                debug!("could not queue a readiness request: {e}");
+            }
+        });
     }
 }
 
@@ -587,6 +764,18 @@ mod tests {
         assert_eq!(rest, vec![("a".to_string(), "1".to_string())]);
         assert!(split_status(vec![("status".into(), "abc".into())]).is_err());
         assert!(split_status(vec![("status".into(), "99".into())]).is_err());
+        for informational in ["100", "101", "103", "199"] {
+            assert!(
+                split_status(vec![("status".into(), informational.into())]).is_err(),
+                "{informational}"
+            );
+        }
+        assert_eq!(
+            split_status(vec![("status".into(), "204".into())])
+                .unwrap()
+                .0,
+            Some(204)
+        );
         assert_eq!(split_status(vec![]).unwrap().0, None);
     }
 
@@ -600,6 +789,7 @@ mod tests {
             max_in_flight: 1,
             session_expiry: None,
             reconnect_settle: Duration::ZERO,
+            budget: ByteBudget::new(1),
         };
         assert_ne!(opts("a").response_topic(), opts("b").response_topic());
     }

@@ -11,13 +11,14 @@
 
 pub mod connection;
 pub mod pending;
+pub mod readiness;
 pub mod request;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
-pub use connection::{Gateway, GatewayOptions, PendingCall};
+pub use connection::{Gateway, GatewayOptions, PendingCall, Slot};
 pub use request::DeviceCall;
 
 /// Correlation Data of one request: 128 random bits, so a reply can only be matched by someone
@@ -41,7 +42,7 @@ impl CorrelationId {
 }
 
 /// What a device answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct DeviceReply {
     /// The reply's payload, unchanged.
     pub payload: Bytes,
@@ -51,12 +52,17 @@ pub struct DeviceReply {
     pub status: Option<u16>,
     /// Every other user property of the reply, in order.
     pub user_properties: Vec<(String, String)>,
+    /// The reply's bytes in the gateway's budget ([`GatewayOptions::budget`]): keep it until
+    /// the reply has been handed on.
+    pub held: Option<crate::budget::Held>,
 }
 
 /// How a parked call ends, as seen from the MQTT connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum CallOutcome {
     Reply(DeviceReply),
+    /// A reply came, but the gateway holds as many bytes for calls as it may.
+    BufferFull,
     /// The broker answered the request's PUBLISH with a failure reason code (PUBACK).
     Refused(PublishRefusal),
     /// The reply carried a status property that is not an HTTP status code.
@@ -91,6 +97,8 @@ pub enum CallError {
     NotConnected,
     #[error("the gateway has too many calls in flight; retry shortly")]
     Overloaded,
+    #[error("the gateway holds as many bytes for calls as it may ({limit} bytes, --max-buffered-bytes); retry shortly")]
+    BufferFull { limit: usize },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     #[error(

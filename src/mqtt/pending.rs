@@ -54,11 +54,11 @@ impl PendingRequests {
 
     /// Fails every parked call with the same outcome (the connection that carried them is gone,
     /// or the gateway is shutting down).
-    pub fn fail_all(&self, outcome: CallOutcome) -> usize {
+    pub fn fail_all(&self, outcome: impl Fn() -> CallOutcome) -> usize {
         let drained: Vec<_> = self.lock().drain().collect();
         let n = drained.len();
         for (_, tx) in drained {
-            let _ = tx.send(outcome.clone());
+            let _ = tx.send(outcome());
         }
         n
     }

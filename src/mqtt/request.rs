@@ -11,7 +11,7 @@ use crate::names::{DeviceId, ServiceName, TopicTemplate};
 use crate::protocol;
 
 /// One call to a device service, as the web layer hands it over.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeviceCall {
     pub device: DeviceId,
     pub service: ServiceName,
@@ -23,6 +23,8 @@ pub struct DeviceCall {
     pub user_properties: Vec<(String, String)>,
     /// How long the caller waits; also sent as the Message Expiry Interval.
     pub timeout: Duration,
+    /// The payload's bytes in the gateway's budget, given back once the request is written.
+    pub held: Option<crate::budget::Held>,
 }
 
 impl DeviceCall {
@@ -84,6 +86,7 @@ mod tests {
             content_type: Some("application/json".into()),
             user_properties: vec![("k".into(), "v".into())],
             timeout: Duration::from_millis(2500),
+            held: None,
         };
         let id = CorrelationId::random();
         let p = call.into_publish(&TopicTemplate::default(), "gw/replies", id);

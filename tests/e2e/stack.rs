@@ -157,8 +157,8 @@ pub fn report(line: &str) {
 }
 
 /// Mosquitto, the gateway and the demo device as child processes, configured as
-/// docker-compose.yml configures them: the repository's mosquitto.conf and acl, users `gw-1`
-/// and `demo-1`, the gateway's id `gw-1`, credentials by environment, an API keys file. Only the
+/// docker-compose.yml configures them: the repository's mosquitto.conf and acl, users `gateway`
+/// and `demo-1`, a random gateway id, credentials by environment, an API keys file. Only the
 /// secrets differ: new random passwords and API key, since the committed files hold demo
 /// secrets this suite should not repeat (scripts/compose-local tests those with the compose
 /// file's). And the gateway listens on loopback, on a free port.
@@ -167,8 +167,8 @@ struct OwnStack {
     children: Vec<(&'static str, Child)>,
 }
 
-/// The gateway's id and MQTT user in docker-compose.yml and mosquitto/acl.
-const GATEWAY_ID: &str = "gw-1";
+/// The gateways' MQTT user in docker-compose.yml and mosquitto/acl.
+const GATEWAY_USER: &str = "gateway";
 /// The demo device's id and MQTT user in docker-compose.yml and mosquitto/acl.
 const DEVICE_ID: &str = "demo-1";
 
@@ -191,7 +191,7 @@ impl OwnStack {
         let device_password = unique("pw");
         let passwd = own.dir.path().join("passwd");
         for (i, (user, password)) in [
-            (GATEWAY_ID, &gateway_password),
+            (GATEWAY_USER, &gateway_password),
             (DEVICE_ID, &device_password),
         ]
         .into_iter()
@@ -245,9 +245,8 @@ impl OwnStack {
             binary().arg("serve").envs([
                 ("GATEWAY_LISTEN", format!("127.0.0.1:{http_port}")),
                 ("GATEWAY_API_KEYS_FILE", keys_file.display().to_string()),
-                ("GATEWAY_ID", GATEWAY_ID.to_owned()),
                 ("GATEWAY_MQTT_URL", broker.clone()),
-                ("GATEWAY_MQTT_USERNAME", GATEWAY_ID.to_owned()),
+                ("GATEWAY_MQTT_USERNAME", GATEWAY_USER.to_owned()),
                 ("GATEWAY_MQTT_PASSWORD", gateway_password.clone()),
             ]),
         );
@@ -264,7 +263,7 @@ impl OwnStack {
             gateway_url: format!("http://127.0.0.1:{http_port}"),
             device_id: DEVICE_ID.into(),
             device_mqtt_url: Some(with_credentials(DEVICE_ID, &device_password)),
-            gateway_mqtt_url: Some(with_credentials(GATEWAY_ID, &gateway_password)),
+            gateway_mqtt_url: Some(with_credentials(GATEWAY_USER, &gateway_password)),
             api_key: Some(api_key),
             http: http_client(),
             _own: Some(own),
@@ -389,8 +388,6 @@ fn wait_connectable(port: u16, child: &mut Child) -> bool {
 /// each waiting for the broker's answer.
 pub struct Probe {
     pub client: AsyncClient,
-    /// The user it logged in as.
-    pub username: String,
     events: mpsc::UnboundedReceiver<Packet>,
     /// Publishes the broker delivered, in order.
     pub received: Vec<Publish>,
@@ -416,11 +413,6 @@ impl Probe {
         let mut options = MqttOptions::new(unique("e2e-probe"), broker.host.clone(), broker.port);
         options.set_keep_alive(Duration::from_secs(5));
         options.set_max_packet_size(Some(1024 * 1024));
-        let username = broker
-            .credentials
-            .as_ref()
-            .map(|(user, _)| user.clone())
-            .unwrap_or_default();
         if let Some((user, password)) = broker.credentials {
             options.set_credentials(user, password.expose());
         }
@@ -449,7 +441,6 @@ impl Probe {
         });
         Ok(Probe {
             client,
-            username,
             events,
             received: Vec::new(),
             task,
