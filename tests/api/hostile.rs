@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -474,4 +475,297 @@ async fn floods_of_settings_ping_window_update_and_empty_data_frames_starve_no_o
     assert!(eventually(Duration::from_secs(2), || app.gateway.stats().parked == 0).await);
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200, "the gateway is alive");
+}
+
+/// One HTTP/1 exchange on a fresh connection: writes `request`, then returns everything the
+/// server sends until it closes the connection (true) or is quiet for `quiet` (false).
+async fn http1_exchange(addr: SocketAddr, request: &[u8], quiet: Duration) -> (Vec<u8>, bool) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    // The server may refuse the head and close before it has read the rest.
+    let _ = tcp.write_all(request).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    while Instant::now() < deadline {
+        match tokio::time::timeout(quiet, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+    (got, false)
+}
+
+/// One HTTP/1.1 response.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// Names in lower case.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The responses in `bytes`, in order, without interim (1xx) ones. A body is framed by its
+/// Content-Length, by chunked encoding, or else runs to the end.
+fn parse_answers(mut rest: &[u8]) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    while let Some(end) = find(rest, b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+        rest = &rest[end + 4..];
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {status_line:?}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let mut answer = Answer {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if let Some(len) = answer.header("content-length") {
+            let len: usize = len.parse().expect("a Content-Length");
+            let len = len.min(rest.len());
+            answer.body = rest[..len].to_vec();
+            rest = &rest[len..];
+        } else if answer
+            .header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+        {
+            while let Some(line_end) = find(rest, b"\r\n") {
+                let size = String::from_utf8_lossy(&rest[..line_end]);
+                let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
+                    .expect("a chunk size");
+                rest = &rest[line_end + 2..];
+                if size == 0 {
+                    // No trailers from this server: the empty line.
+                    rest = rest.get(2..).unwrap_or_default();
+                    break;
+                }
+                let size = size.min(rest.len());
+                answer.body.extend_from_slice(&rest[..size]);
+                rest = rest.get(size + 2..).unwrap_or_default();
+            }
+        } else if !(status < 200 || status == 204 || status == 304) {
+            answer.body = rest.to_vec();
+            rest = &[];
+        }
+        if status >= 200 {
+            answers.push(answer);
+        }
+    }
+    answers
+}
+
+/// The bytes of a framing attack, for the device of its row.
+type Request<'a> = Box<dyn Fn(usize) -> String + 'a>;
+
+/// What a framing attack must get.
+#[derive(Debug)]
+enum Framing {
+    /// A 400 or a closed connection; nothing published for its device.
+    Refused,
+    /// Content-Length and Transfer-Encoding together: RFC 9112 section 6.3 lets a server
+    /// either refuse it or read the body as chunked (Content-Length ignored) and close the
+    /// connection after answering. Then exactly one answer, the connection closed right after
+    /// it, the device got the chunked body (this), and nothing after the last chunk ran.
+    ChunkedThenClose(&'static str),
+    /// Exactly one answer, 200, whose body is this; only its own request published.
+    OneCall(&'static str),
+}
+
+/// Protects against HTTP/1 request smuggling and desync: a request whose length is ambiguous
+/// (two Content-Lengths, a bad chunk size, an obfuscated Transfer-Encoding) is refused with 400
+/// or by closing the connection, and nothing of it reaches a device; a request hidden behind
+/// the end of another (after its last chunk, or inside its body) never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_http1_framing_is_refused_and_nothing_hidden_in_it_reaches_mqtt() {
+    let broker = TestBroker::start();
+    let _front = demo_device(&broker, "front").await;
+    // Every request the gateway publishes, to any device.
+    let mut spy = RawClient::connect(&broker, "spy", &["devices/#"]).await;
+    let app = TestApp::spawn(&broker).await;
+
+    const SMUGGLED: &str = "POST /api/v1/devices/smuggled/services/echo HTTP/1.1\r\n\
+                            Host: gw\r\nContent-Length: 0\r\n\r\n";
+    // Each case calls its own device (case-<row>), which only the spy listens to.
+    let head = |row: usize, version: &str, headers: &str| {
+        format!(
+            "POST /api/v1/devices/case-{row}/services/echo?timeout_ms=300 HTTP/{version}\r\n\
+             Host: gw\r\n{headers}\r\n"
+        )
+    };
+    let chunked_then_smuggled = format!("5\r\nhello\r\n0\r\n\r\n{SMUGGLED}");
+    let cl = chunked_then_smuggled.len();
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Request, Framing)> = vec![
+        ("Content-Length, then Transfer-Encoding (CL.TE), a request after the last chunk",
+            Box::new(|r| format!("{}{chunked_then_smuggled}", head(r, "1.1", &format!("Content-Length: {cl}\r\nTransfer-Encoding: chunked\r\n")))),
+            Framing::ChunkedThenClose("hello")),
+        ("Transfer-Encoding, then Content-Length (TE.CL), a request after the last chunk",
+            Box::new(|r| format!("{}{chunked_then_smuggled}", head(r, "1.1", &format!("Transfer-Encoding: chunked\r\nContent-Length: {cl}\r\n")))),
+            Framing::ChunkedThenClose("hello")),
+        ("two different Content-Lengths",
+            Box::new(|r| format!("{}hello!", head(r, "1.1", "Content-Length: 5\r\nContent-Length: 6\r\n"))),
+            Framing::Refused),
+        ("a Content-Length list of two values",
+            Box::new(|r| format!("{}hello!", head(r, "1.1", "Content-Length: 5, 6\r\n"))),
+            Framing::Refused),
+        ("a signed Content-Length",
+            Box::new(|r| format!("{}hello", head(r, "1.1", "Content-Length: +5\r\n"))),
+            Framing::Refused),
+        ("a chunk size that is not hex",
+            Box::new(|r| format!("{}zz\r\nhello\r\n0\r\n\r\n", head(r, "1.1", "Transfer-Encoding: chunked\r\n"))),
+            Framing::Refused),
+        ("a chunk size that overflows 64 bits",
+            Box::new(|r| format!("{}1ffffffffffffffff\r\nhello\r\n0\r\n\r\n", head(r, "1.1", "Transfer-Encoding: chunked\r\n"))),
+            Framing::Refused),
+        ("a Transfer-Encoding that is not chunked",
+            Box::new(|r| format!("{}hello", head(r, "1.1", "Transfer-Encoding: xchunked\r\n"))),
+            Framing::Refused),
+        ("a space before the colon of Transfer-Encoding",
+            Box::new(|r| format!("{}{chunked_then_smuggled}", head(r, "1.1", &format!("Transfer-Encoding : chunked\r\nContent-Length: {cl}\r\n")))),
+            Framing::Refused),
+        ("Transfer-Encoding folded onto a second line (obs-fold)",
+            Box::new(|r| format!("{}{chunked_then_smuggled}", head(r, "1.1", &format!("Content-Length: {cl}\r\nTransfer-Encoding: identity\r\n chunked\r\n")))),
+            Framing::Refused),
+        ("Transfer-Encoding in HTTP/1.0",
+            Box::new(|r| format!("{}{chunked_then_smuggled}", head(r, "1.0", "Transfer-Encoding: chunked\r\n"))),
+            Framing::Refused),
+        ("a request hidden in a Content-Length body is body",
+            Box::new(|_| format!(
+                "POST /api/v1/devices/front/services/echo HTTP/1.1\r\nHost: gw\r\n\
+                 Content-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len())),
+            Framing::OneCall(SMUGGLED)),
+    ];
+
+    // All at once, each on its own connection; a connection left open counts as quiet after
+    // 800 ms (longer than the 300 ms a published call would wait for its device).
+    let exchanges =
+        join_all(
+            cases.iter().enumerate().map(|(row, (_, request, _))| {
+                let request = request(row);
+                async move {
+                    http1_exchange(app.addr, request.as_bytes(), Duration::from_millis(800)).await
+                }
+            }),
+        )
+        .await;
+    let published = drain(&mut spy, Duration::from_millis(500)).await;
+
+    for (row, ((what, _, expect), (bytes, closed))) in cases.iter().zip(&exchanges).enumerate() {
+        let answers = parse_answers(bytes);
+        let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+        let own = format!("devices/case-{row}/echo");
+        let reached: Vec<&[u8]> = published
+            .iter()
+            .filter(|(t, _)| *t == own)
+            .map(|(_, p)| p.as_slice())
+            .collect();
+        report(&format!(
+            "HTTP/1 framing row {row} ({what}): statuses {statuses:?}, closed {closed}, \
+             published {}",
+            reached.len()
+        ));
+        let all = String::from_utf8_lossy(bytes);
+        match expect {
+            Framing::Refused => {
+                assert!(
+                    statuses.iter().all(|s| *s == 400) && (!statuses.is_empty() || *closed),
+                    "row {row} ({what}): {statuses:?}, closed {closed}: {all}"
+                );
+                assert!(reached.is_empty(), "row {row} ({what}) reached MQTT");
+            }
+            Framing::ChunkedThenClose(body) => {
+                let refused = statuses.iter().all(|s| *s == 400) && reached.is_empty();
+                let chunked = statuses.len() == 1 && reached == [body.as_bytes()];
+                assert!(
+                    refused || chunked,
+                    "row {row} ({what}): {statuses:?}, published {reached:?}: {all}"
+                );
+                assert!(
+                    *closed,
+                    "row {row} ({what}): the connection stayed open: {all}"
+                );
+            }
+            Framing::OneCall(body) => {
+                assert_eq!(statuses, [200], "row {row} ({what}): {all}");
+                assert_eq!(answers[0].body, body.as_bytes(), "row {row} ({what})");
+            }
+        }
+    }
+    let topics: Vec<&str> = published.iter().map(|(t, _)| t.as_str()).collect();
+    assert!(
+        !topics.iter().any(|t| t.contains("smuggled")),
+        "a hidden request was published: {topics:?}"
+    );
+    assert_eq!(
+        topics
+            .iter()
+            .filter(|t| **t == "devices/front/echo")
+            .count(),
+        1,
+        "{topics:?}"
+    );
+}
+
+/// Protects HTTP/1.1 pipelining: several calls written at once on one connection are each
+/// answered, in the order they were sent, each with its own body, even when the first call
+/// takes longest.
+#[tokio::test]
+async fn pipelined_http1_calls_are_answered_in_order_each_with_its_own_body() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "pipe").await;
+    let app = TestApp::spawn(&broker).await;
+
+    let call = |service: &str, body: &str, last: bool| {
+        format!(
+            "POST /api/v1/devices/pipe/services/{service} HTTP/1.1\r\nHost: gw\r\n\
+             Content-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if last { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let bodies = [
+        "first",
+        "second, a little longer",
+        "3",
+        "fourth",
+        "the fifth and last",
+    ];
+    let mut requests = call("delay", "300", false);
+    for (i, body) in bodies.iter().enumerate() {
+        requests.push_str(&call("echo", body, i == bodies.len() - 1));
+    }
+
+    let (bytes, closed) =
+        http1_exchange(app.addr, requests.as_bytes(), Duration::from_secs(3)).await;
+    assert!(closed, "closed after the last call, which asked for it");
+    let answers = parse_answers(&bytes);
+    let got: Vec<(u16, String)> = answers
+        .iter()
+        .map(|a| (a.status, String::from_utf8_lossy(&a.body).into_owned()))
+        .collect();
+    let mut expected = vec![(200, r#"{"waited_ms":300}"#.to_owned())];
+    expected.extend(bodies.iter().map(|b| (200, b.to_string())));
+    assert_eq!(got, expected);
 }
