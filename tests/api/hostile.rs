@@ -84,6 +84,114 @@ mod h2 {
     }
 }
 
+/// MQTT 5 packets by hand, for clients that must cost the test next to nothing per message: a
+/// device that never answers, and a forger that publishes hundreds of thousands of replies.
+mod mqtt_raw {
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let mut byte = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                byte |= 0x80;
+            }
+            out.push(byte);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    fn string(s: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(s);
+    }
+
+    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = vec![first];
+        varint(body.len(), &mut p);
+        p.extend_from_slice(body);
+        p
+    }
+
+    /// CONNECT, MQTT 5, clean start, keep-alive 60 s, no properties.
+    pub fn connect(client_id: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        string(b"MQTT", &mut body);
+        body.extend_from_slice(&[5, 0x02, 0, 60, 0]);
+        string(client_id.as_bytes(), &mut body);
+        packet(0x10, &body)
+    }
+
+    /// SUBSCRIBE to one filter at QoS 0.
+    pub fn subscribe(packet_id: u16, filter: &str) -> Vec<u8> {
+        let mut body = packet_id.to_be_bytes().to_vec();
+        body.push(0); // no properties
+        string(filter.as_bytes(), &mut body);
+        body.push(0); // QoS 0
+        packet(0x82, &body)
+    }
+
+    /// One packet: its first byte and the rest after the length.
+    pub async fn read_packet(
+        read: &mut (impl AsyncRead + Unpin),
+    ) -> std::io::Result<(u8, Vec<u8>)> {
+        let first = read.read_u8().await?;
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let byte = read.read_u8().await?;
+            len |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let mut body = vec![0u8; len];
+        read.read_exact(&mut body).await?;
+        Ok((first, body))
+    }
+}
+
+/// A raw MQTT connection to the broker, past its CONNACK.
+async fn raw_mqtt(broker: &TestBroker, client_id: &str) -> TcpStream {
+    let mut tcp = TcpStream::connect(("127.0.0.1", broker.port))
+        .await
+        .expect("connect to the broker");
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(&mqtt_raw::connect(client_id)).await.unwrap();
+    let (kind, body) =
+        tokio::time::timeout(Duration::from_secs(5), mqtt_raw::read_packet(&mut tcp))
+            .await
+            .expect("CONNACK within 5 s")
+            .expect("CONNACK");
+    assert_eq!((kind, body.get(1)), (0x20, Some(&0)), "CONNACK, success");
+    tcp
+}
+
+/// A device subscribed to `filter` (at QoS 0, so it owes the broker no acks) that never answers:
+/// what it receives is read and dropped. Ends when the handle is aborted.
+async fn silent_device(broker: &TestBroker, filter: &str) -> tokio::task::JoinHandle<()> {
+    let mut tcp = raw_mqtt(broker, "silent").await;
+    tcp.write_all(&mqtt_raw::subscribe(1, filter))
+        .await
+        .unwrap();
+    let (kind, body) =
+        tokio::time::timeout(Duration::from_secs(5), mqtt_raw::read_packet(&mut tcp))
+            .await
+            .expect("SUBACK within 5 s")
+            .expect("SUBACK");
+    assert_eq!(kind, 0x90, "SUBACK");
+    assert!(
+        body.last().is_some_and(|code| *code < 0x80),
+        "granted: {body:?}"
+    );
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+}
+
 /// What the server sent on a raw HTTP/2 connection.
 #[derive(Debug, Default)]
 struct Heard {
@@ -94,6 +202,10 @@ struct Heard {
     goaway: Option<(u32, u32)>,
     /// Streams the server answered with HEADERS.
     answered: Vec<u32>,
+    /// The response body of each stream so far.
+    bodies: std::collections::HashMap<u32, Vec<u8>>,
+    /// Streams whose response is complete (END_STREAM), and when.
+    ended: Vec<(u32, Instant)>,
     /// EOF or a read error.
     closed: bool,
 }
@@ -157,7 +269,11 @@ impl RawH2 {
                             h.goaway = Some((last & !(1 << 31), code));
                         }
                         h2::HEADERS => h.answered.push(stream),
+                        h2::DATA => h.bodies.entry(stream).or_default().extend(&payload),
                         _ => {}
+                    }
+                    if matches!(head[3], h2::HEADERS | h2::DATA) && head[4] & h2::END_STREAM != 0 {
+                        h.ended.push((stream, Instant::now()));
                     }
                 }
                 heard.lock().unwrap().closed = true;
@@ -768,4 +884,124 @@ async fn pipelined_http1_calls_are_answered_in_order_each_with_its_own_body() {
     let mut expected = vec![(200, r#"{"waited_ms":300}"#.to_owned())];
     expected.extend(bodies.iter().map(|b| (200, b.to_string())));
     assert_eq!(got, expected);
+}
+
+/// Taken by the tests that load both cores for seconds (the crowd, the forged-reply flood), so
+/// that they do not run at the same time and measure each other.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Calls parked at once in the crowd test, the gateway's --max-in-flight.
+const CROWD: usize = 10_000;
+/// HTTP/2 connections the crowd arrives on (hyper allows 200 streams on each).
+const CROWD_CONNECTIONS: usize = 60;
+
+/// Protects the in-flight cap at scale: ten thousand calls parked on a device that never
+/// answers, call 10,001 refused at once with 503 `overloaded`, and all ten thousand answered
+/// 504 `device-timeout` on time, leaving nothing parked.
+///
+/// The crowd speaks raw HTTP/2 frames (a HEADERS frame per call, the answers only counted), so
+/// that the test's own client costs next to nothing and the time measured is the gateway's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_parked_calls_fill_the_gateway_and_call_10001_is_refused_at_once() {
+    let _heavy = HEAVY.lock().await;
+    let broker = TestBroker::start();
+    // Subscribed, so Mosquitto does not answer "no subscribers" (404), and silent.
+    let silent = silent_device(&broker, "devices/silent/#").await;
+    let max = CROWD.to_string();
+    let app = TestApp::spawn_with(
+        &broker,
+        &["--max-in-flight", &max, "--mqtt-request-queue", "20000"],
+    )
+    .await;
+    let timeout = Duration::from_millis(4000);
+    let path = format!(
+        "/api/v1/devices/silent/services/wait?timeout_ms={}",
+        timeout.as_millis()
+    );
+    let per_connection = CROWD.div_ceil(CROWD_CONNECTIONS);
+    let mut connections = Vec::new();
+    for _ in 0..CROWD_CONNECTIONS {
+        connections.push(RawH2::connect(app.addr).await);
+    }
+
+    let started = Instant::now();
+    let mut sent_at = Vec::new();
+    let mut calls = 0;
+    for connection in &mut connections {
+        // Room for every answer on this connection.
+        let mut frames = h2::frame(h2::WINDOW_UPDATE, 0, 0, &(16u32 << 20).to_be_bytes());
+        let n = per_connection.min(CROWD - calls);
+        for stream in (0..n as u32).map(|i| 2 * i + 1) {
+            frames.extend(h2::frame(
+                h2::HEADERS,
+                h2::END_HEADERS | h2::END_STREAM,
+                stream,
+                &h2::post(&path),
+            ));
+        }
+        assert!(connection.send(&frames).await);
+        sent_at.push(Instant::now());
+        calls += n;
+    }
+    assert_eq!(calls, CROWD);
+    let all_parked = eventually(timeout - Duration::from_millis(500), || {
+        app.gateway.stats().parked == CROWD
+    })
+    .await;
+    let parked_after = started.elapsed();
+    assert!(
+        all_parked,
+        "{} of {CROWD} parked after {parked_after:?}",
+        app.gateway.stats().parked
+    );
+
+    let refused_at = Instant::now();
+    let refused = app.call("silent", "wait", "one too many").await;
+    let refused_in = refused_at.elapsed();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(problem(refused).await["code"], "overloaded");
+    assert!(refused_in < Duration::from_millis(500), "{refused_in:?}");
+
+    let ended = |c: &RawH2| c.heard(|h| h.ended.len());
+    let answered = eventually(timeout + Duration::from_secs(6), || {
+        connections.iter().map(ended).sum::<usize>() == CROWD
+    })
+    .await;
+    let all_done = started.elapsed();
+    assert!(
+        answered,
+        "{} of {CROWD} answered after {all_done:?}",
+        connections.iter().map(ended).sum::<usize>()
+    );
+    let mut earliest = Duration::MAX;
+    let mut latest = Duration::ZERO;
+    for (connection, sent) in connections.iter().zip(&sent_at) {
+        connection.heard(|h| {
+            assert!(!h.closed && h.goaway.is_none(), "{h:?}");
+            for (stream, at) in &h.ended {
+                let body = String::from_utf8_lossy(&h.bodies[stream]);
+                assert!(
+                    body.contains(r#""status":504"#) && body.contains(r#""code":"device-timeout""#),
+                    "stream {stream}: {body}"
+                );
+                earliest = earliest.min(at.duration_since(*sent));
+                latest = latest.max(at.duration_since(*sent));
+            }
+        });
+    }
+    report(&format!(
+        "crowd: {CROWD} parked on {CROWD_CONNECTIONS} HTTP/2 connections in {parked_after:?}; \
+         call {} refused in {refused_in:?}; 504s from {earliest:?} to {latest:?} after their \
+         connection's calls were sent (timeout {timeout:?}); all answered after {all_done:?}",
+        CROWD + 1
+    ));
+    // Late by what ten thousand answers at once cost a debug build on two cores (about 2 s
+    // measured), and never by the 10 s default timeout.
+    assert!(earliest >= timeout, "a call timed out early: {earliest:?}");
+    assert!(
+        latest < timeout + Duration::from_secs(5),
+        "a call was answered {latest:?} after it was sent"
+    );
+    assert!(eventually(Duration::from_secs(2), || app.gateway.stats().parked == 0).await);
+    silent.abort();
 }
