@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -132,6 +134,20 @@ mod mqtt_raw {
         body.push(0); // QoS 0
         packet(0x82, &body)
     }
+
+    /// PUBLISH at QoS 0 with Correlation Data.
+    pub fn publish(topic: &str, correlation: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        string(topic.as_bytes(), &mut body);
+        let mut properties = vec![0x09]; // Correlation Data
+        string(correlation, &mut properties);
+        varint(properties.len(), &mut body);
+        body.extend_from_slice(&properties);
+        body.extend_from_slice(payload);
+        packet(0x30, &body)
+    }
+
+    pub const DISCONNECT: [u8; 2] = [0xe0, 0x00];
 
     /// One packet: its first byte and the rest after the length.
     pub async fn read_packet(
@@ -1004,4 +1020,162 @@ async fn ten_thousand_parked_calls_fill_the_gateway_and_call_10001_is_refused_at
     );
     assert!(eventually(Duration::from_secs(2), || app.gateway.stats().parked == 0).await);
     silent.abort();
+}
+
+/// Forged replies in the flood test.
+const FORGERIES: usize = 200_000;
+/// Calls waiting on the device while the forgeries arrive.
+const WAITING: u64 = 20;
+
+/// Protects reply matching under a flood: a client that may publish to the gateway's reply
+/// topic (a broker ACL should stop it; suppose it does not) sends two hundred thousand replies
+/// with random correlation data while calls wait. No waiting call is answered by a forgery,
+/// each gets its own device's answer, the forgeries are counted as unmatched, and the gateway
+/// stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_replies_answers_no_call_and_is_counted() {
+    let _heavy = HEAVY.lock().await;
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "d").await;
+    let app = TestApp::spawn_with(&broker, &["--id", "gw-flood"]).await;
+    let reply_topic = "gateway/gw-flood/replies";
+    assert_eq!(app.gateway.response_topic(), reply_topic);
+
+    // Each call waits its own time, which its answer names.
+    let calls: Vec<_> = (0..WAITING)
+        .map(|i| {
+            let http = app.http.clone();
+            let url = format!("{}?timeout_ms=20000", app.service_url("d", "delay"));
+            let ms = 1500 + 10 * i;
+            tokio::spawn(async move {
+                let response = http.post(url).body(ms.to_string()).send().await.unwrap();
+                let status = response.status().as_u16();
+                (ms, status, response.text().await.unwrap())
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || app.gateway.stats().parked
+            == WAITING as usize)
+        .await
+    );
+
+    let forged: Vec<u8> = (0..FORGERIES)
+        .flat_map(|_| mqtt_raw::publish(reply_topic, &rand::random::<[u8; 16]>(), b"forged"))
+        .collect();
+    let mut forger = raw_mqtt(&broker, "forger").await;
+    let started = Instant::now();
+    forger.write_all(&forged).await.unwrap();
+    forger.write_all(&mqtt_raw::DISCONNECT).await.unwrap();
+    let written = started.elapsed();
+
+    for call in calls {
+        let (ms, status, body) = call.await.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!(r#"{{"waited_ms":{ms}}}"#).as_str()),
+            "the call that waited {ms} ms"
+        );
+    }
+    // Until the count stops moving.
+    let mut counted = app.gateway.stats().unmatched_replies;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = app.gateway.stats().unmatched_replies;
+        if now == counted || now as usize >= FORGERIES {
+            counted = now;
+            break;
+        }
+        counted = now;
+    }
+    let stats = app.gateway.stats();
+    report(&format!(
+        "forged replies: {FORGERIES} written in {written:?}; unmatched_replies {} after \
+         {:?}; {WAITING} waiting calls each got their own answer; {stats:?}",
+        stats.unmatched_replies,
+        started.elapsed()
+    ));
+    assert_eq!(
+        stats.reconnects, 0,
+        "the flood cost the gateway its connection"
+    );
+    assert!(stats.ready);
+    assert!(
+        counted as usize <= FORGERIES,
+        "more unmatched replies than forgeries: {counted}"
+    );
+    assert!(
+        counted as usize >= FORGERIES * 9 / 10,
+        "only {counted} of {FORGERIES} forgeries were counted"
+    );
+    assert_eq!(stats.parked, 0);
+    let after = app.call("d", "echo", "after the flood").await;
+    assert_eq!(after.text().await.unwrap(), "after the flood");
+}
+
+/// Replies a chatty device sends to one request.
+const REPEATS: usize = 1000;
+
+/// Protects against a device (or a replayer) answering one request a thousand times: the
+/// caller gets the first answer, the other 999 are counted as unmatched, and the gateway goes
+/// on serving, the same device included.
+#[tokio::test]
+async fn a_thousand_replies_to_one_request_answer_it_once_and_break_nothing() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "d").await;
+    let app = TestApp::spawn(&broker).await;
+    let mut chatty = RawClient::connect(&broker, "chatty", &["devices/chatty/+"]).await;
+    let client = chatty.client.clone();
+
+    for round in 0..2u64 {
+        let call = tokio::spawn({
+            let http = app.http.clone();
+            let url = format!("{}?timeout_ms=5000", app.service_url("chatty", "talk"));
+            async move {
+                let response = http.post(url).body("once, please").send().await.unwrap();
+                (response.status().as_u16(), response.text().await.unwrap())
+            }
+        });
+        let request = chatty
+            .next(Duration::from_secs(5))
+            .await
+            .expect("the request reached the device");
+        let properties = request.properties.expect("request properties");
+        let topic = properties.response_topic.expect("a response topic");
+        let correlation = properties.correlation_data.expect("correlation data");
+        for n in 0..REPEATS {
+            let props = PublishProperties {
+                correlation_data: Some(correlation.clone()),
+                ..Default::default()
+            };
+            client
+                .publish_with_properties(
+                    topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    format!("reply-{n}"),
+                    props,
+                )
+                .await
+                .unwrap();
+        }
+
+        let (status, body) = call.await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "reply-0"), "round {round}");
+        let expected = (round + 1) * (REPEATS as u64 - 1);
+        let counted = eventually(Duration::from_secs(10), || {
+            app.gateway.stats().unmatched_replies >= expected
+        })
+        .await;
+        let stats = app.gateway.stats();
+        report(&format!(
+            "a thousand replies, round {round}: caller got {body:?}; {stats:?}"
+        ));
+        assert!(counted, "round {round}: {stats:?}");
+        assert_eq!(stats.unmatched_replies, expected, "round {round}");
+        assert_eq!(stats.reconnects, 0);
+        assert_eq!(stats.parked, 0);
+    }
+    let other = app.call("d", "echo", "still fine").await;
+    assert_eq!(other.text().await.unwrap(), "still fine");
 }
