@@ -1179,3 +1179,121 @@ async fn a_thousand_replies_to_one_request_answer_it_once_and_break_nothing() {
     let other = app.call("d", "echo", "still fine").await;
     assert_eq!(other.text().await.unwrap(), "still fine");
 }
+
+/// Runs the binary with these arguments; its exit status and stderr, or None if it was still
+/// running after `within` (then it is killed).
+async fn run_binary(args: &[&str], within: Duration) -> Option<(std::process::ExitStatus, String)> {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("GATEWAY_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn mqtt-gateway");
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return Some((status, stderr));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Protects startup against broker URLs that cannot work: each is refused at once with a clear
+/// message and a nonzero exit, not a panic, a hang or a gateway that serves nothing.
+/// (`http://...`, an unknown scheme, is covered in `cli.rs`.)
+#[tokio::test]
+async fn unusable_broker_urls_are_refused_at_startup_with_a_clear_error() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    #[rustfmt::skip]
+    let cases = [
+        ("mqtt://[bad", "invalid MQTT URL"),
+        ("mqtt://", "no host"),
+        ("mqtt:///devices", "no host"),
+        ("mqtt://127.0.0.1:99999", "invalid MQTT URL"),
+        ("mqtt://127.0.0.1:port", "invalid MQTT URL"),
+        ("not a url", "invalid MQTT URL"),
+        ("", "invalid MQTT URL"),
+    ];
+    for (url, message) in cases {
+        let ran = run_binary(
+            &["serve", "--mqtt-url", url, "--listen", &listen],
+            Duration::from_secs(10),
+        )
+        .await;
+        let Some((status, stderr)) = ran else {
+            panic!("{url:?}: still running after 10 s");
+        };
+        report(&format!(
+            "bad broker URL {url:?}: {status}, {:?}",
+            stderr.trim()
+        ));
+        assert!(!status.success(), "{url:?}: {status}");
+        assert!(stderr.contains(message), "{url:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{url:?}: {stderr}");
+    }
+}
+
+/// Protects against a broker that accepts the TCP connection and never answers CONNECT (a
+/// hung broker, a port that is something else, a tarpit): the gateway still starts, is alive
+/// (`/healthz` 200) and not ready (`/readyz` 503), and calls get 503 `broker-unavailable` at
+/// once rather than waiting on a connection that will never come up.
+#[tokio::test]
+async fn a_broker_that_never_answers_connect_leaves_the_gateway_alive_not_ready_and_answering_503()
+{
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tarpit.local_addr().unwrap().port();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let accepter = tokio::spawn({
+        let held = held.clone();
+        async move {
+            while let Ok((socket, _)) = tarpit.accept().await {
+                // Read nothing, answer nothing, keep it open.
+                held.lock().unwrap().push(socket);
+            }
+        }
+    });
+    let app = TestApp::spawn_unready(&format!("mqtt://127.0.0.1:{port}"), &[]).await;
+    assert!(
+        eventually(Duration::from_secs(5), || !held.lock().unwrap().is_empty()).await,
+        "the gateway connected to the tarpit"
+    );
+
+    // Over several seconds (the gateway's MQTT connect timeout and its retries), the answers
+    // stay the same.
+    for _ in 0..3 {
+        let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200, "alive");
+        let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 503, "not ready");
+        let started = Instant::now();
+        let response = app.call("d", "echo", "x").await;
+        let took = started.elapsed();
+        assert_eq!(response.status(), 503);
+        assert_eq!(problem(response).await["code"], "broker-unavailable");
+        assert!(
+            took < Duration::from_millis(500),
+            "answered at once: {took:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(!app.gateway.is_ready());
+    accepter.abort();
+}
