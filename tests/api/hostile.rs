@@ -1297,3 +1297,99 @@ async fn a_broker_that_never_answers_connect_leaves_the_gateway_alive_not_ready_
     assert!(!app.gateway.is_ready());
     accepter.abort();
 }
+
+/// Protects the metrics from label explosion: calls to thousands of distinct paths and
+/// devices, and a device answering with dozens of distinct statuses, add a series per
+/// (outcome, status) only, never per path or device, so a caller cannot grow the metrics page
+/// (and the monitoring system's memory) at will.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_series_grow_with_statuses_not_with_paths_or_devices() {
+    let broker = TestBroker::start();
+    // A device that answers with the status its payload names.
+    let mut host = mqtt_gateway::device::ServiceHost::new(broker.mqtt_options("statuses"));
+    host.register("devices/statuses/answer", |request| async move {
+        let status: u16 = request.text().unwrap().parse().unwrap();
+        mqtt_gateway::device::Reply::new("as you wish").with_status(status)
+    })
+    .unwrap();
+    let _statuses = start_ready(host).await;
+    let app = TestApp::spawn(&broker).await;
+    let statuses: Vec<u16> = (200..=226)
+        .chain(400..=431)
+        .chain(500..=511)
+        .filter(|s| reqwest::StatusCode::from_u16(*s).is_ok())
+        .collect();
+
+    let unknown_paths = (0..1000).map(|i| {
+        let http = app.http.clone();
+        let url = app.url(&format!("/api/v1/unknown-{i}/x{i}"));
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    });
+    let unknown_devices = (0..500).map(|i| {
+        let http = app.http.clone();
+        let url = format!(
+            "{}?timeout_ms=100",
+            app.service_url(&format!("nobody-{i}"), &format!("svc-{i}"))
+        );
+        async move { http.post(url).send().await.unwrap().status().as_u16() }
+    });
+    let bad_devices = (0..500).map(|i| {
+        let http = app.http.clone();
+        let url = app.url(&format!("/api/v1/devices/%24bad-{i}/services/echo"));
+        async move { http.post(url).send().await.unwrap().status().as_u16() }
+    });
+    let paths: Vec<u16> = join_all(unknown_paths).await;
+    let devices: Vec<u16> = join_all(unknown_devices).await;
+    let bad: Vec<u16> = join_all(bad_devices).await;
+    assert!(paths.iter().all(|s| *s == 404), "{paths:?}");
+    // 404 device-offline on Mosquitto, 504 on the embedded broker.
+    assert!(
+        devices.iter().all(|s| [404, 504].contains(s)),
+        "{devices:?}"
+    );
+    assert!(bad.iter().all(|s| *s == 400), "{bad:?}");
+    for status in &statuses {
+        let response = app
+            .http
+            .post(app.service_url("statuses", "answer"))
+            .body(status.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), *status);
+    }
+
+    let page = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("mqtt_gateway_calls_total{"))
+        .collect();
+    report(&format!(
+        "metrics: {} distinct device statuses, 1000 unknown paths, 1000 unknown or invalid \
+         devices: {} mqtt_gateway_calls_total series, {} lines on the page",
+        statuses.len(),
+        series.len(),
+        page.lines().count()
+    ));
+    // One per device status, plus not-found, device-offline (or device-timeout) and
+    // invalid-device-id: a handful at most beyond the statuses.
+    assert!(
+        series.len() >= statuses.len() && series.len() <= statuses.len() + 5,
+        "{} series for {} statuses:\n{}",
+        series.len(),
+        statuses.len(),
+        series.join("\n")
+    );
+    assert!(
+        !page.contains("unknown-") && !page.contains("nobody-") && !page.contains("bad-"),
+        "a path or device name is a label"
+    );
+}
