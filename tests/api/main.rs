@@ -9,6 +9,7 @@ mod docs;
 mod errors;
 mod faults;
 mod helpers;
+mod hostile;
 mod interop;
 mod reliability;
 mod security;
