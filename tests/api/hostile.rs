@@ -81,7 +81,7 @@ mod h2 {
         // :method POST (static index 3), :scheme http (index 6), both fully indexed.
         let mut block = vec![0x83, 0x86];
         literal(&mut block, 4, path); // :path
-        literal(&mut block, 1, "gateway.test"); // :authority
+        literal(&mut block, 1, "localhost"); // :authority
         block
     }
 }
@@ -738,12 +738,12 @@ async fn ambiguous_http1_framing_is_refused_and_nothing_hidden_in_it_reaches_mqt
     let app = TestApp::spawn(&broker).await;
 
     const SMUGGLED: &str = "POST /api/v1/devices/smuggled/services/echo HTTP/1.1\r\n\
-                            Host: gw\r\nContent-Length: 0\r\n\r\n";
+                            Host: localhost\r\nContent-Length: 0\r\n\r\n";
     // Each case calls its own device (case-<row>), which only the spy listens to.
     let head = |row: usize, version: &str, headers: &str| {
         format!(
             "POST /api/v1/devices/case-{row}/services/echo?timeout_ms=300 HTTP/{version}\r\n\
-             Host: gw\r\n{headers}\r\n"
+             Host: localhost\r\n{headers}\r\n"
         )
     };
     let chunked_then_smuggled = format!("5\r\nhello\r\n0\r\n\r\n{SMUGGLED}");
@@ -785,7 +785,7 @@ async fn ambiguous_http1_framing_is_refused_and_nothing_hidden_in_it_reaches_mqt
             Framing::Refused),
         ("a request hidden in a Content-Length body is body",
             Box::new(|_| format!(
-                "POST /api/v1/devices/front/services/echo HTTP/1.1\r\nHost: gw\r\n\
+                "POST /api/v1/devices/front/services/echo HTTP/1.1\r\nHost: localhost\r\n\
                  Content-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len())),
             Framing::OneCall(SMUGGLED)),
     ];
@@ -871,7 +871,7 @@ async fn pipelined_http1_calls_are_answered_in_order_each_with_its_own_body() {
 
     let call = |service: &str, body: &str, last: bool| {
         format!(
-            "POST /api/v1/devices/pipe/services/{service} HTTP/1.1\r\nHost: gw\r\n\
+            "POST /api/v1/devices/pipe/services/{service} HTTP/1.1\r\nHost: localhost\r\n\
              Content-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),
             if last { "Connection: close\r\n" } else { "" }
