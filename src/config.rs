@@ -198,8 +198,9 @@ pub struct HttpArgs {
     pub http_write_timeout_ms: u64,
 
     /// The largest request head (request line and headers), in bytes; past it hyper answers
-    /// 431. Also HTTP/2's header list size.
-    #[arg(long, env = "GATEWAY_HTTP_MAX_HEADER_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    /// 431. Also HTTP/2's header list size. An HTTP/1.1 connection's read buffer grows to about
+    /// twice this, so it also bounds what each connection holds.
+    #[arg(long, env = "GATEWAY_HTTP_MAX_HEADER_BYTES", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
     pub http_max_header_bytes: u32,
 
     /// Concurrent streams per HTTP/2 connection.

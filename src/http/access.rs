@@ -142,9 +142,7 @@ impl OpenApiGuard {
             return true;
         }
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        name == "localhost"
-            || name.ends_with(".localhost")
-            || self.allowed_hosts.contains(&name)
+        name == "localhost" || name.ends_with(".localhost") || self.allowed_hosts.contains(&name)
     }
 
     /// The gateway's own origin (a page it served, such as /docs), or a listed one.

@@ -172,6 +172,9 @@ impl Call {
     }
 }
 
+/// The most body bytes read and dropped to answer a refused HTTP/1 call cleanly.
+const DRAIN_UP_TO: usize = 64 * 1024;
+
 /// What the head says about the body, decided before any of it is read.
 struct BodyPlan {
     /// `Content-Length`, when the client sent one.
@@ -209,15 +212,18 @@ impl BodyPlan {
         self.content_length.is_some_and(|n| n > self.limit as u64)
     }
 
-    /// Answers without using the body. An HTTP/1 body that may still be arriving is read and
-    /// dropped first (at most the body limit, within the body timeout), so the client sees
-    /// the answer and the connection stays usable; unless the client waits for `100 Continue`
-    /// or announced more than the limit, when it is better not to ask for it at all.
+    /// Answers without using the body. A small HTTP/1 body that may still be arriving is read
+    /// and dropped first (at most [`DRAIN_UP_TO`] bytes, within the body timeout), so the
+    /// client sees the answer and the connection stays usable. A larger one is not: reading it
+    /// would grow the connection's read buffer for a call that is refused, and under overload
+    /// (when most refusals happen) that is memory the gateway should not spend; hyper closes
+    /// the connection instead. Nor is a body the client waits for `100 Continue` to send.
     async fn refuse(&self, body: Body, state: &AppState, error: ApiError) -> Response {
-        if self.http1 && !self.expects_continue && !self.too_large() && !body.is_end_stream() {
+        let small = self.content_length.is_none_or(|n| n <= DRAIN_UP_TO as u64);
+        if self.http1 && !self.expects_continue && small && !body.is_end_stream() {
             let drain = async {
                 let mut body = body;
-                let mut left = self.limit;
+                let mut left = DRAIN_UP_TO;
                 while let Some(Ok(frame)) = body.frame().await {
                     let n = frame.data_ref().map_or(0, Bytes::len);
                     if n > left {

@@ -570,6 +570,16 @@ impl GatewayProcess {
 
     /// The same, without waiting for it to be ready.
     pub fn spawn(mqtt_url: &str, flags: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_configured(mqtt_url, flags, env, |_| {})
+    }
+
+    /// `serve` with `configure` applied to the command last (limits, where stdout goes).
+    pub fn spawn_configured(
+        mqtt_url: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
         for (key, _) in std::env::vars() {
@@ -590,12 +600,20 @@ impl GatewayProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        configure(&mut command);
         let mut child = command.spawn().expect("spawn mqtt-gateway");
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
+        let streams = [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ];
+        for stream in streams.into_iter().flatten() {
             let lines = lines.clone();
             std::thread::spawn(move || {
                 use std::io::BufRead;
@@ -620,6 +638,56 @@ impl GatewayProcess {
 
     pub fn service_url(&self, device: &str, service: &str) -> String {
         format!("{}/api/v1/devices/{device}/services/{service}", self.base)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("a socket address")
+    }
+
+    /// Waits until `/readyz` answers 200, up to `within`.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let http = http_client();
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status() == 200 {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// The output lines that contain `text`.
+    pub fn lines_with(&self, text: &str) -> Vec<String> {
+        self.output()
+            .into_iter()
+            .filter(|l| l.contains(text))
+            .collect()
+    }
+
+    /// One sample of its `/metrics` (exact series name and labels), if it has it.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let page = http_client()
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        page.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// Everything it printed so far.
@@ -662,5 +730,23 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Limits the command's open files (soft and hard) to `n`, as `ulimit -n` would.
+pub fn limit_open_files(command: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec, only setrlimit (async-signal-safe) runs.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

@@ -13,3 +13,4 @@ mod hostile;
 mod interop;
 mod reliability;
 mod security;
+mod slow_clients;
