@@ -4,6 +4,13 @@
 //! reply goes to its Response Topic with its Correlation Data echoed; a request without a
 //! Response Topic is handled as one-way; a request whose Message Expiry has passed is dropped.
 //!
+//! A request is a command to act now, so retained messages are never requests: the host
+//! subscribes with Retain Handling 2 (the broker sends none on subscribing) and drops any
+//! message that arrives with the retain flag anyway. Otherwise one retained `control` would run
+//! again on every reconnect. A request whose Response Topic could not be published to (empty,
+//! with a wildcard, starting with `$`, or not a valid MQTT string) is dropped too: a broker
+//! disconnects a client that publishes to such a topic.
+//!
 //! ```no_run
 //! use mqtt_gateway::device::{Reply, ServiceHost};
 //! use rumqttc::v5::MqttOptions;
@@ -41,7 +48,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::FutureExt;
 use rumqttc::v5::mqttbytes::v5::{
-    Filter, Packet, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
+    Filter, Packet, Publish, PublishProperties, RetainForwardRule, Subscribe, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
@@ -306,10 +313,11 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
                 if ack.session_present {
                     shared.ready.send_replace(true);
                 } else if !shared.services.is_empty() {
-                    let filters = shared
-                        .services
-                        .iter()
-                        .map(|s| Filter::new(s.filter.subscription(), QoS::AtLeastOnce));
+                    let filters = shared.services.iter().map(|s| Filter {
+                        // Retain Handling 2: no retained message on subscribing.
+                        retain_forward_rule: RetainForwardRule::Never,
+                        ..Filter::new(s.filter.subscription(), QoS::AtLeastOnce)
+                    });
                     eventloop
                         .pending
                         .push_back(MqttRequest::Subscribe(Subscribe::new_many(filters, None)));
@@ -345,10 +353,29 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
     }
 }
 
+/// Why a Response Topic cannot be replied to, if it cannot.
+fn invalid_response_topic(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("it is empty")
+    } else if topic.contains(['+', '#']) {
+        Some("it holds a wildcard")
+    } else if topic.starts_with('$') {
+        Some("it starts with '$', which is the broker's")
+    } else if protocol::check_mqtt_string(topic).is_err() {
+        Some("it is not a valid MQTT string")
+    } else {
+        None
+    }
+}
+
 /// Finds the handler and runs it in its own task; never blocks the event loop.
 fn dispatch(shared: &Arc<Shared>, publish: Publish) {
     let received = Instant::now();
     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+    if publish.retain {
+        debug!(%topic, "dropping a retained message: requests are never retained");
+        return;
+    }
     let Some((index, params)) = shared
         .services
         .iter()
@@ -372,6 +399,17 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
         response_topic: properties.response_topic,
     };
     let correlation = properties.correlation_data;
+    if let Some(why) = request
+        .response_topic
+        .as_deref()
+        .and_then(invalid_response_topic)
+    {
+        warn!(
+            topic = %request.topic,
+            "dropping a request whose Response Topic cannot be replied to: {why}"
+        );
+        return;
+    }
 
     if shared.admitted.fetch_add(1, Ordering::SeqCst) >= shared.capacity {
         shared.admitted.fetch_sub(1, Ordering::SeqCst);
@@ -449,5 +487,18 @@ struct Admitted<'a>(&'a AtomicUsize);
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_publishable_response_topics_are_replied_to() {
+        assert_eq!(invalid_response_topic("gateway/gw-1/replies"), None);
+        for bad in ["", "a/+", "a/#", "$SYS/x", "a\u{0}b", "tab\there"] {
+            assert!(invalid_response_topic(bad).is_some(), "{bad:?}");
+        }
     }
 }
