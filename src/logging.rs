@@ -15,9 +15,10 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuild
 
 use crate::config::LogFormat;
 
-/// Lines that may wait for the reader: about a minute of calls at a thousand a second, a few
-/// MiB at most, then lines are dropped rather than queued without bound.
-pub const QUEUED_LINES: usize = 64 * 1024;
+/// Lines that may wait for the reader: a burst of several seconds of calls, at most a few MiB
+/// (a line is well under 1 KiB, caller text being cut short), then lines are dropped rather
+/// than queued without bound.
+pub const QUEUED_LINES: usize = 8 * 1024;
 
 /// The longest text from a caller that a log field carries; the rest is cut with an ellipsis.
 pub const MAX_FIELD_CHARS: usize = 256;

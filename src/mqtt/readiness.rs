@@ -9,8 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-/// How long a SUBACK may take before the subscription is sent again.
-pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SUBACK may take before the subscription is sent again: a broker answers in
+/// milliseconds, so this only ever waits for a lost one.
+pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the probe may take to come back before the gateway says why it is not ready and
 /// probes again. A round trip through a broker takes milliseconds.

@@ -8,6 +8,7 @@ mod device_library;
 mod docs;
 mod errors;
 mod faults;
+mod hardening;
 mod helpers;
 mod hostile;
 mod interop;
