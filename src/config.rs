@@ -192,8 +192,9 @@ pub struct HttpArgs {
     #[arg(long, env = "GATEWAY_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub http_body_timeout_ms: u64,
 
-    /// How long a client may take to read a response, and any one write may stay blocked; then
-    /// the connection is closed and what its responses held is freed.
+    /// How long a response may go without progress (a piece of it taken by the connection),
+    /// and any one write may stay blocked; then the connection is closed and what its
+    /// responses held is freed.
     #[arg(long, env = "GATEWAY_HTTP_WRITE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub http_write_timeout_ms: u64,
 

@@ -10,7 +10,9 @@
 //!    the gateway, the broker and this process;
 //! 2. the offline fast-fail: latency of the 404 for a device nobody listens for;
 //! 3. memory per parked call: a fresh gateway's RSS with 100,000 calls parked on a device that
-//!    never answers, minus its RSS at idle, over 100,000.
+//!    never answers, minus its RSS at idle, over 100,000;
+//! 4. memory held for clients that never finish: stalled uploads, stalled HTTP/2 streams, a
+//!    client with a zero HTTP/2 window (see `abuse`).
 //!
 //! It prints Markdown tables, the targets, and last the line
 //! `throughput ratio gateway/raw-mqtt at 64 in flight: X.XX`; the numbers also go to a JSON file
@@ -20,6 +22,7 @@
 //! touches 127.0.0.1. The machine may be shared: each phase waits for it to be quiet, and one
 //! that other processes disturbed anyway is measured again (see `--retries`).
 
+mod abuse;
 mod callers;
 mod devices;
 mod measure;
@@ -93,6 +96,10 @@ struct Options {
     /// Skip the offline (404) phases.
     #[arg(long)]
     no_offline: bool,
+
+    /// Skip the clients that never finish (stalled uploads and streams, a zero window).
+    #[arg(long)]
+    no_abuse: bool,
 
     /// Where the numbers go as JSON (default: the target directory's tmp/roundtrip.json).
     #[arg(long)]
@@ -286,6 +293,16 @@ async fn run(options: Options) -> Result<(), String> {
             Some(parked)
         }
     };
+    let abuse = if options.no_abuse {
+        Vec::new()
+    } else {
+        eprintln!("clients that never finish, each on a fresh gateway…");
+        let cases = abuse::measure(&mqtt_url, &options.wrapper(), options.quick).await?;
+        for c in &cases {
+            eprintln!("{:>30}: RSS +{:.1} MiB", c.name, c.grown_mib());
+        }
+        cases
+    };
     drop(raw);
     echo.shutdown().await;
     drop(mosquitto);
@@ -298,6 +315,7 @@ async fn run(options: Options) -> Result<(), String> {
         offline,
         http_floor,
         parked,
+        abuse,
     };
     let json_path = options
         .json

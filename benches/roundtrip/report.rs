@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::abuse::Case;
 use crate::measure::{Sample, NOISY_OTHER_CORES};
 use crate::parked::Parked;
 
@@ -55,6 +56,8 @@ pub struct Report {
     /// GET /healthz at 1 in flight: one HTTP round trip to the gateway process, no MQTT.
     pub http_floor: Option<Sample>,
     pub parked: Option<Parked>,
+    /// Clients that never finish (see [`crate::abuse`]).
+    pub abuse: Vec<Case>,
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -270,6 +273,33 @@ impl Report {
             }
         }
 
+        if !self.abuse.is_empty() {
+            let _ = writeln!(
+                w,
+                "\nClients that never finish, each case on a fresh gateway process: RSS with the \
+                 load in place minus RSS just before, and what the gateway holds for calls \
+                 (`mqtt_gateway_buffered_bytes`).\n"
+            );
+            let _ = writeln!(
+                w,
+                "| case | load | gateway flags | RSS before KiB | RSS loaded KiB | RSS growth MiB | buffered bytes |"
+            );
+            let _ = writeln!(w, "|---|---|---|---:|---:|---:|---:|");
+            for c in &self.abuse {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | `{}` | {} | {} | {:.1} | {} |",
+                    c.name,
+                    c.load,
+                    c.flags,
+                    c.rss_before_kib,
+                    c.rss_loaded_kib,
+                    c.grown_mib(),
+                    c.buffered.map_or("–".into(), |b| format!("{b:.0}"))
+                );
+            }
+        }
+
         let _ = writeln!(w, "\nTargets:");
         for line in self.targets() {
             let _ = writeln!(w, "- {line}");
@@ -382,6 +412,15 @@ impl Report {
                 "bytes_per_call_without_connections": p.bytes_per_call_without_connections(),
                 "time_to_park_s": p.time_to_park.as_secs_f64(),
             })),
+            "abuse": self.abuse.iter().map(|c| json!({
+                "case": c.name,
+                "load": c.load,
+                "flags": c.flags,
+                "rss_before_kib": c.rss_before_kib,
+                "rss_loaded_kib": c.rss_loaded_kib,
+                "rss_growth_mib": c.grown_mib(),
+                "buffered_bytes": c.buffered,
+            })).collect::<Vec<_>>(),
             "targets": self.targets(),
             "last_line": self.last_line(),
         })

@@ -11,11 +11,13 @@
 //!   Its size is capped (`--http-max-header-bytes`; hyper answers 431 past it).
 //! - **Idle**: a connection with no request in progress for `--http-idle-timeout-ms` is closed
 //!   (HTTP/2: GOAWAY).
-//! - **Writing responses**: every response must be handed to the connection, and every write
-//!   must make progress, within `--http-write-timeout-ms`; a client that stops reading (a full
-//!   TCP window, an HTTP/2 flow-control window of zero) loses its connection, and the memory its
-//!   responses held is freed. HTTP/2 responses are handed over in frame-sized pieces, so what
-//!   hyper buffers per stream stays small and the rest is held where the timeout sees it.
+//! - **Writing responses**: every response must make progress (a piece of it handed to the
+//!   connection), and every blocked write must go through, within `--http-write-timeout-ms`; a
+//!   client that stops reading (a full TCP window, an HTTP/2 flow-control window of zero) loses
+//!   its connection, and the memory its responses held is freed. HTTP/2 responses are handed
+//!   over in frame-sized pieces, so what hyper buffers per stream stays small, the rest is held
+//!   where the timeout sees it, and each stream is judged on its own (one stream that moves
+//!   cannot hide others that do not).
 //!
 //! Request bodies are the call's business: it reads them under its own timeout and the byte
 //! budget (see [`super::devices`]).
@@ -55,7 +57,7 @@ const HTTP2_CHUNK: usize = 16 * 1024;
 
 /// Connections past the cap that may be answered 503 at once; more than this are closed
 /// without an answer, so a flood of connections cannot hold descriptors through the refusals.
-const REFUSALS_AT_ONCE: usize = 32;
+const REFUSALS_AT_ONCE: usize = 16;
 
 /// How long a refused connection may take to receive its 503.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -336,7 +338,8 @@ struct ConnState {
     first_read_done: AtomicBool,
     /// The client opened with the HTTP/2 preface.
     http2: AtomicBool,
-    /// When each response still being handed to hyper was ready.
+    /// When each response still being handed to hyper last made progress (was ready, or had
+    /// a piece taken).
     responses: Mutex<Slab<u64>>,
 }
 
@@ -366,6 +369,13 @@ impl ConnState {
     fn lock_responses(&self) -> std::sync::MutexGuard<'_, Slab<u64>> {
         // Each critical section is one slab operation: a poisoned lock is still consistent.
         self.responses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A response took a step: its write timeout starts again.
+    fn progressed(&self, key: usize) {
+        if let Some(at) = self.lock_responses().get_mut(key) {
+            *at = now_ms();
+        }
     }
 
     fn on_read(&self, bytes: &[u8]) {
@@ -403,10 +413,10 @@ impl ConnState {
                 "the client read nothing of its response for {write} ms"
             ));
         }
-        let oldest = self.lock_responses().iter().map(|(_, at)| *at).min();
-        if oldest.and_then(since).is_some_and(|d| d >= write) {
+        let stalest = self.lock_responses().iter().map(|(_, at)| *at).min();
+        if stalest.and_then(since).is_some_and(|d| d >= write) {
             return Verdict::Stuck(format!(
-                "the client did not take a response within {write} ms"
+                "the client took nothing of a response for {write} ms"
             ));
         }
         if self.requests.load(Ordering::Acquire) > 0 {
@@ -625,9 +635,14 @@ impl http_body::Body for TrackedBody {
         let this = self.project();
         if !this.rest.is_empty() {
             let n = (*this.chunk).min(this.rest.len());
+            this.guard.state.progressed(*this.key);
             return Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))));
         }
-        match ready!(this.inner.poll_frame(cx)) {
+        let frame = ready!(this.inner.poll_frame(cx));
+        if frame.is_some() {
+            this.guard.state.progressed(*this.key);
+        }
+        match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(mut data) if data.len() > *this.chunk => {
                     let first = data.split_to(*this.chunk);
@@ -732,10 +747,19 @@ mod tests {
         ));
         busy.on_write(false);
         assert_eq!(busy.check(blocked + 500, &l, None), Verdict::Fine);
-        // A response not taken in time.
+        // A response not taken in time...
         let body = TrackedBody::new(Body::empty(), guard);
         assert!(matches!(
             busy.check(now_ms() + 500, &l, None),
+            Verdict::Stuck(_)
+        ));
+        // ...unless a piece of it was taken since: each response is judged by its progress.
+        std::thread::sleep(Duration::from_millis(20));
+        busy.progressed(body.key);
+        let moved = now_ms();
+        assert_eq!(busy.check(moved + 400, &l, None), Verdict::Fine);
+        assert!(matches!(
+            busy.check(moved + 500, &l, None),
             Verdict::Stuck(_)
         ));
         drop(body);
