@@ -19,8 +19,11 @@
 //!   where the timeout sees it, and each stream is judged on its own (one stream that moves
 //!   cannot hide others that do not).
 //!
-//! Request bodies are the call's business: it reads them under its own timeout and the byte
-//! budget (see [`super::devices`]).
+//! One watchdog task per server checks every connection once a tick (a quarter of the shortest
+//! timeout) and tells a connection to close or to stop; a connection's own task never polls a
+//! timer, and the hot path reads a coarse clock the watchdog refreshes instead of the system
+//! clock. Request bodies are the call's business: it reads them under its own timeout and the
+//! byte budget (see [`super::devices`]).
 //!
 //! axum's own `serve` has none of these (hyper without a timer never times out a header read,
 //! and nothing bounds idle connections), which is why this file exists. hyper does the HTTP;
@@ -30,7 +33,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -39,15 +42,17 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulConnection;
 use pin_project_lite::pin_project;
 use slab::Slab;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 /// HTTP/2 DATA frames are at most 16 KiB unless the client allows more: responses are handed to
@@ -74,9 +79,8 @@ pub struct ServerLimits {
 }
 
 impl ServerLimits {
-    /// How often each connection's watchdog looks: a quarter of the shortest timeout, between
-    /// 20 ms and one second, so a timeout fires at most a quarter late and 10,000 idle
-    /// connections cost 10,000 cheap wake-ups a second at most.
+    /// How often the watchdog looks at every connection: a quarter of the shortest timeout,
+    /// between 20 ms and one second (one task and one timer for all connections).
     fn tick(&self) -> Duration {
         let shortest = self
             .header_timeout
@@ -115,7 +119,8 @@ where
     let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let slots = Arc::new(Semaphore::new(max));
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let watchdog = Arc::new(Watchdog::new(limits.clone(), stats.clone()));
+    let watching = tokio::spawn(watchdog.clone().run());
     let mut full = Every::new(Duration::from_secs(10));
     let mut accept_errors = Every::new(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -152,23 +157,20 @@ where
         if let Err(e) = tcp.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
         }
-        let connection = Connection {
-            builder: builder.clone(),
-            limits: limits.clone(),
-            stats: stats.clone(),
-            stop: stop_rx.clone(),
-        };
+        let builder = builder.clone();
+        let watchdog = watchdog.clone();
         let service = service.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            connection.run(tcp, service).await;
+            serve_connection(tcp, service, &builder, &watchdog).await;
         });
     }
     drop(listener);
-    stop_tx.send_replace(true);
+    watchdog.stop_all();
     // Every connection gives its slot back when it ends; each ends once its requests are
     // answered (the caller bounds that with the shutdown grace) or a timeout closes it.
     let _ = slots.acquire_many(max as u32).await;
+    watching.abort();
     Ok(())
 }
 
@@ -245,66 +247,165 @@ fn refuse(mut tcp: TcpStream, refusals: &Arc<Semaphore>) {
     });
 }
 
-/// One accepted connection's task: hyper's connection future and its watchdog.
-struct Connection {
-    builder: Arc<Builder<TokioExecutor>>,
-    limits: Arc<ServerLimits>,
-    stats: Arc<ServerStats>,
-    stop: watch::Receiver<bool>,
+/// One accepted connection: hyper serves it, registered with the watchdog until it ends.
+async fn serve_connection<S>(
+    tcp: TcpStream,
+    service: S,
+    builder: &Builder<TokioExecutor>,
+    watchdog: &Watchdog,
+) where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let state = Arc::new(ConnState::new());
+    let key = watchdog.register(&state);
+    let io = TokioIo::new(Watched {
+        inner: tcp,
+        state: state.clone(),
+    });
+    let service = PerConnection {
+        service,
+        state: state.clone(),
+    };
+    let served = Guarded {
+        conn: builder.serve_connection(io, service),
+        state: &state,
+        asked_to_close: false,
+    };
+    served.await;
+    watchdog.unregister(key);
 }
 
-impl Connection {
-    async fn run<S>(mut self, tcp: TcpStream, service: S)
-    where
-        S: tower::Service<Request, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+/// What the watchdog tells a connection.
+const CARRY_ON: u8 = 0;
+/// Close once the requests in progress are answered (HTTP/2: GOAWAY).
+const CLOSE: u8 = 1;
+/// Drop it now: a timeout passed.
+const ABORT: u8 = 2;
+
+pin_project! {
+    /// hyper's connection future, doing what the watchdog says: polled only when the
+    /// connection has work (or the watchdog a word), never for a timer of its own.
+    struct Guarded<'a, C> {
+        #[pin]
+        conn: C,
+        state: &'a ConnState,
+        asked_to_close: bool,
+    }
+}
+
+impl<C> Future for Guarded<'_, C>
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        // Registered before the command is read, so a word from the watchdog is never missed.
+        this.state.waker.register(cx.waker());
+        match this.state.command.load(Ordering::Acquire) {
+            ABORT => return Poll::Ready(()),
+            CLOSE if !*this.asked_to_close => {
+                *this.asked_to_close = true;
+                this.conn.as_mut().graceful_shutdown();
+            }
+            _ => {}
+        }
+        match ready!(this.conn.poll(cx)) {
+            Ok(()) => {}
+            Err(e) => debug!("HTTP connection ended: {e}"),
+        }
+        Poll::Ready(())
+    }
+}
+
+/// Watches every connection of one server: once a tick, tells each that has been idle, or
+/// whose timeout passed, to close; and refreshes the coarse clock the connections read. One
+/// task and one timer for all connections, so no connection polls a timer of its own on
+/// every wake-up.
+struct Watchdog {
+    limits: Arc<ServerLimits>,
+    stats: Arc<ServerStats>,
+    connections: Mutex<Slab<Arc<ConnState>>>,
+    /// The server is shutting down: every connection closes once its requests are answered.
+    stopping: AtomicBool,
+}
+
+impl Watchdog {
+    fn new(limits: Arc<ServerLimits>, stats: Arc<ServerStats>) -> Self {
+        Self {
+            limits,
+            stats,
+            connections: Mutex::new(Slab::new()),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slab<Arc<ConnState>>> {
+        // One slab operation or one scan per critical section: a poisoned lock is consistent.
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, state: &Arc<ConnState>) -> usize {
         self.stats.open.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::new());
-        let io = TokioIo::new(Watched {
-            inner: tcp,
-            state: state.clone(),
-        });
-        let service = PerConnection {
-            service,
-            state: state.clone(),
-        };
-        let conn = self.builder.serve_connection(io, service);
-        tokio::pin!(conn);
+        if self.stopping.load(Ordering::Acquire) {
+            state.tell(CLOSE, now_ms());
+        }
+        self.lock().insert(state.clone())
+    }
+
+    fn unregister(&self, key: usize) {
+        self.lock().try_remove(key);
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Shutdown: every connection closes once its requests are answered.
+    fn stop_all(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let now = now_ms();
+        for (_, state) in self.lock().iter() {
+            state.tell(CLOSE, now);
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
         let every = self.limits.tick();
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut closing: Option<u64> = None;
         loop {
-            tokio::select! {
-                served = conn.as_mut() => {
-                    if let Err(e) = served {
-                        debug!("HTTP connection ended: {e}");
-                    }
-                    break;
-                }
-                _ = self.stop.wait_for(|stop| *stop), if closing.is_none() => {
-                    conn.as_mut().graceful_shutdown();
-                    closing = Some(now_ms());
-                }
-                _ = tick.tick() => match state.check(now_ms(), &self.limits, closing) {
+            tick.tick().await;
+            let now = now_ms();
+            COARSE_NOW.fetch_max(now, Ordering::Relaxed);
+            for (_, state) in self.lock().iter() {
+                match state.check(now, &self.limits) {
                     Verdict::Fine => {}
                     Verdict::Idle => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = Some(now_ms());
+                        state.tell(CLOSE, now);
                     }
                     Verdict::Stuck(why) => {
-                        self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                        debug!("closing an HTTP connection: {why}");
-                        break;
+                        if state.tell(ABORT, now) {
+                            self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                            debug!("closing an HTTP connection: {why}");
+                        }
                     }
-                },
+                }
             }
         }
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The most recent time a watchdog read the clock (0 before any did): what the connections use
+/// for their timestamps, a load instead of a clock read per request. It lags the clock by at
+/// most one tick, which is a quarter of the shortest timeout.
+static COARSE_NOW: AtomicU64 = AtomicU64::new(0);
+
+/// The coarse time (see [`COARSE_NOW`]), or the clock before any watchdog ran.
+fn coarse_now_ms() -> u64 {
+    match COARSE_NOW.load(Ordering::Relaxed) {
+        0 => now_ms(),
+        now => now,
     }
 }
 
@@ -338,6 +439,12 @@ struct ConnState {
     first_read_done: AtomicBool,
     /// The client opened with the HTTP/2 preface.
     http2: AtomicBool,
+    /// What the watchdog said: [`CARRY_ON`], [`CLOSE`] or [`ABORT`].
+    command: AtomicU8,
+    /// When the watchdog said [`CLOSE`]; 0 before.
+    closing_since: AtomicU64,
+    /// Wakes the connection's task when the watchdog has a word for it.
+    waker: AtomicWaker,
     /// When each response still being handed to hyper last made progress (was ready, or had
     /// a piece taken).
     responses: Mutex<Slab<u64>>,
@@ -354,7 +461,7 @@ enum Verdict {
 
 impl ConnState {
     fn new() -> Self {
-        let now = now_ms();
+        let now = coarse_now_ms();
         Self {
             requests: AtomicUsize::new(0),
             idle_since: AtomicU64::new(now),
@@ -362,6 +469,9 @@ impl ConnState {
             write_blocked_since: AtomicU64::new(0),
             first_read_done: AtomicBool::new(false),
             http2: AtomicBool::new(false),
+            command: AtomicU8::new(CARRY_ON),
+            closing_since: AtomicU64::new(0),
+            waker: AtomicWaker::new(),
             responses: Mutex::new(Slab::new()),
         }
     }
@@ -371,10 +481,26 @@ impl ConnState {
         self.responses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Tells the connection `command` (never a milder one than before); true when that
+    /// changed it.
+    fn tell(&self, command: u8, now: u64) -> bool {
+        if command == CLOSE {
+            let _ =
+                self.closing_since
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        }
+        let before = self.command.fetch_max(command, Ordering::AcqRel);
+        if before < command {
+            self.waker.wake();
+            return true;
+        }
+        false
+    }
+
     /// A response took a step: its write timeout starts again.
     fn progressed(&self, key: usize) {
         if let Some(at) = self.lock_responses().get_mut(key) {
-            *at = now_ms();
+            *at = coarse_now_ms();
         }
     }
 
@@ -390,7 +516,7 @@ impl ConnState {
             && self.requests.load(Ordering::Acquire) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
         {
-            self.head_since.store(now_ms(), Ordering::Relaxed);
+            self.head_since.store(coarse_now_ms(), Ordering::Relaxed);
         }
     }
 
@@ -398,16 +524,24 @@ impl ConnState {
         let since = self.write_blocked_since.load(Ordering::Relaxed);
         if blocked {
             if since == 0 {
-                self.write_blocked_since.store(now_ms(), Ordering::Relaxed);
+                self.write_blocked_since
+                    .store(coarse_now_ms(), Ordering::Relaxed);
             }
         } else if since != 0 {
             self.write_blocked_since.store(0, Ordering::Relaxed);
         }
     }
 
-    fn check(&self, now: u64, limits: &ServerLimits, closing: Option<u64>) -> Verdict {
+    /// The verdict at `now`. Timestamps are coarse (up to one tick old), so every timeout is
+    /// given one tick more: it never fires early, and at most two ticks late.
+    fn check(&self, now: u64, limits: &ServerLimits) -> Verdict {
+        let closing = match self.closing_since.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(at),
+        };
+        let slack = ms(limits.tick());
         let write = ms(limits.write_timeout);
-        let since = |at: u64| (at != 0).then(|| now.saturating_sub(at));
+        let since = |at: u64| (at != 0).then(|| now.saturating_sub(at).saturating_sub(slack));
         if since(self.write_blocked_since.load(Ordering::Relaxed)).is_some_and(|d| d >= write) {
             return Verdict::Stuck(format!(
                 "the client read nothing of its response for {write} ms"
@@ -426,7 +560,11 @@ impl ConnState {
         if let Some(closing) = closing {
             // Asked to close with nothing in progress, yet still open: HTTP/2 data the client
             // will not take. Requests in progress are bounded by their own timeouts.
-            return if now.saturating_sub(closing.max(idle_since)) >= write {
+            return if now
+                .saturating_sub(closing.max(idle_since))
+                .saturating_sub(slack)
+                >= write
+            {
                 Verdict::Stuck(format!("the connection did not close within {write} ms"))
             } else {
                 Verdict::Fine
@@ -441,7 +579,7 @@ impl ConnState {
                 ms(limits.header_timeout)
             ));
         }
-        if now.saturating_sub(idle_since) >= ms(limits.idle_timeout) {
+        if now.saturating_sub(idle_since).saturating_sub(slack) >= ms(limits.idle_timeout) {
             return Verdict::Idle;
         }
         Verdict::Fine
@@ -467,7 +605,9 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         if self.state.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.state.idle_since.store(now_ms(), Ordering::Relaxed);
+            self.state
+                .idle_since
+                .store(coarse_now_ms(), Ordering::Relaxed);
         }
     }
 }
@@ -608,7 +748,7 @@ pin_project! {
 
 impl TrackedBody {
     fn new(inner: Body, guard: RequestGuard) -> Self {
-        let key = guard.state.lock_responses().insert(now_ms());
+        let key = guard.state.lock_responses().insert(coarse_now_ms());
         let chunk = if guard.state.http2.load(Ordering::Relaxed) {
             HTTP2_CHUNK
         } else {
@@ -721,45 +861,53 @@ mod tests {
     #[test]
     fn a_connection_is_judged_by_what_it_is_doing() {
         let l = limits();
+        // Timestamps are coarse by up to a tick: every timeout gets one tick more.
+        let tick = ms(l.tick());
         let state = Arc::new(ConnState::new());
-        let t0 = now_ms();
+        let t0 = state.head_since.load(Ordering::Relaxed);
         // Accepted, nothing sent: the head timeout runs from the accept.
-        assert_eq!(state.check(t0 + 50, &l, None), Verdict::Fine);
-        assert!(matches!(state.check(t0 + 100, &l, None), Verdict::Stuck(_)));
+        assert_eq!(state.check(t0 + 100, &l), Verdict::Fine);
+        assert!(matches!(
+            state.check(t0 + 100 + tick, &l),
+            Verdict::Stuck(_)
+        ));
 
         // HTTP/2 has no head timeout, only the idle one.
         let h2 = Arc::new(ConnState::new());
         h2.on_read(b"PRI * HTTP/2.0\r\n");
-        assert_eq!(h2.check(t0 + 500, &l, None), Verdict::Fine);
-        assert_eq!(h2.check(t0 + 1000, &l, None), Verdict::Idle);
+        let t0 = h2.idle_since.load(Ordering::Relaxed);
+        assert_eq!(h2.check(t0 + 500, &l), Verdict::Fine);
+        assert_eq!(h2.check(t0 + 1000 + tick, &l), Verdict::Idle);
 
         // A request in progress is never idle, nor subject to the head timeout.
         let busy = Arc::new(ConnState::new());
         busy.on_read(b"POST / HTTP/1.1\r\n");
         let guard = RequestGuard::new(&busy);
-        assert_eq!(busy.check(t0 + 5000, &l, None), Verdict::Fine);
+        assert_eq!(busy.check(t0 + 5000, &l), Verdict::Fine);
         // ...unless it cannot write.
         busy.on_write(true);
         let blocked = busy.write_blocked_since.load(Ordering::Relaxed);
         assert!(matches!(
-            busy.check(blocked + 500, &l, None),
+            busy.check(blocked + 500 + tick, &l),
             Verdict::Stuck(_)
         ));
         busy.on_write(false);
-        assert_eq!(busy.check(blocked + 500, &l, None), Verdict::Fine);
+        assert_eq!(busy.check(blocked + 500 + tick, &l), Verdict::Fine);
         // A response not taken in time...
         let body = TrackedBody::new(Body::empty(), guard);
+        let ready = busy.lock_responses()[body.key];
         assert!(matches!(
-            busy.check(now_ms() + 500, &l, None),
+            busy.check(ready + 500 + tick, &l),
             Verdict::Stuck(_)
         ));
         // ...unless a piece of it was taken since: each response is judged by its progress.
         std::thread::sleep(Duration::from_millis(20));
         busy.progressed(body.key);
-        let moved = now_ms();
-        assert_eq!(busy.check(moved + 400, &l, None), Verdict::Fine);
+        let moved = busy.lock_responses()[body.key];
+        assert!(moved > ready);
+        assert_eq!(busy.check(moved + 500, &l), Verdict::Fine);
         assert!(matches!(
-            busy.check(moved + 500, &l, None),
+            busy.check(moved + 500 + tick, &l),
             Verdict::Stuck(_)
         ));
         drop(body);
@@ -770,18 +918,22 @@ mod tests {
         let head = busy.head_since.load(Ordering::Relaxed);
         assert!(head >= idle);
         assert!(matches!(
-            busy.check(head + 100, &l, None),
+            busy.check(head + 100 + tick, &l),
             Verdict::Stuck(_)
         ));
         // Closing with nothing in progress must finish within the write timeout.
         let closing = Arc::new(ConnState::new());
         closing.on_read(b"PRI");
-        let at = now_ms();
-        assert_eq!(closing.check(at + 100, &l, Some(at)), Verdict::Fine);
+        let at = closing.idle_since.load(Ordering::Relaxed);
+        assert!(closing.tell(CLOSE, at));
+        assert!(!closing.tell(CLOSE, at), "told once");
+        assert_eq!(closing.check(at + 100, &l), Verdict::Fine);
         assert!(matches!(
-            closing.check(at + 500, &l, Some(at)),
+            closing.check(at + 500 + tick, &l),
             Verdict::Stuck(_)
         ));
+        assert!(closing.tell(ABORT, at), "a stronger word is told");
+        assert!(!closing.tell(CLOSE, at), "never a milder one after it");
     }
 
     #[test]

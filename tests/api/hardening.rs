@@ -241,43 +241,59 @@ async fn a_log_reader_that_stops_reading_never_stalls_calls_health_or_shutdown()
     let _device = demo_device(&broker, "stuck").await;
     let (_unread, write_end) = small_pipe();
     let mut gateway =
-        GatewayProcess::spawn_configured(&broker.url(), &[], &[("RUST_LOG", "trace")], |c| {
+        GatewayProcess::spawn_configured(&broker.url(), &[], &[("RUST_LOG", "debug")], |c| {
             c.stdout(Stdio::from(write_end));
         });
     assert!(gateway.wait_ready(Duration::from_secs(20)).await);
 
-    // Each call logs a line (and dozens at trace): the pipe fills within a few calls, then
-    // the queue in front of it. Calls go on being answered all along.
+    // Each call logs a line, and a refused one at debug a second with its detail: with long
+    // (cut) paths about a KiB a call. The pipe fills within a few calls, then the gateway's
+    // buffer (4 MiB); calls go on being answered all along.
     let http = http_client();
+    let long = format!(
+        "{}/{}",
+        gateway.service_url("stuck", "echo"),
+        "p".repeat(300)
+    );
     let mut batches = 0;
     while gateway.metric("mqtt_gateway_log_lines_dropped_total").await == Some(0.0) {
         batches += 1;
         assert!(
-            batches <= 50,
+            batches <= 40,
             "no line dropped after {} calls",
-            100 * batches
+            200 * batches
         );
         let started = Instant::now();
-        let answered = join_all((0..100).map(|_| {
+        let answered = join_all((0..200).map(|i| {
             let http = http.clone();
-            let url = gateway.service_url("stuck", "echo");
+            let (url, expected) = if i % 10 == 0 {
+                (gateway.service_url("stuck", "echo"), 200)
+            } else {
+                (long.clone(), 404)
+            };
             async move {
-                http.post(url)
+                let status = http
+                    .post(url)
                     .body("x")
                     .send()
                     .await
-                    .map(|r| r.status().as_u16())
+                    .map(|r| r.status().as_u16());
+                (status, expected)
             }
         }))
         .await;
         assert!(
-            answered.iter().all(|r| matches!(r, Ok(200))),
+            answered
+                .iter()
+                .all(|(status, expected)| matches!(status, Ok(s) if s == expected)),
             "{:?}",
-            answered.iter().find(|r| !matches!(r, Ok(200)))
+            answered
+                .iter()
+                .find(|(status, expected)| !matches!(status, Ok(s) if s == expected))
         );
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "100 calls took {:?}",
+            "200 calls took {:?}",
             started.elapsed()
         );
     }
