@@ -428,6 +428,17 @@ impl Drop for RawClient {
     }
 }
 
+/// Reads one sample from an OpenMetrics page (exact series name and labels).
+pub fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Runs `f` until it returns true or `within` passes.
 pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     let started = Instant::now();
@@ -681,13 +692,7 @@ impl GatewayProcess {
             .text()
             .await
             .ok()?;
-        page.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        sample(&page, series)
     }
 
     /// Everything it printed so far.

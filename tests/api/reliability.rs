@@ -8,17 +8,6 @@ use futures::future::join_all;
 
 use crate::helpers::*;
 
-/// Reads one sample from an OpenMetrics page (exact series name and labels).
-fn sample(page: &str, series: &str) -> Option<f64> {
-    page.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 #[tokio::test]
 async fn past_the_in_flight_cap_calls_get_503_with_retry_after_at_once() {
     let broker = TestBroker::start();
