@@ -107,28 +107,18 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LineWriter {
 /// left, waiting at most a second and a half.
 pub struct Logging {
     pending: Arc<Pending>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    /// Says the writer thread has written everything and ended.
+    done: std::sync::mpsc::Receiver<()>,
 }
 
 impl Logging {
     /// Writes what is buffered, but gives up after 1.5 s: a reader that is stuck at exit must
     /// not keep the process from ending.
-    pub fn finish(mut self) {
+    pub fn finish(self) {
         self.pending.closing.store(true, Ordering::Release);
         self.pending.wake.notify_one();
-        let Some(writer) = self.writer.take() else {
-            return;
-        };
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let joined = std::thread::Builder::new()
-            .name("log-finish".into())
-            .spawn(move || {
-                let _ = writer.join();
-                let _ = done_tx.send(());
-            });
-        if joined.is_ok() {
-            let _ = done_rx.recv_timeout(Duration::from_millis(1500));
-        }
+        // Disconnected at once when the thread could not be started.
+        let _ = self.done.recv_timeout(Duration::from_millis(1500));
     }
 }
 
@@ -181,13 +171,16 @@ pub fn init(format: LogFormat) -> Logging {
             })
         })
         .clone();
-    let writer = std::thread::Builder::new()
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let _ = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn({
             let pending = pending.clone();
-            move || write_batches(pending)
-        })
-        .ok();
+            move || {
+                write_batches(pending);
+                let _ = done_tx.send(());
+            }
+        });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,rumqttd=warn,rumqttd::server::broker=off,rumqttc=warn".into());
     let builder = tracing_subscriber::fmt()
@@ -198,7 +191,7 @@ pub fn init(format: LogFormat) -> Logging {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    Logging { pending, writer }
+    Logging { pending, done }
 }
 
 /// `text`, cut to [`MAX_FIELD_CHARS`] characters (with `…` when cut), for a log field.

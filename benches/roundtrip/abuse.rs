@@ -77,20 +77,24 @@ pub async fn measure(mqtt_url: &str, wrapper: &[String], quick: bool) -> Result<
     Ok(cases)
 }
 
+/// A fresh gateway with `flags`, warmed by a few calls, and its RSS then (KiB).
 async fn fresh_gateway(
     mqtt_url: &str,
     flags: &[&str],
     wrapper: &[String],
-) -> Result<GatewayProcess, String> {
+) -> Result<(GatewayProcess, u64), String> {
     let url = mqtt_url.to_owned();
     let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     let wrapper = wrapper.to_vec();
-    tokio::task::spawn_blocking(move || {
+    let gateway = tokio::task::spawn_blocking(move || {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         GatewayProcess::start(&url, &flags, &wrapper)
     })
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())??;
+    warm(gateway.addr).await;
+    let before = settled_rss(gateway.pid()).await;
+    Ok((gateway, before))
 }
 
 /// RSS once two readings 200 ms apart agree within 1%.
@@ -148,9 +152,7 @@ async fn stalled_uploads(
     connections: usize,
 ) -> Result<Case, String> {
     let flags = ["--max-in-flight", "10"];
-    let gateway = fresh_gateway(mqtt_url, &flags, wrapper).await?;
-    warm(gateway.addr).await;
-    let before = settled_rss(gateway.pid()).await;
+    let (gateway, before) = fresh_gateway(mqtt_url, &flags, wrapper).await?;
     let path = format!("/api/v1/devices/{}/services/echo", devices::ECHO_DEVICE);
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 262144\r\n\r\n",
@@ -217,9 +219,7 @@ async fn stalled_streams(
     streams: usize,
 ) -> Result<Case, String> {
     let flags = ["--max-in-flight", "10"];
-    let gateway = fresh_gateway(mqtt_url, &flags, wrapper).await?;
-    warm(gateway.addr).await;
-    let before = settled_rss(gateway.pid()).await;
+    let (gateway, before) = fresh_gateway(mqtt_url, &flags, wrapper).await?;
     let path = format!("/api/v1/devices/{}/services/echo", devices::ECHO_DEVICE);
     let mut held = Vec::new();
     for _ in 0..connections {
@@ -257,9 +257,7 @@ async fn zero_window(
     calls: usize,
     flags: &[&str],
 ) -> Result<Case, String> {
-    let gateway = fresh_gateway(mqtt_url, flags, wrapper).await?;
-    warm(gateway.addr).await;
-    let before = settled_rss(gateway.pid()).await;
+    let (gateway, before) = fresh_gateway(mqtt_url, flags, wrapper).await?;
     let path = format!("/api/v1/devices/{BIG_DEVICE}/services/get");
     let mut client = h2_client(gateway.addr, 0).await?;
     let mut responses = Vec::new();

@@ -1,9 +1,8 @@
 //! `POST /api/v1/devices/{device_id}/services/{service}`: one HTTP call, one MQTT 5 request.
 
-use std::time::Duration;
-
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};

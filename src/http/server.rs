@@ -505,7 +505,11 @@ impl ConnState {
     }
 
     fn on_read(&self, bytes: &[u8]) {
-        if !self.first_read_done.swap(true, Ordering::Relaxed) {
+        // A load first: the swap (a read-modify-write) happens once per connection, not per
+        // read.
+        if !self.first_read_done.load(Ordering::Relaxed)
+            && !self.first_read_done.swap(true, Ordering::Relaxed)
+        {
             if bytes.starts_with(b"PRI") {
                 self.http2.store(true, Ordering::Relaxed);
                 self.head_since.store(0, Ordering::Relaxed);

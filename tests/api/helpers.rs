@@ -308,6 +308,16 @@ impl TestApp {
             .expect("HTTP call completes")
     }
 
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await;
+        response
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics page")
+    }
+
     /// Stops the HTTP server and the MQTT connection.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -1354,15 +1354,7 @@ async fn metrics_series_grow_with_statuses_not_with_paths_or_devices() {
         assert_eq!(response.status().as_u16(), *status);
     }
 
-    let page = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = app.metrics().await;
     let series: Vec<&str> = page
         .lines()
         .filter(|l| l.starts_with("mqtt_gateway_calls_total{"))

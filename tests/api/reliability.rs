@@ -46,15 +46,7 @@ async fn past_the_in_flight_cap_calls_get_503_with_retry_after_at_once() {
             "refused at once, not queued: {took:?}"
         );
     }
-    let page = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = app.metrics().await;
     assert_eq!(
         sample(&page, "mqtt_gateway_calls_shed_total"),
         Some(6.0),
