@@ -1,0 +1,462 @@
+//! Command line and environment: every flag can also be set as `GATEWAY_<FLAG_IN_UPPER_SNAKE>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rumqttc::v5::MqttOptions;
+
+use mqtt_rpc::{BrokerUrl, Connect, Scheme, Secret, TopicTemplate};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mqtt-gateway",
+    version,
+    about = "Call MQTT 5 devices over REST.",
+    long_about = "Call MQTT 5 devices over REST: POST /api/v1/devices/{device_id}/services/{service} \
+                  becomes an MQTT 5 request (Response Topic + Correlation Data) and the device's \
+                  reply becomes the HTTP response.\n\nWith no subcommand, runs `serve`.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+// Parsed once at startup: the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve(ServeArgs),
+    /// Run the demo device: echo, get_config, control and delay services.
+    Device(DeviceArgs),
+    /// Print the OpenAPI document of the HTTP API (as served at /openapi.json).
+    Openapi,
+    /// Make a new API key: prints the key (once) and the entry for the --api-keys-file.
+    ApiKey(ApiKeyArgs),
+    /// Exit 0 if the gateway at --listen is ready (`GET /readyz` answers 200), else 1: a
+    /// container health check that needs no curl.
+    Healthcheck(HealthcheckArgs),
+    /// Run only the embedded MQTT 5 broker (rumqttd), for trying things out and for tests.
+    #[cfg(feature = "embedded-broker")]
+    Broker(BrokerArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address for the HTTP API.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
+
+    /// This gateway's id, unique among gateways on the same broker: it names the response topic
+    /// `gateway/<id>/replies`. Random when not given.
+    #[arg(long, env = "GATEWAY_ID")]
+    pub id: Option<String>,
+
+    /// Where requests are published.
+    #[arg(long, env = "GATEWAY_TOPIC_TEMPLATE", default_value = TopicTemplate::DEFAULT)]
+    pub topic_template: TopicTemplate,
+
+    /// Timeout of a call that gives no `timeout_ms`.
+    #[arg(long, env = "GATEWAY_DEFAULT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub default_timeout_ms: u64,
+
+    /// The largest `timeout_ms` a caller may ask for (default: five minutes).
+    #[arg(long, env = "GATEWAY_MAX_TIMEOUT_MS", default_value_t = 300_000)]
+    pub max_timeout_ms: u64,
+
+    /// The largest request body accepted, in bytes (default: 256 KiB).
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Bytes the gateway may hold for calls at once: request bodies being received or waiting
+    /// to be written to the broker, and replies being written to callers (default: 64 MiB).
+    /// Past it calls get 503 `overloaded` at once.
+    #[arg(long, env = "GATEWAY_MAX_BUFFERED_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_bytes: u64,
+
+    /// Requests that may wait for the MQTT connection at once; beyond it calls get 503 at once.
+    #[arg(long, env = "GATEWAY_MQTT_REQUEST_QUEUE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub mqtt_request_queue: u32,
+
+    /// The most calls in flight at once (from the request head until the answer); beyond it
+    /// calls get 503 with Retry-After at once, so memory stays bounded. The default suits one
+    /// machine: a parked call costs about 2 KiB, and ten thousand callers waiting on devices is
+    /// already a crowd.
+    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// The most calls one authenticated caller (API key or JWT subject) may have in flight;
+    /// beyond it its calls get 429 `too-many-in-flight`, so no caller can take every slot.
+    /// Default: a quarter of --max-in-flight. An API key may set its own (`max_in_flight`).
+    #[arg(long, env = "GATEWAY_MAX_IN_FLIGHT_PER_CALLER", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight_per_caller: Option<u32>,
+
+    /// The most bytes of `x-mqtt-*` headers a device's reply may turn into (its user
+    /// properties, names and values); past it the caller gets 502 `invalid-device-reply`,
+    /// since proxies refuse responses with large heads (nginx: 4-8 KiB by default).
+    #[arg(long, env = "GATEWAY_MAX_REPLY_HEADER_BYTES", default_value_t = 8 * 1024)]
+    pub max_reply_header_bytes: usize,
+
+    /// Keep the MQTT session this many seconds across disconnects (clean start off), so replies
+    /// published while the gateway was briefly away still arrive. 0: a clean session each time.
+    /// Give the gateway a stable --id with it, so a restarted gateway resumes its session.
+    #[arg(long, env = "GATEWAY_MQTT_SESSION_EXPIRY_SECS", default_value_t = 0)]
+    pub mqtt_session_expiry_secs: u32,
+
+    /// For this long after reconnecting to the broker, a call that finds no subscriber gets 503
+    /// `devices-reconnecting` (retry) instead of 404: after a broker restart, devices need a
+    /// moment to re-subscribe.
+    #[arg(long, env = "GATEWAY_RECONNECT_SETTLE_MS", default_value_t = 3000)]
+    pub reconnect_settle_ms: u64,
+
+    /// On SIGTERM or Ctrl-C, how long calls in flight may still finish before they are answered
+    /// 503; new calls are refused at once.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
+    /// Run the demo device in this process under this id. On by default (as `demo-1`) when the
+    /// embedded broker is used.
+    #[arg(long, env = "GATEWAY_DEMO_DEVICE")]
+    pub demo_device: Option<String>,
+
+    /// Do not run the built-in demo device.
+    #[arg(long, env = "GATEWAY_NO_DEMO_DEVICE", conflicts_with = "demo_device")]
+    pub no_demo_device: bool,
+
+    /// Where the embedded broker listens when no --mqtt-url is given; when the port is taken,
+    /// a free one is used instead.
+    #[cfg(feature = "embedded-broker")]
+    #[arg(
+        long,
+        env = "GATEWAY_EMBEDDED_BROKER_LISTEN",
+        default_value = "127.0.0.1:1883"
+    )]
+    pub embedded_broker_listen: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Threads that run the process's tasks (default: one per CPU core). Where the broker
+    /// shares a small machine, 1 costs less CPU per call: HTTP and MQTT tasks then never wake
+    /// each other across threads (see BENCHMARKS.md).
+    #[arg(long, env = "GATEWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// What the HTTP server allows each client, so slow, idle or greedy clients cannot hold the
+/// gateway's descriptors and memory (SECURITY.md has the table).
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// The most HTTP connections open at once; past it a connection gets 503 and is closed.
+    /// Default: 4096, or fewer when the open-file limit (`ulimit -n`) is lower: 64 descriptors
+    /// (and a quarter of the limit with the embedded broker, whose clients share the process)
+    /// stay free for the broker connection and files. A larger value than that is refused.
+    #[arg(long, env = "GATEWAY_HTTP_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: Option<u32>,
+
+    /// How long a client may take to send a complete request head (HTTP/1.1), from its first
+    /// byte or from connecting; then the connection is closed.
+    #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_timeout_ms: u64,
+
+    /// How long a connection may stay open with no request in progress (keep-alive; HTTP/2
+    /// connections get GOAWAY).
+    #[arg(long, env = "GATEWAY_HTTP_IDLE_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_idle_timeout_ms: u64,
+
+    /// How long a call's request body may take to arrive, in all; then 408 `body-timeout`.
+    #[arg(long, env = "GATEWAY_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_body_timeout_ms: u64,
+
+    /// How long a response may go without progress (a piece of it taken by the connection),
+    /// and any one write may stay blocked; then the connection is closed and what its
+    /// responses held is freed.
+    #[arg(long, env = "GATEWAY_HTTP_WRITE_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_write_timeout_ms: u64,
+
+    /// The largest request head (request line and headers), in bytes; past it hyper answers
+    /// 431. Also HTTP/2's header list size. An HTTP/1.1 connection's read buffer grows to about
+    /// twice this, so it also bounds what each connection holds.
+    #[arg(long, env = "GATEWAY_HTTP_MAX_HEADER_BYTES", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub http_max_header_bytes: u32,
+
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, env = "GATEWAY_HTTP2_MAX_STREAMS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_streams: u32,
+}
+
+/// Who may call the API. With none of the authentication flags, the API is open, which the
+/// gateway allows only on a loopback address unless --insecure-no-auth is given.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// API keys: a JSON file `{"keys": [{"name", "sha256", "scopes"}]}` holding each key's SHA-256
+    /// (make entries with `mqtt-gateway api-key`). Callers send `Authorization: Bearer <key>`.
+    #[arg(long, env = "GATEWAY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Accept JWTs signed with this HS256 secret (a file of at least 32 bytes).
+    #[arg(long, env = "GATEWAY_JWT_HS256_SECRET_FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+
+    /// Accept JWTs signed by the private half of this RS256 public key (PEM file).
+    #[arg(long, env = "GATEWAY_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+
+    /// The `aud` a JWT must carry (required with either JWT key).
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The `iss` a JWT must carry, if set.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Serve the API without authentication on a non-loopback address. Anyone who can reach the
+    /// port can then make devices act.
+    #[arg(long, env = "GATEWAY_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Require authentication for /docs and /openapi.json too.
+    #[arg(long, env = "GATEWAY_DOCS_REQUIRE_AUTH")]
+    pub docs_require_auth: bool,
+
+    /// Require authentication for /metrics too.
+    #[arg(long, env = "GATEWAY_METRICS_REQUIRE_AUTH")]
+    pub metrics_require_auth: bool,
+
+    /// Browser origins allowed to call the API (CORS), comma-separated, or `*`.
+    #[arg(long, env = "GATEWAY_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// With no authentication configured: host names (besides IP addresses, `localhost` and
+    /// `*.localhost`) that requests may name in `Host`, comma-separated. Other names are refused
+    /// (403 `host-not-allowed`), so a web page cannot reach the open API by DNS rebinding.
+    #[arg(long, env = "GATEWAY_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
+    /// Calls a second each caller (API key or token subject) may make on average; 0: no limit.
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_per_second: u32,
+
+    /// How many calls a caller may make at once above its rate (default: one second's worth).
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiKeyArgs {
+    /// A name for the key's holder: it appears in logs and keys the rate limit.
+    #[arg(long, env = "GATEWAY_NAME")]
+    pub name: String,
+
+    /// What the key may call, e.g. `devices/kitchen-*/services/*` (repeatable).
+    #[arg(long = "scope", env = "GATEWAY_SCOPE", required = true)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
+
+    /// The device's id.
+    #[arg(long, env = "GATEWAY_DEVICE_ID", default_value = "demo-1")]
+    pub device_id: String,
+
+    /// The request topic template the gateway uses; the device subscribes to its own services.
+    #[arg(long, env = "GATEWAY_TOPIC_TEMPLATE", default_value = TopicTemplate::DEFAULT)]
+    pub topic_template: TopicTemplate,
+
+    /// Handlers that may run at once.
+    #[arg(long, env = "GATEWAY_MAX_CONCURRENT", default_value_t = mqtt_rpc::responder::DEFAULT_MAX_CONCURRENT)]
+    pub max_concurrent: usize,
+
+    /// Requests that may wait for a handler; beyond it the device answers 503 at once.
+    #[arg(long, env = "GATEWAY_MAX_QUEUED", default_value_t = mqtt_rpc::responder::DEFAULT_MAX_QUEUED)]
+    pub max_queued: usize,
+
+    /// Log format.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Threads that run the process's tasks (default: one per CPU core). Where the broker
+    /// shares a small machine, 1 costs less CPU per call: HTTP and MQTT tasks then never wake
+    /// each other across threads (see BENCHMARKS.md).
+    #[arg(long, env = "GATEWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The gateway's address, as given to `serve --listen`: sharing GATEWAY_LISTEN, the check
+    /// follows the server wherever it is configured. `0.0.0.0` and `[::]` are checked on loopback.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+}
+
+#[cfg(feature = "embedded-broker")]
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Where the broker listens (MQTT 5); port 0 picks a free port.
+    #[arg(long, env = "GATEWAY_BROKER_LISTEN", default_value = "127.0.0.1:1883")]
+    pub broker_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MqttArgs {
+    /// The broker: `mqtt://host[:1883]`, `mqtts://host[:8883]` (TLS), `ws://host[:80]/path` or
+    /// `wss://host[:443]/path` (WebSocket), optionally with `user:password@`. Without it, `serve`
+    /// starts the embedded broker.
+    #[arg(long, env = "GATEWAY_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+
+    /// MQTT username (overrides one in the URL).
+    #[arg(long, env = "GATEWAY_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+
+    /// MQTT password. Prefer the environment variable or --mqtt-password-file: a flag's value
+    /// is visible to every user of the machine in the process list.
+    #[arg(long, env = "GATEWAY_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<Secret>,
+
+    /// A file holding the MQTT password (a trailing newline is ignored).
+    #[arg(
+        long,
+        env = "GATEWAY_MQTT_PASSWORD_FILE",
+        conflicts_with = "mqtt_password"
+    )]
+    pub mqtt_password_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) to trust for mqtts:// and wss://; default: the system's roots.
+    #[arg(long, env = "GATEWAY_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// A client certificate (PEM) for brokers that require one; with --mqtt-client-key-file.
+    #[arg(
+        long,
+        env = "GATEWAY_MQTT_CLIENT_CERT_FILE",
+        requires = "mqtt_client_key_file"
+    )]
+    pub mqtt_client_cert_file: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "GATEWAY_MQTT_CLIENT_KEY_FILE",
+        requires = "mqtt_client_cert_file"
+    )]
+    pub mqtt_client_key_file: Option<PathBuf>,
+
+    /// MQTT keep-alive, in seconds (5 to 65535): how soon a dead connection is noticed.
+    #[arg(long, env = "GATEWAY_MQTT_KEEP_ALIVE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=65_535))]
+    pub mqtt_keep_alive_secs: u64,
+
+    /// The largest MQTT packet this client sends or accepts, in bytes (default: 1 MiB, room for
+    /// the largest body plus properties; at least 128, at most MQTT's 268435455). rumqttc's own
+    /// default is only 10 KiB.
+    #[arg(long, env = "GATEWAY_MQTT_MAX_PACKET_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(128..=268_435_455))]
+    pub mqtt_max_packet_bytes: u32,
+}
+
+impl MqttArgs {
+    /// Client options for this broker ([`Connect::mqtt_options`]), with the credentials, TLS
+    /// files, keep-alive and packet limit of these flags. The only file reads are here.
+    pub fn options(&self, url: &BrokerUrl, client_id: &str) -> Result<MqttOptions, String> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+        };
+        let mut connect = Connect::new(url.clone())
+            .keep_alive(Duration::from_secs(self.mqtt_keep_alive_secs))
+            .max_packet_bytes(self.mqtt_max_packet_bytes);
+        if let Some(user) = &self.mqtt_username {
+            connect = connect.username(user.clone());
+        }
+        let password = match (&self.mqtt_password, &self.mqtt_password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(file)) => {
+                let text = String::from_utf8(read(file, "the MQTT password file")?)
+                    .map_err(|_| "the MQTT password file is not UTF-8".to_owned())?;
+                Some(Secret::new(text.trim_end_matches(['\n', '\r'])))
+            }
+            (None, None) => None,
+        };
+        if let Some(password) = password {
+            connect = connect.password(password);
+        }
+        if matches!(url.scheme, Scheme::Tls | Scheme::Wss) {
+            if let Some(ca) = &self.mqtt_ca_file {
+                connect = connect.ca_pem(read(ca, "the CA file")?);
+            }
+            if let (Some(cert), Some(key)) =
+                (&self.mqtt_client_cert_file, &self.mqtt_client_key_file)
+            {
+                connect = connect.client_cert_pem(
+                    read(cert, "the client certificate")?,
+                    read(key, "the client key")?,
+                );
+            }
+        }
+        connect.mqtt_options(client_id).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_are_at_least_one() {
+        let parse = |n: &str| Cli::try_parse_from(["mqtt-gateway", "serve", "--worker-threads", n]);
+        assert!(parse("0").is_err());
+        let Some(Command::Serve(args)) = parse("1").unwrap().command else {
+            unreachable!("serve was given")
+        };
+        assert_eq!(args.worker_threads, Some(1));
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.get_long().is_none() || ["help", "version"].contains(&arg.get_id().as_str())
+                {
+                    continue;
+                }
+                let long = arg.get_long().unwrap();
+                let want = format!("GATEWAY_{}", long.to_uppercase().replace('-', "_"));
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                // `--id` is GATEWAY_ID; `--device-id` is GATEWAY_DEVICE_ID.
+                assert_eq!(
+                    env.as_deref(),
+                    Some(want.as_str()),
+                    "--{long} of {}",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+}

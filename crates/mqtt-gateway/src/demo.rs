@@ -1,0 +1,150 @@
+//! The demo device: a few services to try the gateway with, built on [`mqtt_rpc::ServiceHost`].
+//!
+//! - `echo`: the payload, content type and user properties back unchanged.
+//! - `get_config`: the device's configuration as JSON.
+//! - `control`: `{"command": "set_position", "position": 0..=100}` moves the actuator.
+//! - `delay`: waits the milliseconds given in the payload (`250` or `{"ms": 250}`), then answers;
+//!   for trying timeouts.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::v5::MqttOptions;
+use serde::Deserialize;
+use serde_json::json;
+
+use mqtt_rpc::responder::{FilterError, Reply, ServiceHost, ServiceRequest};
+use mqtt_rpc::TopicTemplate;
+
+/// The longest `delay` the demo device accepts: a minute, so a typo cannot park a handler
+/// for hours.
+pub const MAX_DELAY_MS: u64 = 60_000;
+
+/// Why the demo device cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidDemo {
+    /// The device id could not be one topic level (`+` would subscribe it to every device).
+    #[error(transparent)]
+    DeviceId(#[from] mqtt_rpc::NameError),
+    /// A service filter the template made is not a valid filter.
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+}
+
+/// The demo device's services on a host, for device `device_id` under `topics`.
+pub fn host(
+    options: MqttOptions,
+    topics: &TopicTemplate,
+    device_id: &str,
+) -> Result<ServiceHost, InvalidDemo> {
+    let device_id = mqtt_rpc::DeviceId::parse(device_id)?;
+    let device_id = device_id.as_str();
+    let mut host = ServiceHost::new(options);
+    let state = Arc::new(Mutex::new(DeviceState {
+        device_id: device_id.to_owned(),
+        position: 0,
+    }));
+
+    host = host.service(
+        &topics.filter(device_id, "echo"),
+        |req: ServiceRequest| async move {
+            Reply {
+                payload: req.payload,
+                content_type: req.content_type,
+                status: None,
+                user_properties: req.user_properties,
+            }
+        },
+    )?;
+
+    let config_state = state.clone();
+    host = host.service(&topics.filter(device_id, "get_config"), move |_req| {
+        let state = config_state.clone();
+        async move {
+            let s = state.lock().unwrap_or_else(|e| e.into_inner());
+            Reply::json(&json!({
+                "device_id": s.device_id,
+                "model": "demo-actuator",
+                "firmware": env!("CARGO_PKG_VERSION"),
+                "position": s.position,
+                "position_range": [0, 100],
+            }))
+        }
+    })?;
+
+    host = host.service(
+        &topics.filter(device_id, "control"),
+        move |req: ServiceRequest| {
+            let state = state.clone();
+            async move { control(&state, &req) }
+        },
+    )?;
+
+    host = host.service(&topics.filter(device_id, "delay"), |req: ServiceRequest| async move {
+        let Some(ms) = delay_ms(&req) else {
+            return problem(400, &format!(
+                "delay expects a number of milliseconds from 0 to {MAX_DELAY_MS}, such as 250 or {{\"ms\": 250}}"
+            ));
+        };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Reply::json(&json!({ "waited_ms": ms }))
+    })?;
+
+    Ok(host)
+}
+
+struct DeviceState {
+    device_id: String,
+    position: u8,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+enum Command {
+    SetPosition { position: i64 },
+}
+
+fn control(state: &Mutex<DeviceState>, req: &ServiceRequest) -> Reply {
+    let command: Command = match req.json() {
+        Ok(c) => c,
+        Err(e) => {
+            return problem(
+                400,
+                &format!("expected {{\"command\": \"set_position\", \"position\": 0..100}}: {e}"),
+            )
+        }
+    };
+    match command {
+        Command::SetPosition { position } => {
+            let Ok(position @ 0..=100) = u8::try_from(position) else {
+                return problem(422, &format!("position {position} is outside 0..100"));
+            };
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            let previous = s.position;
+            s.position = position;
+            Reply::json(&json!({ "ok": true, "previous_position": previous, "position": position }))
+        }
+    }
+}
+
+fn delay_ms(req: &ServiceRequest) -> Option<u64> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Delay {
+        Ms(u64),
+        Object { ms: u64 },
+    }
+    let ms = match req.json::<Delay>().ok()? {
+        Delay::Ms(ms) | Delay::Object { ms } => ms,
+    };
+    (ms <= MAX_DELAY_MS).then_some(ms)
+}
+
+/// A device-side error in the same problem+json shape the gateway uses.
+fn problem(status: u16, detail: &str) -> Reply {
+    Reply::json(
+        &json!({ "title": "Bad request to the demo device", "status": status, "detail": detail }),
+    )
+    .with_content_type("application/problem+json")
+    .with_status(status)
+}

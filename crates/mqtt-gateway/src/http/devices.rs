@@ -1,0 +1,673 @@
+//! `POST /api/v1/devices/{device_id}/services/{service}`: one HTTP call, one MQTT 5 request.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Caller, CallerSlot};
+use super::docs::AnyBytes;
+use super::error::{ApiError, Problem};
+use super::AppState;
+use mqtt_rpc::protocol::{REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY};
+use mqtt_rpc::Held;
+use mqtt_rpc::{CallError, Parked, Received, Slot};
+use mqtt_rpc::{DeviceId, ServiceName};
+
+/// Request headers with this prefix become user properties (the rest of the name is the key);
+/// reply user properties come back under it.
+pub const USER_PROPERTY_HEADER_PREFIX: &str = "x-mqtt-";
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(super::only("POST", routes!(call_service)))
+}
+
+/// Call a device service.
+///
+/// The request body (any bytes, any content type) is published as an MQTT 5 request to
+/// `devices/{device_id}/{service}` (QoS 1) with a Response Topic, random Correlation Data, a
+/// Message Expiry Interval equal to `timeout_ms` rounded up to seconds, the Content Type, and
+/// every `x-mqtt-<key>` header as user property `<key>` (plus `traceparent`/`tracestate`, and
+/// `request-id`: the caller's `x-request-id` if it is at most 128 visible ASCII characters, or a
+/// new one, also returned as `x-request-id`). The device's reply becomes the response: its
+/// payload byte for byte, its Content Type, its `status` user property as the HTTP status (200
+/// when absent), and its other user properties as `x-mqtt-<key>` headers.
+///
+/// Try it with the demo device: `demo-1`, service `echo`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{device_id}/services/{service}",
+    operation_id = "callService",
+    tag = "devices",
+    // Optional: the gateway is open on loopback until API keys or JWTs are configured.
+    security((), ("bearer" = [])),
+    params(
+        ("device_id" = String, Path, description = "The device to call: 1 to 256 bytes, without `/`, `+`, `#`, control characters or a leading `$`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "demo-1"),
+        ("service" = String, Path, description = "The service to call, with the same rules as `device_id`. The demo device offers `echo`, `get_config`, `control` and `delay`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "echo"),
+        ("timeout_ms" = Option<u64>, Query, description = "How long to wait for the device, in milliseconds; also sent as the MQTT Message Expiry Interval. From 100; default 10000; the maximum is 300000 unless the gateway is configured otherwise (`--max-timeout-ms`).", minimum = 100, maximum = 300000, example = 5000),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; travels to the device as a user property."),
+    ),
+    request_body(
+        description = "Sent to the device unchanged, as the MQTT payload. Any content type; `x-mqtt-<key>` headers become user properties. At most 256 KiB unless configured otherwise (`--max-body-bytes`).",
+        content(
+            (serde_json::Value = "application/json", example = json!({"hello": "world"})),
+            (String = "text/plain", example = "hello"),
+            (AnyBytes = "application/octet-stream"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "The device's reply (or another status the device chose with its `status` user property; 204, 205 and 304 without a body). Its user properties come back as `x-mqtt-<key>` headers. Served with `X-Content-Type-Options: nosniff` and `Content-Security-Policy: sandbox; default-src 'none'`, so no reply runs as a page of the gateway's origin.",
+            content(
+                (serde_json::Value = "application/json", example = json!({"hello": "world"})),
+                (String = "text/plain"),
+                (AnyBytes = "application/octet-stream"),
+                (AnyBytes = "*/*"),
+            ),
+        ),
+        (status = 400, description = "Bad input. Codes: `invalid-device-id`, `invalid-service`, `invalid-path`, `invalid-timeout`, `unknown-query-parameter`, `invalid-header`, `invalid-body`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:invalid-device-id", "title": "Invalid device id", "status": 400, "detail": "invalid device id: must not contain '/': it is a topic separator or an MQTT wildcard", "code": "invalid-device-id"})),
+        (status = 401, description = "Authentication is configured and the call has no valid `Authorization: Bearer` API key or JWT. Code: `unauthorized`.", body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The caller's scopes do not cover this device and service (code `insufficient-scope`), or the broker refused the request (PUBACK 0x87, code `not-authorized`), or, on a gateway without authentication, the request came from another web origin (code `origin-not-allowed`) or named a host that is not the gateway's (code `host-not-allowed`).", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:not-authorized", "title": "The broker refused the request", "status": 403, "detail": "the MQTT broker does not allow this gateway to publish to this device's topic (reason 0x87)", "code": "not-authorized"})),
+        (status = 404, description = "No device listens (PUBACK 0x10, answered at once), or no such route. Codes: `device-offline`, `not-found`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:device-offline", "title": "No device is listening", "status": 404, "detail": "no device is subscribed to this service's topic: the device is offline or does not offer this service", "code": "device-offline"})),
+        (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The request body did not arrive in time (10 s in all unless configured otherwise, `--http-body-timeout-ms`); the connection is closed. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the limit, or the MQTT packet is over the broker's or the gateway's maximum packet size. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
+        (status = 429, description = "The caller is over its rate limit (code `rate-limited`, see `Retry-After`), or already has as many calls in flight as it may (code `too-many-in-flight`, `--max-in-flight-per-caller`), or the broker's quota is exceeded (PUBACK 0x97, code `quota-exceeded`).", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
+        (status = 502, description = "The broker refused the request for another reason, or the device's reply is invalid: its `status` property is not a final HTTP status (200 to 599), or its user properties would make more than 8 KiB of `x-mqtt-*` headers (`--max-reply-header-bytes`). Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or the gateway is full: too many calls in flight (`--max-in-flight`) or too many bytes held for calls (`--max-buffered-bytes`). Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting` (no subscriber yet, within a few seconds of the gateway reconnecting to the broker).", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying.")),
+            example = json!({"type": "urn:mqtt-gateway:problem:broker-unavailable", "title": "Not connected to the MQTT broker", "status": 503, "detail": "the gateway is not connected to the MQTT broker", "code": "broker-unavailable"})),
+        (status = 504, description = "The device did not answer within `timeout_ms`. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:device-timeout", "title": "The device did not answer in time", "status": 504, "detail": "no reply within 10000 ms; raise timeout_ms if the device needs longer", "code": "device-timeout"})),
+    ),
+)]
+async fn call_service(State(state): State<AppState>, request: Request) -> Response {
+    HttpCall::new(request).run(&state).await
+}
+
+/// A POST whose path is the call route's. The front service sends these straight to [`HttpCall`];
+/// other methods on this path are the router's (405).
+pub fn is_call(request: &Request) -> bool {
+    request.method() == Method::POST && call_names(request.uri().path()).is_some()
+}
+
+/// The device id and service of a call route path, still percent-encoded, as the router would
+/// match `{device_id}` and `{service}`: segments without `/` (an empty one is refused by name
+/// when parsed).
+fn call_names(path: &str) -> Option<(&str, &str)> {
+    let (device, service) = path
+        .strip_prefix("/api/v1/devices/")?
+        .split_once("/services/")?;
+    (!device.contains('/') && !service.contains('/')).then_some((device, service))
+}
+
+/// One call (check the head, take its places, read the body, publish, wait, answer), with its
+/// request taken apart so that its future holds little: the head is boxed and freed once
+/// parsed, so a parked call holds only its [`mqtt_rpc::Parked`], not the URI, headers
+/// and body it came from.
+pub struct HttpCall {
+    head: Box<Parts>,
+    body: Body,
+}
+
+impl HttpCall {
+    pub fn new(request: Request) -> Self {
+        let (head, body) = request.into_parts();
+        Self {
+            head: Box::new(head),
+            body,
+        }
+    }
+
+    pub async fn run(self, state: &AppState) -> Response {
+        // Everything up to the publish runs boxed: it lasts only until the request is sent, and
+        // a parked call's future must not keep room for it (see `front`'s size test).
+        let (pending, caller) = match Box::pin(self.send(state)).await {
+            Ok(sent) => sent,
+            Err(response) => return response,
+        };
+        let reply = pending.reply().await.map_err(ApiError::from);
+        // The caller's place is given back once the answer is known.
+        drop(caller);
+        match reply {
+            Ok(reply) => reply_response(reply, &state.limits),
+            Err(error) => error.into_response(),
+        }
+    }
+
+    /// Checks the head, takes the call's places, reads the body and publishes the request; or
+    /// the answer when any of it fails.
+    async fn send(self, state: &AppState) -> Result<(Parked, Option<CallerSlot>), Response> {
+        let HttpCall { head, body } = self;
+        let plan = BodyPlan::of(&head, state.limits.max_body_bytes);
+        let (call, places) = match admit(state, *head, &plan) {
+            Ok(admitted) => admitted,
+            Err(error) => return Err(plan.refuse(body, state, error).await),
+        };
+        let (payload, held) = read_body(body, &plan, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Places { slot, caller } = places;
+        let pending = state
+            .mqtt
+            .send(slot, call.with_payload(payload, held))
+            .map_err(|e| ApiError::from(e).into_response())?;
+        Ok((pending, caller))
+    }
+}
+
+/// The most body bytes read and dropped to answer a refused HTTP/1 call cleanly.
+const DRAIN_UP_TO: usize = 64 * 1024;
+
+/// What the head says about the body, decided before any of it is read.
+struct BodyPlan {
+    /// `Content-Length`, when the client sent one.
+    content_length: Option<u64>,
+    /// The client waits for `100 Continue` before sending the body, which hyper sends only
+    /// when the body is first read: an answer without reading it means the body never comes.
+    expects_continue: bool,
+    /// HTTP/1: a body left unread costs the connection (hyper closes it, and the client may
+    /// see a reset instead of the answer), so a refusal reads it first. HTTP/2 resets only the
+    /// stream.
+    http1: bool,
+    limit: usize,
+}
+
+impl BodyPlan {
+    fn of(head: &Parts, limit: usize) -> Self {
+        let content_length = head
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let expects_continue = head
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        Self {
+            content_length,
+            expects_continue,
+            http1: head.version <= Version::HTTP_11,
+            limit,
+        }
+    }
+
+    fn too_large(&self) -> bool {
+        self.content_length.is_some_and(|n| n > self.limit as u64)
+    }
+
+    /// Answers without using the body. A small HTTP/1 body that may still be arriving is read
+    /// and dropped first (at most [`DRAIN_UP_TO`] bytes, within the body timeout), so the
+    /// client sees the answer and the connection stays usable. A larger one is not: reading it
+    /// would grow the connection's read buffer for a call that is refused, and under overload
+    /// (when most refusals happen) that is memory the gateway should not spend; hyper closes
+    /// the connection instead. Nor is a body the client waits for `100 Continue` to send.
+    async fn refuse(&self, body: Body, state: &AppState, error: ApiError) -> Response {
+        let small = self.content_length.is_none_or(|n| n <= DRAIN_UP_TO as u64);
+        if self.http1 && !self.expects_continue && small && !body.is_end_stream() {
+            let drain = async {
+                let mut body = body;
+                let mut left = DRAIN_UP_TO;
+                while let Some(Ok(frame)) = body.frame().await {
+                    let n = frame.data_ref().map_or(0, Bytes::len);
+                    if n > left {
+                        break;
+                    }
+                    left -= n;
+                }
+            };
+            let _ = tokio::time::timeout(state.limits.body_timeout, drain).await;
+        }
+        error.into_response()
+    }
+}
+
+/// A call's head, checked: everything the request needs but its payload.
+struct CallHead {
+    device: DeviceId,
+    service: ServiceName,
+    content_type: Option<String>,
+    user_properties: Vec<(String, String)>,
+    timeout: Duration,
+}
+
+impl CallHead {
+    fn with_payload(self, payload: Bytes, held: Held) -> mqtt_rpc::Call {
+        mqtt_rpc::Call {
+            device: self.device,
+            service: self.service,
+            payload,
+            content_type: self.content_type,
+            user_properties: self.user_properties,
+            timeout: self.timeout,
+            held: Some(held),
+        }
+    }
+}
+
+/// A call's places among the calls in flight: the gateway's and its caller's.
+struct Places {
+    slot: Slot,
+    caller: Option<CallerSlot>,
+}
+
+/// Checks the head and takes the call's places, in a fixed order (so a request with several
+/// faults always gets the same answer): names, scope, timeout, headers, body size, the
+/// caller's in-flight limit, the gateway's.
+fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, Places), ApiError> {
+    let caller = parts.extensions.get::<Caller>();
+    let head = call_head(&state.limits, &parts, caller)?;
+    if plan.too_large() {
+        // At once, before the body is asked for: a client waiting for `100 Continue` never
+        // sends it.
+        return Err(ApiError::BodyTooLarge { limit: plan.limit });
+    }
+    let caller =
+        match caller {
+            Some(caller) => Some(state.caller_slots.take(caller).map_err(|limit| {
+                ApiError::TooManyInFlight {
+                    caller: crate::logging::bounded(&caller.name).into_owned(),
+                    limit,
+                }
+            })?),
+            None => None,
+        };
+    let slot = state.mqtt.reserve()?;
+    Ok((head, Places { slot, caller }))
+}
+
+/// The whole body, up to the limit, within the body timeout, its bytes held in the budget.
+async fn read_body(
+    body: Body,
+    plan: &BodyPlan,
+    state: &AppState,
+) -> Result<(Bytes, Held), ApiError> {
+    let limit = plan.limit;
+    let budget = state.mqtt.budget();
+    let full = || {
+        ApiError::Call(CallError::BufferFull {
+            limit: budget.limit(),
+        })
+    };
+    // A declared length is held at once (the buffer is made that large); a chunked body's
+    // bytes as they come.
+    let declared = plan.content_length.map_or(0, |n| n as usize);
+    let mut held = budget.try_hold(declared).ok_or_else(full)?;
+    let collect = async {
+        let mut body = body;
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::BadBody(format!("Failed to buffer the request body: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            total += data.len();
+            if total > limit {
+                return Err(ApiError::BodyTooLarge { limit });
+            }
+            if total > held.bytes() && !held.grow(total - held.bytes()) {
+                return Err(full());
+            }
+            // One piece (the usual case) is kept as it came; more are joined.
+            match (first.take(), joined.as_mut()) {
+                (None, None) => first = Some(data),
+                (Some(previous), _) => {
+                    let mut buffer = BytesMut::with_capacity(declared.max(total));
+                    buffer.extend_from_slice(&previous);
+                    buffer.extend_from_slice(&data);
+                    joined = Some(buffer);
+                }
+                (None, Some(buffer)) => buffer.extend_from_slice(&data),
+            }
+        }
+        Ok(match (first, joined) {
+            (_, Some(buffer)) => buffer.freeze(),
+            (Some(one), None) => one,
+            (None, None) => Bytes::new(),
+        })
+    };
+    match tokio::time::timeout(state.limits.body_timeout, collect).await {
+        Ok(Ok(payload)) => Ok((payload, held)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(ApiError::BodyTimeout {
+            timeout_ms: u64::try_from(state.limits.body_timeout.as_millis()).unwrap_or(u64::MAX),
+        }),
+    }
+}
+
+/// One path segment, percent-decoded as the router decodes `{device_id}` and `{service}`.
+fn path_segment(key: &str, raw: &str) -> Result<String, ApiError> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| ApiError::InvalidPath(format!("Invalid URL: Invalid UTF-8 in `{key}`")))
+}
+
+/// The call a request's head asks for, or why it cannot be made.
+fn call_head(
+    limits: &super::Limits,
+    parts: &Parts,
+    caller: Option<&Caller>,
+) -> Result<CallHead, ApiError> {
+    let (device, service) = call_names(parts.uri.path()).ok_or_else(|| {
+        ApiError::InvalidPath("not /api/v1/devices/{device_id}/services/{service}".into())
+    })?;
+    let device =
+        DeviceId::parse(path_segment("device_id", device)?).map_err(ApiError::InvalidDeviceId)?;
+    let service =
+        ServiceName::parse(path_segment("service", service)?).map_err(ApiError::InvalidService)?;
+    // Set by the access gate when authentication is on; checked before anything is published.
+    if let Some(caller) = caller {
+        if !caller.may_call(device.as_str(), service.as_str()) {
+            return Err(ApiError::InsufficientScope {
+                caller: crate::logging::bounded(&caller.name).into_owned(),
+                device: device.to_string(),
+                service: service.to_string(),
+            });
+        }
+    }
+    let max_timeout_ms = caller
+        .and_then(|c| c.max_timeout_ms)
+        .map_or(limits.max_timeout_ms, |own| own.min(limits.max_timeout_ms));
+    let timeout = parse_timeout(parts.uri.query(), limits, max_timeout_ms)?;
+    let headers = &parts.headers;
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v)?.to_owned()),
+        None => None,
+    };
+    let mut user_properties = user_properties(headers)?;
+    // Set (checked, or new) by the front.
+    if let Some(id) = headers.get("x-request-id") {
+        let id = header_text("x-request-id", id)?;
+        user_properties.push((REQUEST_ID_PROPERTY.to_owned(), id.to_owned()));
+    }
+    Ok(CallHead {
+        device,
+        service,
+        content_type,
+        user_properties,
+        timeout,
+    })
+}
+
+/// For `/api/v1/devices/{device_id}/services/{service}` with an empty device id or service
+/// (which the router cannot match): the error naming it.
+pub fn empty_name_error(path: &str) -> Option<ApiError> {
+    let rest = path.strip_prefix("/api/v1/devices/")?;
+    let (device, service) = rest.split_once("/services/")?;
+    if device.contains('/') || service.contains('/') {
+        return None;
+    }
+    if device.is_empty() {
+        return Some(ApiError::InvalidDeviceId(mqtt_rpc::NameError::Empty));
+    }
+    if service.is_empty() {
+        return Some(ApiError::InvalidService(mqtt_rpc::NameError::Empty));
+    }
+    None
+}
+
+/// `timeout_ms`: whole milliseconds, from the minimum up to `max_timeout_ms` (the configured
+/// maximum, or the caller's own when lower).
+fn parse_timeout(
+    query: Option<&str>,
+    limits: &super::Limits,
+    max_timeout_ms: u64,
+) -> Result<Duration, ApiError> {
+    let mut timeout_ms = limits.default_timeout_ms.min(max_timeout_ms);
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if key != "timeout_ms" {
+            return Err(ApiError::UnknownQueryParameter(key.into_owned()));
+        }
+        timeout_ms = value
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| (super::MIN_TIMEOUT_MS..=max_timeout_ms).contains(ms))
+            .ok_or_else(|| {
+                ApiError::InvalidTimeout(format!(
+                    "{:?} is not a whole number of milliseconds from {} to {max_timeout_ms}",
+                    crate::logging::bounded(&value),
+                    super::MIN_TIMEOUT_MS,
+                ))
+            })?;
+    }
+    Ok(Duration::from_millis(timeout_ms))
+}
+
+/// `x-mqtt-<key>` headers, and the W3C trace context, as user properties.
+fn user_properties(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut properties = Vec::new();
+    for (name, value) in headers {
+        let key = if let Some(key) = name.as_str().strip_prefix(USER_PROPERTY_HEADER_PREFIX) {
+            key
+        } else if name.as_str() == TRACEPARENT_PROPERTY || name.as_str() == "tracestate" {
+            name.as_str()
+        } else {
+            continue;
+        };
+        if key.is_empty() {
+            return Err(ApiError::InvalidHeader {
+                name: name.to_string(),
+                reason: "the user property key after \"x-mqtt-\" is empty".into(),
+            });
+        }
+        properties.push((
+            key.to_owned(),
+            header_text(name.as_str(), value)?.to_owned(),
+        ));
+    }
+    Ok(properties)
+}
+
+/// Header values become MQTT strings: UTF-8, at most 65535 bytes, without control characters
+/// or non-characters.
+fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiError> {
+    let invalid = |reason: String| ApiError::InvalidHeader {
+        name: name.to_owned(),
+        reason,
+    };
+    let text = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| invalid("the value is not valid UTF-8, which MQTT strings must be".into()))?;
+    mqtt_rpc::protocol::check_mqtt_string(text).map_err(|e| invalid(format!("the value {e}")))?;
+    Ok(text)
+}
+
+/// The device's reply as an HTTP response: its payload byte for byte, its status, its content
+/// type (or a guess), its user properties as `x-mqtt-*` headers.
+///
+/// The payload is the device's, not the gateway's, yet it is served from the gateway's origin
+/// (the one of `/docs`): `nosniff` and a sandboxing CSP keep a device's HTML or script from
+/// running there. 204, 205 and 304 have no body, whatever the device sent.
+fn reply_response(received: Received, limits: &super::Limits) -> Response {
+    let Received { reply, held } = received;
+    let header_bytes: usize = reply
+        .user_properties
+        .iter()
+        .map(|(k, v)| USER_PROPERTY_HEADER_PREFIX.len() + k.len() + v.len())
+        .sum();
+    if header_bytes > limits.max_reply_header_bytes {
+        return ApiError::ReplyHeadersTooLarge {
+            bytes: header_bytes,
+            limit: limits.max_reply_header_bytes,
+        }
+        .into_response();
+    }
+    let status = reply
+        .status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let bodiless = matches!(status.as_u16(), 204 | 205 | 304);
+    let content_type = reply
+        .content_type
+        .as_deref()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+        .unwrap_or_else(|| {
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&reply.payload).is_ok() {
+                HeaderValue::from_static("application/json")
+            } else {
+                HeaderValue::from_static("application/octet-stream")
+            }
+        });
+    let body = ReplyBody {
+        payload: if bodiless {
+            Bytes::new()
+        } else {
+            reply.payload
+        },
+        _held: held,
+    };
+    let mut response = Response::new(Body::new(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if !bodiless {
+        headers.insert(header::CONTENT_TYPE, content_type);
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(REPLY_CSP),
+    );
+    for (key, value) in reply.user_properties {
+        let name = HeaderName::try_from(format!("{USER_PROPERTY_HEADER_PREFIX}{key}"));
+        let value = HeaderValue::from_str(&value);
+        match (name, value) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => tracing::debug!(
+                key = %crate::logging::bounded(&key),
+                "reply user property cannot be an HTTP header; dropped"
+            ),
+        }
+    }
+    response
+}
+
+/// The Content-Security-Policy of a device's reply: a document of its own origin, with no
+/// scripts, plugins or loads, should a browser open it.
+pub const REPLY_CSP: &str = "sandbox; default-src 'none'";
+
+/// A reply's payload as a response body, holding its bytes in the gateway's budget until hyper
+/// has taken them.
+struct ReplyBody {
+    payload: Bytes,
+    _held: Option<Held>,
+}
+
+impl http_body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.payload.is_empty() {
+            return Poll::Ready(None);
+        }
+        let payload = std::mem::take(&mut self.payload);
+        Poll::Ready(Some(Ok(Frame::data(payload))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.payload.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.payload.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Limits;
+
+    #[test]
+    fn timeout_parsing() {
+        let limits = Limits::default();
+        let max = limits.max_timeout_ms;
+        assert_eq!(
+            parse_timeout(None, &limits, max).unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            parse_timeout(Some("timeout_ms=250"), &limits, max).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(
+            parse_timeout(Some("timeout_ms=2000"), &limits, 1000).is_err(),
+            "over the caller's own maximum"
+        );
+        assert_eq!(
+            parse_timeout(None, &limits, 1000).unwrap(),
+            Duration::from_secs(1),
+            "the default never exceeds the caller's maximum"
+        );
+        for bad in [
+            "timeout_ms=0",
+            "timeout_ms=99",
+            "timeout_ms=abc",
+            "timeout_ms=300001",
+            "timeout_ms=-1",
+            "timeout_ms=",
+        ] {
+            assert!(
+                matches!(
+                    parse_timeout(Some(bad), &limits, max),
+                    Err(ApiError::InvalidTimeout(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_timeout(Some("timeout=5"), &limits, max),
+            Err(ApiError::UnknownQueryParameter(_))
+        ));
+    }
+
+    #[test]
+    fn reply_without_content_type_is_sniffed() {
+        let reply = |payload: &'static [u8]| Received {
+            reply: mqtt_rpc::Reply::new(Bytes::from_static(payload)),
+            held: None,
+        };
+        let limits = Limits::default();
+        let ct = |r: Response| {
+            r.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            ct(reply_response(reply(b"{\"a\":1}"), &limits)),
+            "application/json"
+        );
+        assert_eq!(
+            ct(reply_response(reply(b"\xff\x00"), &limits)),
+            "application/octet-stream"
+        );
+    }
+}

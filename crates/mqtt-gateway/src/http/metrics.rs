@@ -1,0 +1,205 @@
+//! `GET /metrics`: Prometheus metrics in the OpenMetrics text format.
+//!
+//! One registry per gateway (not a process-global one), so several gateways in one process,
+//! as in the tests, never mix their numbers. Per-call metrics are recorded by
+//! [`super::front`]; the MQTT connection's own counters are read at scrape time.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::server::ServerStats;
+use super::AppState;
+
+/// The content type of the OpenMetrics text format, which Prometheus scrapes natively.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    /// `answered` when the device replied, `client-disconnected` when the caller left first,
+    /// else the problem code (`device-timeout`, ...).
+    outcome: String,
+    status: u16,
+}
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    duration: Histogram,
+}
+
+impl Metrics {
+    pub fn new(mqtt: mqtt_rpc::Caller, server: std::sync::Arc<ServerStats>) -> Self {
+        let mut registry = Registry::with_prefix("mqtt_gateway");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "calls",
+            "Calls to device services, by outcome (answered, or the problem code) and HTTP status",
+            calls.clone(),
+        );
+        // 0.5 ms to about 65 s: from a loopback round trip to the longest sensible timeout.
+        let duration = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
+        registry.register(
+            "call_duration_seconds",
+            "Time from receiving a call to answering it",
+            duration.clone(),
+        );
+        registry.register_collector(Box::new(ConnectionCollector { mqtt, server }));
+        Self {
+            registry,
+            calls,
+            duration,
+        }
+    }
+
+    /// Records one finished call: its problem code, or "" when the device answered.
+    pub fn record_call(&self, outcome: &str, status: u16, took: Duration) {
+        let outcome = if outcome.is_empty() {
+            "answered"
+        } else {
+            outcome
+        }
+        .to_owned();
+        self.calls
+            .get_or_create(&CallLabels { outcome, status })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail, and every metric here encodes.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The MQTT side's and the HTTP server's counters, read at scrape time.
+#[derive(Debug)]
+struct ConnectionCollector {
+    mqtt: mqtt_rpc::Caller,
+    server: std::sync::Arc<ServerStats>,
+}
+
+impl Collector for ConnectionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.mqtt.stats();
+        let server = &self.server;
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        let open = server.open.load(std::sync::atomic::Ordering::Relaxed);
+        let gauges: [(&str, &str, i64); 4] = [
+            (
+                "calls_in_flight",
+                "Calls waiting for their device now",
+                s.parked as i64,
+            ),
+            (
+                "broker_connected",
+                "1 while connected to the broker and its response topic delivers (a probe came back)",
+                i64::from(s.ready),
+            ),
+            (
+                "http_connections",
+                "HTTP connections open now",
+                i64::try_from(open).unwrap_or(i64::MAX),
+            ),
+            (
+                "buffered_bytes",
+                "Bytes held for calls now: bodies being received or sent to the broker, replies being written (--max-buffered-bytes)",
+                i64::try_from(s.buffered_bytes).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let counters: [(&str, &str, u64); 8] = [
+            (
+                "broker_reconnects",
+                "Connections to the broker after the first",
+                s.reconnects,
+            ),
+            (
+                "unmatched_replies",
+                "Replies matching no waiting call: late, duplicated or forged",
+                s.unmatched_replies,
+            ),
+            (
+                "replies_without_correlation",
+                "Messages on the response topic without 16 bytes of correlation data",
+                s.replies_without_correlation,
+            ),
+            (
+                "invalid_replies",
+                "Replies whose status property is not an HTTP status code",
+                s.invalid_replies,
+            ),
+            (
+                "calls_shed",
+                "Calls refused at once because the gateway was full",
+                s.shed,
+            ),
+            (
+                "http_connections_refused",
+                "HTTP connections answered 503 and closed because --http-max-connections were open",
+                load(&server.refused),
+            ),
+            (
+                "http_connections_timed_out",
+                "HTTP connections closed by a timeout: request head, response write, or a close that did not finish",
+                load(&server.timed_out),
+            ),
+            (
+                "log_lines_dropped",
+                "Log lines dropped because the reader of the gateway's output stopped reading",
+                crate::logging::dropped_lines(),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(super::only("GET", routes!(metrics)))
+}
+
+/// Prometheus metrics: calls by outcome and status, call latency, calls in flight, broker
+/// connection state and reconnects, unmatched and invalid replies, shed calls.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Metrics in the OpenMetrics text format.", content_type = "application/openmetrics-text", body = String),
+        (status = 405, description = "Only GET is allowed. Code: `method-not-allowed`.", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,29 @@
+//! # mqtt-gateway
+//!
+//! Web applications call devices over REST; devices answer over MQTT 5. This crate is the HTTP
+//! face of [`mqtt_rpc`]'s caller. A tour of the modules, in the order a call travels:
+//!
+//! - [`http`]: the HTTP front end. [`http::server`] accepts connections and enforces the
+//!   per-connection limits (connections, head, idle and write timeouts); [`http::front`] takes
+//!   every request (access gate, per-call log line and metrics) and runs
+//!   `POST /api/v1/devices/{device_id}/services/{service}` itself, without boxing (a parked call
+//!   holds one small future); the rest goes to the axum router. A call is parsed into an
+//!   [`mqtt_rpc::Call`]: names checked by [`mqtt_rpc::DeviceId`] and [`mqtt_rpc::ServiceName`],
+//!   `timeout_ms`, content type, `x-mqtt-*` headers as user properties. Failures are RFC 9457
+//!   problem+json.
+//! - [`mqtt_rpc::Caller`] parks the call, publishes the MQTT 5 request and resolves it from the
+//!   one response subscription (PUBACK 0x10 means no device listens: 404 at once).
+//! - [`demo`]: the demo device's services, built on [`mqtt_rpc::ServiceHost`].
+//! - [`broker`]: the embedded broker, so `cargo run` needs nothing else (feature
+//!   `embedded-broker`, on by default).
+//! - [`config`]: the command line; every flag also reads a `GATEWAY_*` environment variable.
+//! - [`app`]: wires the broker, the caller, the demo device and the HTTP server together.
+//! - [`logging`]: logs through a bounded queue, so a stuck reader never stalls the gateway.
+
+pub mod app;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod logging;

@@ -1,0 +1,18 @@
+//! The gateway's behaviour, told as users' stories, against a real broker per test.
+//!
+//! One test binary (fast to link); `helpers` starts brokers, gateways and devices.
+
+mod calls;
+mod cli;
+mod device_library;
+mod docs;
+mod errors;
+mod faults;
+mod hardening;
+mod helpers;
+mod hostile;
+mod interop;
+mod reliability;
+mod rust_caller;
+mod security;
+mod slow_clients;

@@ -1,0 +1,519 @@
+//! The caller: the seed's requester. One connection, one response subscription, one map of
+//! parked calls.
+//!
+//! A call is [reserved](Caller::reserve) (a place among the calls in flight), then
+//! [sent](Caller::send): parked under fresh Correlation Data and published as an MQTT 5 request
+//! (QoS 1, Response Topic, Correlation Data, Message Expiry, Content Type, user properties). What
+//! the sender holds while the responder works is only the small [`Parked`] future. The one
+//! event loop task (`event_loop.rs`) ties the broker's PUBACK to the call (`publish_order.rs`),
+//! turns a failure reason into a [`PublishRefusal`], and routes each reply on the response topic
+//! back to its parked call. [`Caller::call`] does all three steps for a simple caller.
+//!
+//! Before it takes calls the caller subscribes to its response topic and probes it
+//! (`readiness.rs`): a broker whose ACL silently drops the replies is caught at start, not by
+//! the first caller's timeout.
+
+mod event_loop;
+mod pending;
+mod publish_order;
+mod readiness;
+mod request;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, MqttOptions};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::budget::{ByteBudget, Held};
+use crate::protocol::Reply;
+use crate::topic::TopicTemplate;
+use pending::{ParkedCalls, Ticket};
+use publish_order::PublishOrder;
+use readiness::Readiness;
+
+pub use request::Call;
+
+/// Correlation Data of one request: 128 random bits, so a reply can only be matched by someone
+/// who saw the request (guessing one of n live ids takes about 2^128 / n tries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct CorrelationId([u8; 16]);
+
+impl CorrelationId {
+    /// A fresh random id.
+    pub(crate) fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// Reads correlation data from a reply; anything but exactly 16 bytes cannot be ours.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Self)
+    }
+
+    /// The 16 bytes sent as Correlation Data.
+    pub(crate) fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+/// A reply as the caller received it: the [`Reply`] and the bytes it holds in the budget.
+#[derive(Debug)]
+pub struct Received {
+    /// What the responder answered.
+    pub reply: Reply,
+    /// The reply's bytes in the caller's budget ([`CallerOptions::budget`]): keep it until
+    /// the reply has been handed on, so the budget counts what is still held.
+    pub held: Option<Held>,
+}
+
+/// How a parked call ends, as seen from the event loop.
+#[derive(Debug)]
+pub(crate) enum CallOutcome {
+    /// The reply came.
+    Reply(Received),
+    /// A reply came, but the gateway holds as many bytes for calls as it may.
+    BufferFull,
+    /// The broker answered the request's PUBLISH with a failure reason code (PUBACK).
+    Refused(PublishRefusal),
+    /// The reply carried a status property that is not an HTTP status code.
+    InvalidStatus(String),
+    /// The connection that carried the request dropped before an answer arrived.
+    ConnectionLost,
+    /// The gateway is shutting down and the call's grace period is over.
+    ShuttingDown,
+}
+
+/// A PUBACK failure reason, from MQTT 5 section 3.4.2.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishRefusal {
+    /// 0x10: nobody is subscribed to the request topic, so no device is listening.
+    NoMatchingSubscribers,
+    /// 0x87: the broker's ACL does not let the caller publish to the request topic.
+    NotAuthorized,
+    /// 0x97: a quota the broker enforces was exceeded.
+    QuotaExceeded,
+    /// 0x99: the broker found the payload does not match its format indicator.
+    PayloadFormatInvalid,
+    /// 0x90: the broker does not accept the request topic.
+    TopicNameInvalid,
+    /// 0x80, 0x83, 0x91 and anything else the broker may send.
+    Other(u8),
+}
+
+/// Why a call did not produce a device reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// Not connected, or not yet subscribed to the response topic and probed.
+    #[error("not connected to the MQTT broker")]
+    NotConnected,
+    /// [`CallerOptions::max_in_flight`] calls are in flight, or the request channel is full.
+    #[error("too many calls in flight; retry shortly")]
+    Overloaded,
+    /// The reply did not fit in the [`CallerOptions::budget`].
+    #[error("as many bytes are held for calls as may be ({limit} bytes); retry shortly")]
+    BufferFull {
+        /// The budget's limit.
+        limit: usize,
+    },
+    /// [`Caller::begin_shutdown`] was called.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// PUBACK 0x10 (no matching subscribers) within [`CallerOptions::reconnect_settle`]
+    /// of a reconnect, when devices may still be re-subscribing.
+    #[error(
+        "no device is subscribed yet, but the gateway has just reconnected to the broker and \
+         devices may still be re-subscribing; retry shortly"
+    )]
+    DevicesReconnecting,
+    /// The request's packet is larger than the broker's or our own packet size limit.
+    #[error("the request is {size} bytes as an MQTT packet; the limit is {limit} bytes")]
+    PacketTooLarge {
+        /// The packet's size.
+        size: usize,
+        /// The smaller of the two limits.
+        limit: u32,
+    },
+    /// The broker's PUBACK carried a failure reason.
+    #[error("the broker refused the request: {0:?}")]
+    Refused(PublishRefusal),
+    /// The reply's status property was not a final HTTP status code.
+    #[error("the device's reply has an invalid status property: {0}")]
+    InvalidStatus(String),
+    /// The connection that carried the request dropped before the reply came.
+    #[error("the connection to the MQTT broker was lost before the device answered")]
+    ConnectionLost,
+    /// No reply within the call's timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Everything a caller needs to start. [`CallerOptions::new`] gives the defaults; change the
+/// fields that matter to you.
+#[derive(Debug, Clone)]
+pub struct CallerOptions {
+    /// Broker address, client id, keep-alive, packet size limit, TCP_NODELAY: see
+    /// [`crate::Connect::mqtt_options`].
+    pub mqtt: MqttOptions,
+    /// The topic this caller subscribes to for every reply, sent as each request's Response
+    /// Topic. It must be this caller's alone, or callers sharing a broker see each other's
+    /// replies (they cannot match them, but it costs them).
+    pub response_topic: String,
+    /// Where requests go.
+    pub topics: TopicTemplate,
+    /// Capacity of the channel into the event loop: requests beyond it are refused at once
+    /// ([`CallError::Overloaded`]) instead of queueing without bound.
+    pub request_queue: usize,
+    /// The most calls parked at once (at least 1); beyond it calls are refused at once
+    /// ([`CallError::Overloaded`]), so memory stays bounded however fast calls arrive.
+    pub max_in_flight: usize,
+    /// Keep the MQTT session (clean start off) this many seconds across disconnects, so replies
+    /// published while the caller was briefly away are still delivered. None: clean sessions.
+    pub session_expiry: Option<u32>,
+    /// For this long after a reconnect, "no matching subscribers" means the devices may still
+    /// be re-subscribing, not that they are offline ([`CallError::DevicesReconnecting`]).
+    pub reconnect_settle: Duration,
+    /// The bytes calls may hold: a request's payload until it is written to the broker, a
+    /// reply until whoever received it drops its [`Received::held`].
+    pub budget: Arc<ByteBudget>,
+}
+
+impl CallerOptions {
+    /// Defaults: the [`TopicTemplate::DEFAULT`] request topics, a queue of 1024 requests,
+    /// 10,000 calls in flight, clean sessions, 2 s of reconnect settling, 64 MiB of budget.
+    pub fn new(mqtt: MqttOptions, response_topic: impl Into<String>) -> Self {
+        Self {
+            mqtt,
+            response_topic: response_topic.into(),
+            topics: TopicTemplate::default(),
+            request_queue: 1024,
+            max_in_flight: 10_000,
+            session_expiry: None,
+            reconnect_settle: Duration::from_secs(2),
+            budget: ByteBudget::new(64 * 1024 * 1024),
+        }
+    }
+}
+
+/// Counters an operator wants to see; read them with [`Caller::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    reconnects: AtomicU64,
+    /// Replies whose correlation data matched no parked call (late, duplicated or forged).
+    unmatched_replies: AtomicU64,
+    /// Messages on the response topic with no usable correlation data.
+    replies_without_correlation: AtomicU64,
+    /// Replies whose status property was not an HTTP status code.
+    invalid_replies: AtomicU64,
+    /// Calls refused because `max_in_flight` calls were already in flight.
+    shed: AtomicU64,
+}
+
+/// A snapshot of the connection's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallerStats {
+    /// Calls waiting for their reply right now.
+    pub parked: usize,
+    /// Connected, subscribed and probed: see [`Caller::is_ready`].
+    pub ready: bool,
+    /// Connections re-established after a loss.
+    pub reconnects: u64,
+    /// Replies whose correlation data matched no parked call (late, duplicated or forged).
+    pub unmatched_replies: u64,
+    /// Messages on the response topic with no usable correlation data.
+    pub replies_without_correlation: u64,
+    /// Replies whose status property was not a final HTTP status code.
+    pub invalid_replies: u64,
+    /// Calls refused because too many were in flight or the request channel was full.
+    pub shed: u64,
+    /// Bytes held for calls now (see [`CallerOptions::budget`]).
+    pub buffered_bytes: usize,
+}
+
+/// The handle to call responders with. Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct Caller {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: AsyncClient,
+    parked: ParkedCalls,
+    /// One permit per call allowed in flight.
+    in_flight: Arc<Semaphore>,
+    session_expiry: Option<u32>,
+    reconnect_settle: Duration,
+    /// When the connection last came back after a loss (None before any loss).
+    reconnected_at: Mutex<Option<Instant>>,
+    link: Mutex<Link>,
+    ready: watch::Sender<bool>,
+    topics: TopicTemplate,
+    response_topic: String,
+    /// The broker's Maximum Packet Size from CONNACK; 0 when it set none.
+    broker_max_packet: AtomicU32,
+    /// Our own packet size limit (rumqttc refuses to write larger packets, and would drop the
+    /// connection doing so); 0 for none.
+    own_max_packet: u32,
+    /// No new calls (shutdown has begun).
+    shutting_down: AtomicBool,
+    /// DISCONNECT was sent: the task ends instead of reconnecting.
+    disconnecting: AtomicBool,
+    counters: Counters,
+    budget: Arc<ByteBudget>,
+    /// The client id, for the log line that says another client is using it.
+    client_id: String,
+    /// Subscribed and probed; see [`readiness`].
+    readiness: Mutex<Readiness>,
+}
+
+/// What must change together, under one lock: whether requests may be sent, and the order
+/// they were sent in (publish and queue push happen under this lock, or PUBACKs reach the
+/// wrong calls).
+#[derive(Default)]
+struct Link {
+    /// Connected, subscribed to the response topic, and the probe came back.
+    ready: bool,
+    /// Which call each written packet id belongs to.
+    order: PublishOrder,
+}
+
+/// A place among the calls in flight ([`CallerOptions::max_in_flight`]), taken before the
+/// request is built (the gateway takes it before reading the HTTP body, so bodies being
+/// uploaded count too); given back when the call ends.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("response_topic", &self.inner.response_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Caller {
+    /// Starts the connection task. The caller connects (and reconnects) on its own; watch
+    /// [`Caller::is_ready`] or await [`Caller::wait_ready`].
+    pub fn start(options: CallerOptions) -> (Caller, JoinHandle<()>) {
+        let response_topic = options.response_topic.clone();
+        let own_max_packet = options.mqtt.max_packet_size().unwrap_or(0);
+        let mut mqtt = options.mqtt.clone();
+        if let Some(expiry) = options.session_expiry {
+            mqtt.set_clean_start(false);
+            mqtt.set_session_expiry_interval(Some(expiry));
+        }
+        let client_id = mqtt.client_id();
+        let (client, eventloop) = AsyncClient::new(mqtt, options.request_queue);
+        let inner = Arc::new(Inner {
+            client,
+            parked: ParkedCalls::default(),
+            in_flight: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+            session_expiry: options.session_expiry,
+            reconnect_settle: options.reconnect_settle,
+            reconnected_at: Mutex::new(None),
+            link: Mutex::new(Link::default()),
+            ready: watch::Sender::new(false),
+            topics: options.topics,
+            response_topic,
+            broker_max_packet: AtomicU32::new(0),
+            own_max_packet,
+            shutting_down: AtomicBool::new(false),
+            disconnecting: AtomicBool::new(false),
+            counters: Counters::default(),
+            budget: options.budget,
+            client_id,
+            readiness: Mutex::new(Readiness::default()),
+        });
+        let task = tokio::spawn(event_loop::run(eventloop, inner.clone()));
+        tokio::spawn(event_loop::watch_readiness(inner.clone()));
+        (Caller { inner }, task)
+    }
+
+    /// A place for one call among those in flight, or why there is none: shutting down, not
+    /// ready, or [`CallerOptions::max_in_flight`] calls in flight.
+    pub fn reserve(&self) -> Result<Slot, CallError> {
+        let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(CallError::ShuttingDown);
+        }
+        if !self.is_ready() {
+            return Err(CallError::NotConnected);
+        }
+        let Ok(permit) = inner.in_flight.clone().try_acquire_owned() else {
+            inner.counters.shed.fetch_add(1, Ordering::Relaxed);
+            return Err(CallError::Overloaded);
+        };
+        Ok(Slot { _permit: permit })
+    }
+
+    /// The budget calls' bytes are held in.
+    pub fn budget(&self) -> &Arc<ByteBudget> {
+        &self.inner.budget
+    }
+
+    /// Parks the call and hands its request to the connection, without waiting: what the sender
+    /// holds while the responder works is only the [`Parked`], not the request it came from.
+    pub fn send(&self, slot: Slot, mut call: Call) -> Result<Parked, CallError> {
+        let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(CallError::ShuttingDown);
+        }
+        let parked = inner.parked.park();
+        let timeout = call.timeout;
+        let held = call.held.take();
+        let publish = call.into_publish(&inner.topics, &inner.response_topic, parked.id());
+
+        let size = publish.size();
+        let limits = [
+            inner.broker_max_packet.load(Ordering::Relaxed),
+            inner.own_max_packet,
+        ];
+        if let Some(limit) = limits.into_iter().filter(|l| *l != 0).min() {
+            if size > limit as usize {
+                return Err(CallError::PacketTooLarge { size, limit });
+            }
+        }
+
+        {
+            let mut link = inner.lock_link();
+            if !link.ready {
+                return Err(CallError::NotConnected);
+            }
+            let Publish {
+                topic,
+                payload,
+                properties,
+                ..
+            } = publish;
+            // The topic came from the template and parsed names, so it is valid UTF-8.
+            let topic = String::from_utf8_lossy(&topic).into_owned();
+            let sent = inner.client.try_publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                properties.unwrap_or_default(),
+            );
+            if sent.is_err() {
+                // The channel is full (or the task is gone): refuse now, queue nothing.
+                inner.counters.shed.fetch_add(1, Ordering::Relaxed);
+                return Err(CallError::Overloaded);
+            }
+            link.order.queued(parked.id(), held);
+        }
+        Ok(Parked {
+            parked,
+            timeout,
+            _slot: slot,
+            caller: self.inner.clone(),
+        })
+    }
+
+    /// One call, start to end: [`Caller::reserve`], [`Caller::send`], then [`Parked::reply`].
+    /// The reply's budget is given back on return.
+    pub async fn call(&self, call: Call) -> Result<Reply, CallError> {
+        let slot = self.reserve()?;
+        let received = self.send(slot, call)?.reply().await?;
+        Ok(received.reply)
+    }
+
+    /// Connected to the broker, subscribed to the response topic, and a probe published there
+    /// came back.
+    pub fn is_ready(&self) -> bool {
+        *self.inner.ready.borrow()
+    }
+
+    /// Waits until [`Caller::is_ready`].
+    pub async fn wait_ready(&self) {
+        let mut rx = self.inner.ready.subscribe();
+        // The sender lives in `inner`, which we hold, so the channel cannot close.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    /// The topic replies must be published to.
+    pub fn response_topic(&self) -> &str {
+        &self.inner.response_topic
+    }
+
+    /// The caller's counters now.
+    pub fn stats(&self) -> CallerStats {
+        let c = &self.inner.counters;
+        CallerStats {
+            parked: self.inner.parked.len(),
+            ready: self.is_ready(),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+            unmatched_replies: c.unmatched_replies.load(Ordering::Relaxed),
+            replies_without_correlation: c.replies_without_correlation.load(Ordering::Relaxed),
+            invalid_replies: c.invalid_replies.load(Ordering::Relaxed),
+            shed: c.shed.load(Ordering::Relaxed),
+            buffered_bytes: self.inner.budget.used(),
+        }
+    }
+
+    /// Shutdown, step 1: refuse new calls ([`CallError::ShuttingDown`]); calls in flight go on.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown, step 2 (the grace period is over): fail every call still waiting
+    /// ([`CallError::ShuttingDown`]). Returns how many there were.
+    pub fn fail_parked(&self) -> usize {
+        self.inner.parked.fail_all(|| CallOutcome::ShuttingDown)
+    }
+
+    /// Shutdown, step 3: send DISCONNECT; the connection task then ends. Calls still parked
+    /// (there should be none) are failed first.
+    pub fn disconnect(&self) {
+        let inner = &self.inner;
+        self.begin_shutdown();
+        self.fail_parked();
+        inner.disconnecting.store(true, Ordering::SeqCst);
+        inner.lock_link().ready = false;
+        inner.ready.send_replace(false);
+        let _ = inner.client.try_disconnect();
+    }
+}
+
+/// A parked call: its request has been handed to the connection; await [`Parked::reply`].
+/// Dropping it un-parks the call (whoever waited went away) and frees its in-flight slot.
+pub struct Parked {
+    parked: Ticket,
+    timeout: Duration,
+    _slot: Slot,
+    caller: Arc<Inner>,
+}
+
+impl Parked {
+    /// Waits for the reply, the broker's refusal, or the call's timeout.
+    ///
+    /// An `async` block that uses its captured `self` in place: an `async fn` would also keep a
+    /// second copy of `self` in the future, and a parked call is this future.
+    #[allow(clippy::manual_async_fn)]
+    pub fn reply(mut self) -> impl std::future::Future<Output = Result<Received, CallError>> {
+        async move {
+            // Named, so the block captures it: precise capture would take only the fields used
+            // below and drop the in-flight slot as soon as `reply` returns.
+            let _slot = &self._slot;
+            match tokio::time::timeout(self.timeout, self.parked.outcome()).await {
+                Ok(CallOutcome::Reply(reply)) => Ok(reply),
+                Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers))
+                    if self.caller.settling() =>
+                {
+                    Err(CallError::DevicesReconnecting)
+                }
+                Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
+                Ok(CallOutcome::BufferFull) => Err(CallError::BufferFull {
+                    limit: self.caller.budget.limit(),
+                }),
+                Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
+                Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
+                Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
+                Err(_) => Err(CallError::Timeout(self.timeout)),
+            }
+        }
+    }
+}

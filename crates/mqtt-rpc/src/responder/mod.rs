@@ -1,0 +1,600 @@
+//! The responder: the seed's service provider. Answers MQTT 5 requests from the gateway, from a
+//! [`crate::Caller`], or from any MQTT 5 client.
+//!
+//! Add services (a topic filter and an async handler), then run the host. Each request's
+//! reply goes to its Response Topic with its Correlation Data echoed; a request without a
+//! Response Topic is handled as one-way; a request whose Message Expiry has passed is dropped.
+//!
+//! A request is a command to act now, so retained messages are never requests: the host
+//! subscribes with Retain Handling 2 (the broker sends none on subscribing) and drops any
+//! message that arrives with the retain flag anyway. Otherwise one retained `control` would run
+//! again on every reconnect. A request whose Response Topic could not be published to (empty,
+//! with a wildcard, starting with `$`, or not a valid MQTT string) is dropped too: a broker
+//! disconnects a client that publishes to such a topic.
+//!
+//! ```no_run
+//! use mqtt_rpc::{Connect, Reply, ServiceHost};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let options = Connect::parse("mqtt://127.0.0.1:1883")?.mqtt_options("thermostat-7")?;
+//! let host = ServiceHost::new(options)
+//!     // `+` matches any device id; the handler sees it in `request.params[0]`.
+//!     .service("devices/+/get_temperature", |request| async move {
+//!         Reply::json(&serde_json::json!({ "device": request.params[0], "celsius": 21.5 }))
+//!     })?
+//!     .service("devices/+/reboot", |_request| async move {
+//!         Reply::new("rebooting").with_status(202)
+//!     })?;
+//! let running = host.start();
+//! running.wait_ready().await?; // Err if the broker refused a subscription
+//! let stopped = running.stopped().await;
+//! eprintln!("stopped: {stopped}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Backpressure: at most [`ServiceHost::max_concurrent`] handlers run at once, and at most
+//! [`ServiceHost::max_queued`] more requests wait for a slot. Past that, a request is answered at
+//! once with status 503 (`device busy`) instead of queueing without bound. (Holding back the
+//! PUBACK is no alternative: MQTT 5 requires QoS 1 acks in the order the requests arrived, so
+//! one slow handler would stall every request behind it.) Several processes can split one
+//! service's load with `$share/<group>/<filter>` filters.
+
+mod filter;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, Packet, Publish, PublishProperties, RetainForwardRule, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
+use rumqttc::Outgoing;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+pub use filter::{FilterError, TopicFilter};
+
+use crate::backoff::Backoff;
+use crate::event_loop_access;
+use crate::protocol;
+pub use crate::protocol::Reply;
+
+/// How many handlers run at once unless [`ServiceHost::max_concurrent`] says otherwise: enough
+/// to keep a small device busy, few enough that a burst cannot exhaust its memory.
+pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+/// How many requests may wait for a handler slot unless [`ServiceHost::max_queued`] says
+/// otherwise: a burst of this size is absorbed, anything larger is told the device is busy.
+pub const DEFAULT_MAX_QUEUED: usize = 1024;
+
+/// One request, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceRequest {
+    /// The concrete topic the request arrived on.
+    pub topic: String,
+    /// The topic levels matched by the registration's wildcards, in order: one per `+`, then
+    /// the remainder for a `#`.
+    pub params: Vec<String>,
+    /// The request's payload, unchanged.
+    pub payload: Bytes,
+    /// The request's Content Type property.
+    pub content_type: Option<String>,
+    /// The request's user properties, in order.
+    pub user_properties: Vec<(String, String)>,
+    /// When the caller stops waiting, from the Message Expiry Interval; None if it had none.
+    pub deadline: Option<Instant>,
+    /// Where the reply goes; None for a one-way request.
+    pub response_topic: Option<String>,
+}
+
+impl ServiceRequest {
+    /// The payload as UTF-8 text, if it is.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
+
+    /// The payload parsed as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_slice(&self.payload)
+    }
+
+    /// The first user property with this key.
+    pub fn user_property(&self, key: &str) -> Option<&str> {
+        self.user_properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The reply PUBLISH's payload and properties: Content Type, Payload Format Indicator, the
+/// status as [`protocol::STATUS_PROPERTY`], the correlation data echoed.
+fn reply_properties(reply: Reply, correlation_data: Option<Bytes>) -> (Bytes, PublishProperties) {
+    let reply = checked(reply);
+    let mut user_properties = reply.user_properties;
+    if let Some(status) = reply.status {
+        // `with_status` wins over a `status` user property the handler added itself: the
+        // caller reads the first one.
+        user_properties.retain(|(key, _)| key != protocol::STATUS_PROPERTY);
+        user_properties.insert(
+            0,
+            (protocol::STATUS_PROPERTY.to_owned(), status.to_string()),
+        );
+    }
+    let properties = PublishProperties {
+        payload_format_indicator: protocol::payload_format(
+            reply.content_type.as_deref(),
+            &reply.payload,
+        ),
+        correlation_data,
+        content_type: reply.content_type,
+        user_properties,
+        ..Default::default()
+    };
+    (reply.payload, properties)
+}
+
+/// A handler's reply, or a 500 in its place when the reply cannot travel: a status that is not
+/// a final HTTP status (the caller would refuse it), or a content type or user property that is
+/// not a valid MQTT string (a broker may disconnect a client that sends one, failing every
+/// request in flight on the connection, not just this one).
+fn checked(reply: Reply) -> Reply {
+    let fault = if reply.status.is_some_and(|s| !(200..=599).contains(&s)) {
+        Some(format!(
+            "status {:?} is not 200-599",
+            reply.status.unwrap_or_default()
+        ))
+    } else {
+        let strings = reply.content_type.iter().map(String::as_str).chain(
+            reply
+                .user_properties
+                .iter()
+                .flat_map(|(k, v)| [k.as_str(), v.as_str()]),
+        );
+        let mut faults = strings.filter_map(|s| protocol::check_mqtt_string(s).err());
+        faults
+            .next()
+            .map(|e| format!("a content type or user property {e}"))
+    };
+    match fault {
+        None => reply,
+        Some(fault) => {
+            error!("a service handler's reply cannot be sent ({fault}); answering 500 instead");
+            Reply::new("the device's handler returned a reply that cannot be sent")
+                .with_content_type("text/plain")
+                .with_status(500)
+        }
+    }
+}
+
+type BoxHandler =
+    Arc<dyn Fn(ServiceRequest) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+
+struct Service {
+    filter: TopicFilter,
+    handler: BoxHandler,
+}
+
+/// A set of services on one MQTT connection.
+pub struct ServiceHost {
+    options: MqttOptions,
+    services: Vec<Service>,
+    max_concurrent: usize,
+    max_queued: usize,
+}
+
+impl ServiceHost {
+    /// A host for this connection. TCP_NODELAY is switched on: request/response traffic is
+    /// small packets, which Nagle's algorithm would hold back for tens of milliseconds.
+    pub fn new(mut options: MqttOptions) -> Self {
+        let mut network = options.network_options();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
+        Self {
+            options,
+            services: Vec::new(),
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            max_queued: DEFAULT_MAX_QUEUED,
+        }
+    }
+
+    /// Bounds the handlers running at once (at least 1).
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.max_concurrent = n.max(1);
+        self
+    }
+
+    /// Bounds the requests waiting for a handler slot; beyond it they get a 503 reply at once.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n;
+        self
+    }
+
+    /// Adds a handler for every request whose topic matches `filter` (`+` and `#` allowed,
+    /// and `$share/<group>/<filter>` to split the load with other hosts). When several filters
+    /// match, the first added wins.
+    pub fn service<F, Fut>(mut self, filter: &str, handler: F) -> Result<Self, FilterError>
+    where
+        F: Fn(ServiceRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
+        let filter = TopicFilter::parse(filter)?;
+        let handler: BoxHandler = Arc::new(move |request| Box::pin(handler(request)));
+        self.services.push(Service { filter, handler });
+        Ok(self)
+    }
+
+    /// Connects and serves until the host is stopped, reconnecting as needed; returns why it
+    /// stopped.
+    pub async fn run(self) -> Stopped {
+        self.start().stopped().await
+    }
+
+    /// Connects and serves in a background task.
+    pub fn start(self) -> RunningHost {
+        // Room for every running handler's reply plus the busy replies of a burst, so replies
+        // rarely wait for the event loop.
+        let (client, eventloop) = AsyncClient::new(self.options, 2 * self.max_concurrent + 64);
+        let ready = watch::Sender::new(Readiness::Connecting);
+        let shared = Arc::new(Shared {
+            client: client.clone(),
+            services: self.services,
+            running: Arc::new(Semaphore::new(self.max_concurrent)),
+            admitted: AtomicUsize::new(0),
+            capacity: self.max_concurrent + self.max_queued,
+            ready: ready.clone(),
+        });
+        let task = tokio::spawn(serve(eventloop, shared));
+        RunningHost {
+            client,
+            ready,
+            task,
+        }
+    }
+}
+
+/// Where a host is on its way to serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Readiness {
+    /// Not connected, or waiting for the SUBACK.
+    Connecting,
+    /// Subscribed to every service.
+    Ready,
+    /// Connected, but the broker refused these subscriptions (filter and reason code).
+    Refused(Vec<String>),
+}
+
+/// The broker refused some of the host's subscriptions (its ACL, usually): requests for those
+/// services will never arrive.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the broker refused these service subscriptions: {}", .0.join(", "))]
+pub struct SubscriptionsRefused(pub Vec<String>);
+
+/// Why a host stopped serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// [`RunningHost::shutdown`] sent DISCONNECT.
+    Disconnected,
+    /// The serving task ended abnormally (it panicked, or its runtime shut down).
+    Failed(String),
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::Disconnected => f.write_str("disconnected from the broker"),
+            Stopped::Failed(why) => write!(f, "the serving task failed: {why}"),
+        }
+    }
+}
+
+/// A host serving in the background.
+pub struct RunningHost {
+    client: AsyncClient,
+    ready: watch::Sender<Readiness>,
+    task: JoinHandle<()>,
+}
+
+impl RunningHost {
+    /// Waits until connected and subscribed: `Ok` when the broker granted every service's
+    /// subscription, an error naming the refused ones otherwise. Waits while the broker cannot
+    /// be reached (bound it with a timeout if that matters).
+    pub async fn wait_ready(&self) -> Result<(), SubscriptionsRefused> {
+        let mut rx = self.ready.subscribe();
+        // The sender lives in `self`, so the channel cannot close.
+        let state = rx
+            .wait_for(|state| *state != Readiness::Connecting)
+            .await
+            .map(|state| state.clone())
+            .unwrap_or(Readiness::Connecting);
+        match state {
+            Readiness::Refused(refused) => Err(SubscriptionsRefused(refused)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Connected and subscribed to every service.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow() == Readiness::Ready
+    }
+
+    /// Waits until the host stops on its own (it does not, unless its task fails) and says
+    /// why.
+    pub async fn stopped(self) -> Stopped {
+        match self.task.await {
+            Ok(()) => Stopped::Disconnected,
+            Err(e) => Stopped::Failed(e.to_string()),
+        }
+    }
+
+    /// Sends DISCONNECT and waits (up to two seconds) for the task to end.
+    pub async fn shutdown(self) -> Stopped {
+        let _ = self.client.try_disconnect();
+        let mut task = self.task;
+        match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
+            Ok(Ok(())) => Stopped::Disconnected,
+            Ok(Err(e)) => Stopped::Failed(e.to_string()),
+            Err(_) => {
+                task.abort();
+                Stopped::Failed("it did not end within 2 s of DISCONNECT".into())
+            }
+        }
+    }
+}
+
+struct Shared {
+    client: AsyncClient,
+    services: Vec<Service>,
+    /// One permit per handler allowed to run.
+    running: Arc<Semaphore>,
+    /// Requests running or waiting for a permit.
+    admitted: AtomicUsize,
+    /// The most requests that may be admitted at once (running + queued).
+    capacity: usize,
+    ready: watch::Sender<Readiness>,
+}
+
+async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
+    let mut backoff = Backoff::default();
+    let client_id = eventloop.options.client_id();
+    // When the current connection's CONNACK came (see `Backoff::after_failure`).
+    let mut connected_at: Option<Instant> = None;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                connected_at = Some(Instant::now());
+                if ack.session_present {
+                    shared.ready.send_replace(Readiness::Ready);
+                } else if !shared.services.is_empty() {
+                    let filters = shared.services.iter().map(|s| Filter {
+                        // Retain Handling 2: no retained message on subscribing.
+                        retain_forward_rule: RetainForwardRule::Never,
+                        ..Filter::new(s.filter.subscription(), QoS::AtLeastOnce)
+                    });
+                    event_loop_access::send_next(
+                        &mut eventloop,
+                        MqttRequest::Subscribe(Subscribe::new_many(filters, None)),
+                    );
+                } else {
+                    shared.ready.send_replace(Readiness::Ready);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused: Vec<_> = ack
+                    .return_codes
+                    .iter()
+                    .zip(&shared.services)
+                    .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
+                    .map(|(code, s)| format!("{} ({code:?})", s.filter.subscription()))
+                    .collect();
+                if refused.is_empty() {
+                    info!(services = shared.services.len(), "device ready");
+                    shared.ready.send_replace(Readiness::Ready);
+                } else {
+                    error!(?refused, "the broker refused some service subscriptions");
+                    shared.ready.send_replace(Readiness::Refused(refused));
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => dispatch(&shared, publish),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => {
+                shared.ready.send_replace(Readiness::Connecting);
+                let lived = connected_at.take().map(|at| at.elapsed());
+                let delay = backoff.after_failure(&e, "device", &client_id, lived);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Why a Response Topic cannot be replied to, if it cannot.
+fn invalid_response_topic(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("it is empty")
+    } else if topic.contains(['+', '#']) {
+        Some("it holds a wildcard")
+    } else if topic.starts_with('$') {
+        Some("it starts with '$', which is the broker's")
+    } else if protocol::check_mqtt_string(topic).is_err() {
+        Some("it is not a valid MQTT string")
+    } else {
+        None
+    }
+}
+
+/// Finds the handler and runs it in its own task; never blocks the event loop.
+fn dispatch(shared: &Arc<Shared>, publish: Publish) {
+    let received = Instant::now();
+    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+    if publish.retain {
+        debug!(%topic, "dropping a retained message: requests are never retained");
+        return;
+    }
+    let Some((index, params)) = shared
+        .services
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| s.filter.matches(&topic).map(|params| (i, params)))
+    else {
+        debug!(%topic, "no service registered for this topic");
+        return;
+    };
+    let properties = publish.properties.unwrap_or_default();
+    let deadline = properties
+        .message_expiry_interval
+        .map(|s| received + Duration::from_secs(u64::from(s)));
+    let request = ServiceRequest {
+        topic,
+        params,
+        payload: publish.payload,
+        content_type: properties.content_type,
+        user_properties: properties.user_properties,
+        deadline,
+        response_topic: properties.response_topic,
+    };
+    let correlation = properties.correlation_data;
+    if let Some(why) = request
+        .response_topic
+        .as_deref()
+        .and_then(invalid_response_topic)
+    {
+        warn!(
+            topic = %request.topic,
+            "dropping a request whose Response Topic cannot be replied to: {why}"
+        );
+        return;
+    }
+
+    if shared.admitted.fetch_add(1, Ordering::SeqCst) >= shared.capacity {
+        shared.admitted.fetch_sub(1, Ordering::SeqCst);
+        warn!(topic = %request.topic, "device busy: request refused");
+        let busy = Reply::new("the device is busy; retry later")
+            .with_content_type("text/plain")
+            .with_status(503);
+        // Never await in the event loop: if even the client's queue is full, the caller's
+        // timeout answers instead.
+        if let Some(response_topic) = &request.response_topic {
+            let (payload, props) = reply_properties(busy, correlation);
+            let _ = shared.client.try_publish_with_properties(
+                response_topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                props,
+            );
+        }
+        return;
+    }
+
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _admitted = Admitted(&shared.admitted);
+        // The semaphore is never closed, so acquiring cannot fail.
+        let Ok(_permit) = shared.running.clone().acquire_owned().await else {
+            return;
+        };
+        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| Instant::now() >= d);
+        if expired(deadline) {
+            debug!(topic = %request.topic, "dropping an expired request");
+            return;
+        }
+        let topic = request.topic.clone();
+        let response_topic = request.response_topic.clone();
+        let handler = shared.services[index].handler.clone();
+        let reply = match AssertUnwindSafe(handler(request)).catch_unwind().await {
+            Ok(reply) => reply,
+            Err(_) => {
+                error!(%topic, "service handler panicked");
+                Reply::new("the device's handler failed")
+                    .with_content_type("text/plain")
+                    .with_status(500)
+            }
+        };
+        match response_topic {
+            Some(_) if expired(deadline) => {
+                debug!(%topic, "the caller's deadline passed; reply dropped")
+            }
+            Some(response_topic) => {
+                let (payload, props) = reply_properties(reply, correlation);
+                if let Err(e) = shared
+                    .client
+                    .publish_with_properties(
+                        response_topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                        props,
+                    )
+                    .await
+                {
+                    warn!(error = %e, "could not queue the reply");
+                }
+            }
+            None => {}
+        }
+    });
+}
+
+/// Counts a request as admitted until dropped, whatever way its task ends.
+struct Admitted<'a>(&'a AtomicUsize);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_that_cannot_travel_becomes_a_500() {
+        let status = |reply: Reply| {
+            let (_, props) = reply_properties(reply, None);
+            props.user_properties
+        };
+        let ok = Reply::new("x")
+            .with_user_property("status", "404")
+            .with_user_property("k", "v")
+            .with_status(201);
+        assert_eq!(
+            status(ok),
+            vec![
+                ("status".to_owned(), "201".to_owned()),
+                ("k".to_owned(), "v".to_owned())
+            ],
+            "with_status comes first and replaces the handler's own"
+        );
+        let refused = vec![("status".to_owned(), "500".to_owned())];
+        assert_eq!(status(Reply::new("x").with_status(101)), refused);
+        assert_eq!(status(Reply::new("x").with_status(600)), refused);
+        assert_eq!(
+            status(Reply::new("x").with_user_property("k", "tab\there")),
+            refused
+        );
+        assert_eq!(
+            status(Reply::new("x").with_content_type("text/plain\n")),
+            refused
+        );
+    }
+
+    #[test]
+    fn only_publishable_response_topics_are_replied_to() {
+        assert_eq!(invalid_response_topic("gateway/gw-1/replies"), None);
+        for bad in ["", "a/+", "a/#", "$SYS/x", "a\u{0}b", "tab\there"] {
+            assert!(invalid_response_topic(bad).is_some(), "{bad:?}");
+        }
+    }
+}
