@@ -66,7 +66,40 @@ pub fn finish(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
             }
         }
     }
+    describe_problem_codes(&mut spec);
     spec
+}
+
+/// The `ProblemCode` schema's description: every code with its status, title and retry
+/// advice, from the one table in `error.rs`.
+fn describe_problem_codes(spec: &mut utoipa::openapi::OpenApi) {
+    use super::error::{ProblemCode, Retry};
+    use utoipa::openapi::schema::Schema;
+    let Some(RefOr::T(Schema::Object(schema))) = spec
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut("ProblemCode"))
+    else {
+        return;
+    };
+    let mut text = String::from(
+        "The stable, machine-readable problem codes. Clients switch on these; they never change \
+         meaning.\n\n| code | status | title | Retry-After |\n|---|---|---|---|\n",
+    );
+    for &code in ProblemCode::ALL {
+        let retry = match code.retry() {
+            Retry::No => "",
+            Retry::Soon => "1",
+            Retry::After => "when the limit refills",
+        };
+        text.push_str(&format!(
+            "| `{}` | {} | {} | {retry} |\n",
+            code.as_str(),
+            code.status().as_u16(),
+            code.title()
+        ));
+    }
+    schema.description = Some(text);
 }
 
 /// Swagger UI at `/docs`, reading the document at `/openapi.json`.

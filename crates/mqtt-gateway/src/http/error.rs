@@ -63,103 +63,131 @@ pub enum ApiError {
     ReplyHeadersTooLarge { bytes: usize, limit: usize },
 }
 
-/// The stable, machine-readable problem codes. Clients switch on these; they never change
-/// meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProblemCode {
-    /// 400: the device id is empty, too long, or holds a character that is not allowed.
-    InvalidDeviceId,
-    /// 400: the service name is empty, too long, or holds a character that is not allowed.
-    InvalidService,
-    /// 400: the path is not valid UTF-8 once percent-decoded.
-    InvalidPath,
-    /// 400: `timeout_ms` is not a whole number in range.
-    InvalidTimeout,
-    /// 400: a query parameter other than `timeout_ms`.
-    UnknownQueryParameter,
-    /// 400: a header that cannot become an MQTT property.
-    InvalidHeader,
-    /// 400: the body could not be read.
-    InvalidBody,
-    /// 408: the body did not arrive within `--http-body-timeout-ms`.
-    BodyTimeout,
-    /// 401: no bearer token, or not a valid one.
-    Unauthorized,
-    /// 403: the caller's scopes do not cover this device and service.
-    InsufficientScope,
-    /// 429: the caller is over its rate limit.
-    RateLimited,
-    /// 429: the caller has as many calls in flight as it may.
-    TooManyInFlight,
-    /// 403: an open gateway refuses a browser request from another web origin.
-    OriginNotAllowed,
-    /// 403: an open gateway refuses a `Host` that is not its own (DNS rebinding).
-    HostNotAllowed,
-    /// 403: the broker refused the request (PUBACK 0x87).
-    NotAuthorized,
-    /// 404: no device is subscribed to the service's topic (PUBACK 0x10).
-    DeviceOffline,
-    /// 404: no such route.
-    NotFound,
-    /// 405: wrong method for this route.
-    MethodNotAllowed,
-    /// 413: the body or the MQTT packet is too large.
-    PayloadTooLarge,
-    /// 429: the broker's quota is exceeded (PUBACK 0x97).
-    QuotaExceeded,
-    /// 502: the broker refused the request for another reason.
-    BrokerRefused,
-    /// 502: the device's reply has an invalid status property.
-    InvalidDeviceReply,
-    /// 503: not connected to the broker.
-    BrokerUnavailable,
-    /// 503: the connection to the broker dropped while the call waited.
-    ConnectionLost,
-    /// 503: too many calls in flight, or queued for the broker connection.
-    Overloaded,
-    /// 503: the gateway is shutting down.
-    ShuttingDown,
-    /// 503: no subscriber yet, just after the gateway reconnected to the broker.
-    DevicesReconnecting,
-    /// 504: the device did not answer within `timeout_ms`.
-    DeviceTimeout,
+/// Whether a caller may simply retry, as the `Retry-After` header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// No `Retry-After`: the request itself must change.
+    No,
+    /// `Retry-After: 1`: the condition passes on its own (overload, a reconnect).
+    Soon,
+    /// `Retry-After` with the seconds the error itself names (a rate limit's refill).
+    After,
 }
 
-impl ProblemCode {
-    pub fn as_str(self) -> &'static str {
-        use ProblemCode::*;
-        match self {
-            InvalidDeviceId => "invalid-device-id",
-            InvalidService => "invalid-service",
-            InvalidPath => "invalid-path",
-            InvalidTimeout => "invalid-timeout",
-            UnknownQueryParameter => "unknown-query-parameter",
-            InvalidHeader => "invalid-header",
-            InvalidBody => "invalid-body",
-            BodyTimeout => "body-timeout",
-            TooManyInFlight => "too-many-in-flight",
-            OriginNotAllowed => "origin-not-allowed",
-            HostNotAllowed => "host-not-allowed",
-            Unauthorized => "unauthorized",
-            InsufficientScope => "insufficient-scope",
-            RateLimited => "rate-limited",
-            NotAuthorized => "not-authorized",
-            DeviceOffline => "device-offline",
-            NotFound => "not-found",
-            MethodNotAllowed => "method-not-allowed",
-            PayloadTooLarge => "payload-too-large",
-            QuotaExceeded => "quota-exceeded",
-            BrokerRefused => "broker-refused",
-            InvalidDeviceReply => "invalid-device-reply",
-            BrokerUnavailable => "broker-unavailable",
-            ConnectionLost => "connection-lost",
-            Overloaded => "overloaded",
-            ShuttingDown => "shutting-down",
-            DevicesReconnecting => "devices-reconnecting",
-            DeviceTimeout => "device-timeout",
+/// The problem codes, declared once: the enum, its string, status, title and retry advice, the
+/// list of all codes (for the OpenAPI document and the tests) come from this table. Clients
+/// switch on the code; a code never changes meaning.
+macro_rules! problem_codes {
+    ($(
+        $(#[doc = $doc:literal])*
+        $variant:ident = $code:literal, $status:ident, $title:literal, $retry:ident;
+    )*) => {
+        /// The stable, machine-readable problem codes. Clients switch on these; they never
+        /// change meaning.
+        // The serialized name is the variant's in kebab case (utoipa does not read a
+        // `rename` that a macro passes on); `every_code_serializes_as_its_string` checks it is
+        // the table's string.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
+        #[serde(rename_all = "kebab-case")]
+        pub enum ProblemCode {
+            $(
+                $(#[doc = $doc])*
+                $variant,
+            )*
         }
-    }
+
+        impl ProblemCode {
+            /// Every code, in the table's order.
+            pub const ALL: &'static [ProblemCode] = &[$(ProblemCode::$variant),*];
+
+            /// The code as clients see it (`device-offline`).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ProblemCode::$variant => $code,)*
+                }
+            }
+
+            /// The HTTP status every problem with this code has.
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(ProblemCode::$variant => StatusCode::$status,)*
+                }
+            }
+
+            /// The problem type's short summary (RFC 9457 `title`).
+            pub fn title(self) -> &'static str {
+                match self {
+                    $(ProblemCode::$variant => $title,)*
+                }
+            }
+
+            /// Whether the caller may retry, and when.
+            pub fn retry(self) -> Retry {
+                match self {
+                    $(ProblemCode::$variant => Retry::$retry,)*
+                }
+            }
+        }
+    };
+}
+
+problem_codes! {
+    /// The device id is empty, too long, or holds a character that is not allowed.
+    InvalidDeviceId = "invalid-device-id", BAD_REQUEST, "Invalid device id", No;
+    /// The service name is empty, too long, or holds a character that is not allowed.
+    InvalidService = "invalid-service", BAD_REQUEST, "Invalid service name", No;
+    /// The path is not valid UTF-8 once percent-decoded.
+    InvalidPath = "invalid-path", BAD_REQUEST, "Invalid path", No;
+    /// `timeout_ms` is not a whole number in range.
+    InvalidTimeout = "invalid-timeout", BAD_REQUEST, "Invalid timeout", No;
+    /// A query parameter other than `timeout_ms`.
+    UnknownQueryParameter = "unknown-query-parameter", BAD_REQUEST, "Unknown query parameter", No;
+    /// A header that cannot become an MQTT property.
+    InvalidHeader = "invalid-header", BAD_REQUEST, "Invalid header", No;
+    /// The body could not be read.
+    InvalidBody = "invalid-body", BAD_REQUEST, "Request body unreadable", No;
+    /// The body did not arrive within `--http-body-timeout-ms`.
+    BodyTimeout = "body-timeout", REQUEST_TIMEOUT, "Request body timed out", No;
+    /// No bearer token, or not a valid one.
+    Unauthorized = "unauthorized", UNAUTHORIZED, "Authentication required", No;
+    /// The caller's scopes do not cover this device and service.
+    InsufficientScope = "insufficient-scope", FORBIDDEN, "Not allowed to call this service", No;
+    /// The caller is over its rate limit.
+    RateLimited = "rate-limited", TOO_MANY_REQUESTS, "Rate limit exceeded", After;
+    /// The caller has as many calls in flight as it may.
+    TooManyInFlight = "too-many-in-flight", TOO_MANY_REQUESTS, "Too many calls in flight", Soon;
+    /// An open gateway refuses a browser request from another web origin.
+    OriginNotAllowed = "origin-not-allowed", FORBIDDEN, "Origin not allowed", No;
+    /// An open gateway refuses a `Host` that is not its own (DNS rebinding).
+    HostNotAllowed = "host-not-allowed", FORBIDDEN, "Host not allowed", No;
+    /// The broker refused the request (PUBACK 0x87).
+    NotAuthorized = "not-authorized", FORBIDDEN, "The broker refused the request", No;
+    /// No device is subscribed to the service's topic (PUBACK 0x10).
+    DeviceOffline = "device-offline", NOT_FOUND, "No device is listening", No;
+    /// No such route.
+    NotFound = "not-found", NOT_FOUND, "No such route", No;
+    /// Wrong method for this route.
+    MethodNotAllowed = "method-not-allowed", METHOD_NOT_ALLOWED, "Method not allowed", No;
+    /// The body or the MQTT packet is too large.
+    PayloadTooLarge = "payload-too-large", PAYLOAD_TOO_LARGE, "Payload too large", No;
+    /// The broker's quota is exceeded (PUBACK 0x97).
+    QuotaExceeded = "quota-exceeded", TOO_MANY_REQUESTS, "The broker's quota is exceeded", No;
+    /// The broker refused the request for another reason.
+    BrokerRefused = "broker-refused", BAD_GATEWAY, "The broker refused the request", No;
+    /// The device's reply has an invalid status property, or too many user properties.
+    InvalidDeviceReply = "invalid-device-reply", BAD_GATEWAY, "The device's reply is invalid", No;
+    /// Not connected to the broker.
+    BrokerUnavailable = "broker-unavailable", SERVICE_UNAVAILABLE, "Not connected to the MQTT broker", Soon;
+    /// The connection to the broker dropped while the call waited.
+    ConnectionLost = "connection-lost", SERVICE_UNAVAILABLE, "Connection to the broker lost", Soon;
+    /// Too many calls in flight, bytes held, or connections open.
+    Overloaded = "overloaded", SERVICE_UNAVAILABLE, "Gateway overloaded", Soon;
+    /// The gateway is shutting down.
+    ShuttingDown = "shutting-down", SERVICE_UNAVAILABLE, "Gateway shutting down", Soon;
+    /// No subscriber yet, just after the gateway reconnected to the broker.
+    DevicesReconnecting = "devices-reconnecting", SERVICE_UNAVAILABLE, "Devices are reconnecting", Soon;
+    /// The device did not answer within `timeout_ms`.
+    DeviceTimeout = "device-timeout", GATEWAY_TIMEOUT, "The device did not answer in time", No;
 }
 
 /// An RFC 9457 problem: what went wrong and what to fix.
@@ -189,170 +217,46 @@ pub struct Problem {
 pub const PROBLEM_TYPE_PREFIX: &str = "urn:mqtt-gateway:problem:";
 
 impl ApiError {
-    /// Status, code and title, in one place.
-    pub fn parts(&self) -> (StatusCode, ProblemCode, &'static str) {
+    /// The problem code of this error: the one place an error is classified.
+    pub fn code(&self) -> ProblemCode {
         use ApiError::*;
         use CallError as C;
         match self {
-            InvalidDeviceId(_) => (
-                StatusCode::BAD_REQUEST,
-                ProblemCode::InvalidDeviceId,
-                "Invalid device id",
-            ),
-            InvalidService(_) => (
-                StatusCode::BAD_REQUEST,
-                ProblemCode::InvalidService,
-                "Invalid service name",
-            ),
-            InvalidPath(_) => (
-                StatusCode::BAD_REQUEST,
-                ProblemCode::InvalidPath,
-                "Invalid path",
-            ),
-            InvalidTimeout(_) => (
-                StatusCode::BAD_REQUEST,
-                ProblemCode::InvalidTimeout,
-                "Invalid timeout",
-            ),
-            UnknownQueryParameter(_) => (
-                StatusCode::BAD_REQUEST,
-                ProblemCode::UnknownQueryParameter,
-                "Unknown query parameter",
-            ),
-            InvalidHeader { .. } => (
-                StatusCode::BAD_REQUEST,
-                ProblemCode::InvalidHeader,
-                "Invalid header",
-            ),
-            BodyTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ProblemCode::PayloadTooLarge,
-                "Payload too large",
-            ),
-            BadBody(_) => (
-                StatusCode::BAD_REQUEST,
-                ProblemCode::InvalidBody,
-                "Request body unreadable",
-            ),
-            NotFound { .. } => (
-                StatusCode::NOT_FOUND,
-                ProblemCode::NotFound,
-                "No such route",
-            ),
-            MethodNotAllowed { .. } => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                ProblemCode::MethodNotAllowed,
-                "Method not allowed",
-            ),
-            NotReady => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                ProblemCode::BrokerUnavailable,
-                "Not connected to the MQTT broker",
-            ),
-            Unauthorized(_) => (
-                StatusCode::UNAUTHORIZED,
-                ProblemCode::Unauthorized,
-                "Authentication required",
-            ),
-            InsufficientScope { .. } => (
-                StatusCode::FORBIDDEN,
-                ProblemCode::InsufficientScope,
-                "Not allowed to call this service",
-            ),
-            RateLimited { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                ProblemCode::RateLimited,
-                "Rate limit exceeded",
-            ),
-            TooManyInFlight { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                ProblemCode::TooManyInFlight,
-                "Too many calls in flight",
-            ),
-            BodyTimeout { .. } => (
-                StatusCode::REQUEST_TIMEOUT,
-                ProblemCode::BodyTimeout,
-                "Request body timed out",
-            ),
-            OriginNotAllowed { .. } => (
-                StatusCode::FORBIDDEN,
-                ProblemCode::OriginNotAllowed,
-                "Origin not allowed",
-            ),
-            HostNotAllowed { .. } => (
-                StatusCode::FORBIDDEN,
-                ProblemCode::HostNotAllowed,
-                "Host not allowed",
-            ),
-            ReplyHeadersTooLarge { .. } => (
-                StatusCode::BAD_GATEWAY,
-                ProblemCode::InvalidDeviceReply,
-                "The device's reply is invalid",
-            ),
+            InvalidDeviceId(_) => ProblemCode::InvalidDeviceId,
+            InvalidService(_) => ProblemCode::InvalidService,
+            InvalidPath(_) => ProblemCode::InvalidPath,
+            InvalidTimeout(_) => ProblemCode::InvalidTimeout,
+            UnknownQueryParameter(_) => ProblemCode::UnknownQueryParameter,
+            InvalidHeader { .. } => ProblemCode::InvalidHeader,
+            BodyTooLarge { .. } => ProblemCode::PayloadTooLarge,
+            BadBody(_) => ProblemCode::InvalidBody,
+            NotFound { .. } => ProblemCode::NotFound,
+            MethodNotAllowed { .. } => ProblemCode::MethodNotAllowed,
+            NotReady => ProblemCode::BrokerUnavailable,
+            Unauthorized(_) => ProblemCode::Unauthorized,
+            InsufficientScope { .. } => ProblemCode::InsufficientScope,
+            RateLimited { .. } => ProblemCode::RateLimited,
+            TooManyInFlight { .. } => ProblemCode::TooManyInFlight,
+            BodyTimeout { .. } => ProblemCode::BodyTimeout,
+            OriginNotAllowed { .. } => ProblemCode::OriginNotAllowed,
+            HostNotAllowed { .. } => ProblemCode::HostNotAllowed,
+            ReplyHeadersTooLarge { .. } => ProblemCode::InvalidDeviceReply,
             Call(e) => match e {
-                C::NotConnected => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ProblemCode::BrokerUnavailable,
-                    "Not connected to the MQTT broker",
-                ),
-                C::Overloaded | C::BufferFull { .. } => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ProblemCode::Overloaded,
-                    "Gateway overloaded",
-                ),
-                C::DevicesReconnecting => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ProblemCode::DevicesReconnecting,
-                    "Devices are reconnecting",
-                ),
-                C::ShuttingDown => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ProblemCode::ShuttingDown,
-                    "Gateway shutting down",
-                ),
-                C::ConnectionLost => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ProblemCode::ConnectionLost,
-                    "Connection to the broker lost",
-                ),
-                C::PacketTooLarge { .. } => (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    ProblemCode::PayloadTooLarge,
-                    "Payload too large",
-                ),
-                C::Timeout(_) => (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    ProblemCode::DeviceTimeout,
-                    "The device did not answer in time",
-                ),
-                C::InvalidStatus(_) => (
-                    StatusCode::BAD_GATEWAY,
-                    ProblemCode::InvalidDeviceReply,
-                    "The device's reply is invalid",
-                ),
+                C::NotConnected => ProblemCode::BrokerUnavailable,
+                C::Overloaded | C::BufferFull { .. } => ProblemCode::Overloaded,
+                C::DevicesReconnecting => ProblemCode::DevicesReconnecting,
+                C::ShuttingDown => ProblemCode::ShuttingDown,
+                C::ConnectionLost => ProblemCode::ConnectionLost,
+                C::PacketTooLarge { .. } => ProblemCode::PayloadTooLarge,
+                C::Timeout(_) => ProblemCode::DeviceTimeout,
+                C::InvalidStatus(_) => ProblemCode::InvalidDeviceReply,
                 C::Refused(r) => match r {
-                    PublishRefusal::NoMatchingSubscribers => (
-                        StatusCode::NOT_FOUND,
-                        ProblemCode::DeviceOffline,
-                        "No device is listening",
-                    ),
-                    PublishRefusal::NotAuthorized => (
-                        StatusCode::FORBIDDEN,
-                        ProblemCode::NotAuthorized,
-                        "The broker refused the request",
-                    ),
-                    PublishRefusal::QuotaExceeded => (
-                        StatusCode::TOO_MANY_REQUESTS,
-                        ProblemCode::QuotaExceeded,
-                        "The broker's quota is exceeded",
-                    ),
+                    PublishRefusal::NoMatchingSubscribers => ProblemCode::DeviceOffline,
+                    PublishRefusal::NotAuthorized => ProblemCode::NotAuthorized,
+                    PublishRefusal::QuotaExceeded => ProblemCode::QuotaExceeded,
                     PublishRefusal::PayloadFormatInvalid
                     | PublishRefusal::TopicNameInvalid
-                    | PublishRefusal::Other(_) => (
-                        StatusCode::BAD_GATEWAY,
-                        ProblemCode::BrokerRefused,
-                        "The broker refused the request",
-                    ),
+                    | PublishRefusal::Other(_) => ProblemCode::BrokerRefused,
                 },
             },
         }
@@ -386,33 +290,25 @@ impl ApiError {
         }
     }
 
-    /// Whether the caller may simply retry soon.
+    /// The `Retry-After` value, when the code says the caller may retry.
     fn retry_after(&self) -> Option<String> {
-        if let ApiError::RateLimited { retry_after, .. } = self {
-            return Some(retry_after.to_string());
+        match (self.code().retry(), self) {
+            (Retry::No, _) => None,
+            (Retry::Soon, _) => Some("1".to_owned()),
+            (Retry::After, ApiError::RateLimited { retry_after, .. }) => {
+                Some(retry_after.to_string())
+            }
+            (Retry::After, _) => Some("1".to_owned()),
         }
-        matches!(
-            self,
-            ApiError::NotReady
-                | ApiError::TooManyInFlight { .. }
-                | ApiError::Call(
-                    CallError::NotConnected
-                        | CallError::Overloaded
-                        | CallError::BufferFull { .. }
-                        | CallError::ConnectionLost
-                        | CallError::ShuttingDown
-                        | CallError::DevicesReconnecting
-                )
-        )
-        .then(|| "1".to_owned())
     }
 
+    /// The problem+json body.
     pub fn problem(&self) -> Problem {
-        let (status, code, title) = self.parts();
+        let code = self.code();
         Problem {
             kind: format!("{PROBLEM_TYPE_PREFIX}{}", code.as_str()),
-            title,
-            status: status.as_u16(),
+            title: code.title(),
+            status: code.status().as_u16(),
             detail: self.detail(),
             code,
         }
@@ -526,43 +422,47 @@ mod tests {
 
 #[cfg(test)]
 mod code_tests {
-    use super::ProblemCode::{self, *};
+    use super::*;
 
-    /// The code in the JSON body, the one in `type`, and the one in the spec are one string.
+    /// The code in the JSON body, the one in `type`, and the one in the spec are one string,
+    /// and no two codes share one.
     #[test]
-    fn serialized_codes_match_as_str() {
-        let all: [ProblemCode; 28] = [
-            BodyTimeout,
-            TooManyInFlight,
-            OriginNotAllowed,
-            HostNotAllowed,
-            Unauthorized,
-            InsufficientScope,
-            RateLimited,
-            InvalidDeviceId,
-            InvalidService,
-            InvalidPath,
-            InvalidTimeout,
-            UnknownQueryParameter,
-            InvalidHeader,
-            InvalidBody,
-            NotAuthorized,
-            DeviceOffline,
-            NotFound,
-            MethodNotAllowed,
-            PayloadTooLarge,
-            QuotaExceeded,
-            BrokerRefused,
-            InvalidDeviceReply,
-            BrokerUnavailable,
-            ConnectionLost,
-            Overloaded,
-            ShuttingDown,
-            DevicesReconnecting,
-            DeviceTimeout,
-        ];
-        for code in all {
+    fn every_code_serializes_as_its_string() {
+        let mut seen = std::collections::HashSet::new();
+        for &code in ProblemCode::ALL {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+            assert!(seen.insert(code.as_str()), "{} twice", code.as_str());
+            assert!(
+                code.status().is_client_error() || code.status().is_server_error(),
+                "{}",
+                code.as_str()
+            );
+            assert!(!code.title().is_empty());
+        }
+    }
+
+    /// What a 503 or 429 tells a client about retrying comes from the table.
+    #[test]
+    fn retry_after_follows_the_table() {
+        let limited = ApiError::RateLimited {
+            caller: "k".into(),
+            retry_after: 7,
+        };
+        assert_eq!(limited.retry_after().as_deref(), Some("7"));
+        assert_eq!(ApiError::NotReady.retry_after().as_deref(), Some("1"));
+        assert_eq!(
+            ApiError::Call(CallError::Timeout(std::time::Duration::ZERO)).retry_after(),
+            None
+        );
+        for &code in ProblemCode::ALL {
+            if code.status() == StatusCode::SERVICE_UNAVAILABLE {
+                assert_eq!(
+                    code.retry(),
+                    Retry::Soon,
+                    "{}: every 503 may be retried",
+                    code.as_str()
+                );
+            }
         }
     }
 }

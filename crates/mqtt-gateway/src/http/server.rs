@@ -201,13 +201,14 @@ fn is_connection_error(e: &io::Error) -> bool {
 fn refusal_response() -> &'static [u8] {
     static RESPONSE: OnceLock<Vec<u8>> = OnceLock::new();
     RESPONSE.get_or_init(|| {
+        let code = super::error::ProblemCode::Overloaded;
         let body = serde_json::json!({
-            "type": format!("{}overloaded", super::error::PROBLEM_TYPE_PREFIX),
-            "title": "Gateway overloaded",
-            "status": 503,
+            "type": format!("{}{}", super::error::PROBLEM_TYPE_PREFIX, code.as_str()),
+            "title": code.title(),
+            "status": code.status().as_u16(),
             "detail": "the gateway has as many HTTP connections open as it allows \
                        (--http-max-connections); retry shortly",
-            "code": "overloaded",
+            "code": code,
         })
         .to_string();
         format!(

@@ -206,3 +206,88 @@ async fn swagger_ui_works_offline_in_headless_chromium() {
     );
     assert!(shots.join("swagger-ui-try-it-out.png").exists());
 }
+
+/// The codes named in backticks in a piece of prose, among the known ones.
+fn codes_in(text: &str) -> std::collections::BTreeSet<String> {
+    use mqtt_gateway::http::error::ProblemCode;
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|word| ProblemCode::ALL.iter().any(|c| c.as_str() == *word))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The README's error table says what the problem code table says: every code, under its
+/// status, and nothing else.
+#[test]
+fn the_readme_error_table_is_the_problem_code_table() {
+    use mqtt_gateway::http::error::ProblemCode;
+    let readme = std::fs::read_to_string(test_support::repo_root().join("README.md")).unwrap();
+    let table = readme
+        .split("| status | code | when |")
+        .nth(1)
+        .expect("the README has its error table");
+    let mut listed = std::collections::BTreeMap::new();
+    for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let statuses: Vec<u16> = cells[1]
+            .split('/')
+            .map(|s| s.trim().parse().expect("a status"))
+            .collect();
+        for code in codes_in(cells[2]) {
+            let previous = listed.insert(code.clone(), statuses.clone());
+            assert!(previous.is_none(), "{code} is in the README's table twice");
+        }
+    }
+    for &code in ProblemCode::ALL {
+        let statuses = listed
+            .remove(code.as_str())
+            .unwrap_or_else(|| panic!("the README's error table lacks `{}`", code.as_str()));
+        assert!(
+            statuses.contains(&code.status().as_u16()),
+            "the README lists `{}` under {statuses:?}; it is {}",
+            code.as_str(),
+            code.status()
+        );
+    }
+    assert!(
+        listed.is_empty(),
+        "codes the gateway does not have: {listed:?}"
+    );
+}
+
+/// Each error response of the call route names exactly the codes the table gives its status.
+#[test]
+fn the_call_routes_error_responses_name_exactly_the_codes_of_their_status() {
+    use mqtt_gateway::http::error::ProblemCode;
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(SPEC_FILE).unwrap()).unwrap();
+    let responses = spec["paths"]["/api/v1/devices/{device_id}/services/{service}"]["post"]
+        ["responses"]
+        .as_object()
+        .expect("the call route's responses");
+    for (status, response) in responses {
+        let status: u16 = status.parse().unwrap();
+        if status < 400 {
+            continue;
+        }
+        let described = codes_in(response["description"].as_str().unwrap());
+        let table: std::collections::BTreeSet<String> = ProblemCode::ALL
+            .iter()
+            .filter(|c| c.status().as_u16() == status)
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        assert_eq!(described, table, "the {status} response of the call route");
+    }
+    let statuses: std::collections::BTreeSet<u16> = ProblemCode::ALL
+        .iter()
+        .map(|c| c.status().as_u16())
+        .collect();
+    for status in statuses {
+        assert!(
+            responses.contains_key(&status.to_string()),
+            "the call route documents no {status}"
+        );
+    }
+}
