@@ -18,6 +18,7 @@ use axum::http::header;
 
 use super::auth::{Authenticator, RateLimits};
 use super::error::ApiError;
+use super::routes::{classify, Route};
 
 /// Who may reach what.
 pub struct AccessPolicy {
@@ -42,15 +43,12 @@ impl AccessPolicy {
         })
     }
 
-    fn protects(&self, path: &str) -> bool {
-        if path.starts_with("/api/") {
-            true
-        } else if path == "/metrics" {
-            self.metrics_require_auth
-        } else if path == "/openapi.json" || path == "/docs" || path.starts_with("/docs/") {
-            self.docs_require_auth
-        } else {
-            false
+    fn protects(&self, route: Route<'_>) -> bool {
+        match route {
+            Route::Call { .. } | Route::Api => true,
+            Route::Metrics => self.metrics_require_auth,
+            Route::Docs => self.docs_require_auth,
+            Route::Health | Route::Other => false,
         }
     }
 }
@@ -59,13 +57,13 @@ impl AccessPolicy {
 /// on), or answers it: 401, 429 past the caller's rate limit, or 403 for a foreign origin or
 /// host on an open gateway.
 pub fn admit(policy: &AccessPolicy, request: &mut Request) -> Result<(), ApiError> {
-    let path = request.uri().path();
+    let route = classify(request.uri().path());
     if let Some(guard) = &policy.open_api_guard {
-        if path != "/healthz" && path != "/readyz" {
+        if route != Route::Health {
             guard.check(request)?;
         }
     }
-    if !policy.authenticator.enabled() || !policy.protects(path) {
+    if !policy.authenticator.enabled() || !policy.protects(route) {
         return Ok(());
     }
     let authorization = request

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 use super::auth::{Caller, CallerSlot};
 use super::docs::AnyBytes;
 use super::error::{ApiError, Problem};
+use super::routes::{classify, Route, CALL_ROUTE};
 use super::AppState;
 use mqtt_rpc::protocol::{REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY};
 use mqtt_rpc::Held;
@@ -96,24 +97,18 @@ pub fn router() -> OpenApiRouter<AppState> {
             example = json!({"type": "urn:mqtt-gateway:problem:device-timeout", "title": "The device did not answer in time", "status": 504, "detail": "no reply within 10000 ms; raise timeout_ms if the device needs longer", "code": "device-timeout"})),
     ),
 )]
-async fn call_service(State(state): State<AppState>, request: Request) -> Response {
-    HttpCall::new(request).run(&state).await
+async fn call_service() -> Response {
+    // Never reached: the front answers every POST on this path itself (unboxed, see
+    // `front`), and the router is only served behind the front. The route is here for the
+    // OpenAPI document and for the 405 other methods get.
+    tracing::error!("the call route's axum handler was reached; calls go through the front");
+    StatusCode::INTERNAL_SERVER_ERROR.into_response()
 }
 
-/// A POST whose path is the call route's. The front service sends these straight to [`HttpCall`];
+/// A POST whose path is the call route's: the front sends these straight to [`HttpCall`];
 /// other methods on this path are the router's (405).
 pub fn is_call(request: &Request) -> bool {
-    request.method() == Method::POST && call_names(request.uri().path()).is_some()
-}
-
-/// The device id and service of a call route path, still percent-encoded, as the router would
-/// match `{device_id}` and `{service}`: segments without `/` (an empty one is refused by name
-/// when parsed).
-fn call_names(path: &str) -> Option<(&str, &str)> {
-    let (device, service) = path
-        .strip_prefix("/api/v1/devices/")?
-        .split_once("/services/")?;
-    (!device.contains('/') && !service.contains('/')).then_some((device, service))
+    request.method() == Method::POST && matches!(classify(request.uri().path()), Route::Call { .. })
 }
 
 /// One call (check the head, take its places, read the body, publish, wait, answer), with its
@@ -368,9 +363,9 @@ fn call_head(
     parts: &Parts,
     caller: Option<&Caller>,
 ) -> Result<CallHead, ApiError> {
-    let (device, service) = call_names(parts.uri.path()).ok_or_else(|| {
-        ApiError::InvalidPath("not /api/v1/devices/{device_id}/services/{service}".into())
-    })?;
+    let Route::Call { device, service } = classify(parts.uri.path()) else {
+        return Err(ApiError::InvalidPath(format!("not {}", CALL_ROUTE)));
+    };
     let device =
         DeviceId::parse(path_segment("device_id", device)?).map_err(ApiError::InvalidDeviceId)?;
     let service =
@@ -407,23 +402,6 @@ fn call_head(
         user_properties,
         timeout,
     })
-}
-
-/// For `/api/v1/devices/{device_id}/services/{service}` with an empty device id or service
-/// (which the router cannot match): the error naming it.
-pub fn empty_name_error(path: &str) -> Option<ApiError> {
-    let rest = path.strip_prefix("/api/v1/devices/")?;
-    let (device, service) = rest.split_once("/services/")?;
-    if device.contains('/') || service.contains('/') {
-        return None;
-    }
-    if device.is_empty() {
-        return Some(ApiError::InvalidDeviceId(mqtt_rpc::NameError::Empty));
-    }
-    if service.is_empty() {
-        return Some(ApiError::InvalidService(mqtt_rpc::NameError::Empty));
-    }
-    None
 }
 
 /// `timeout_ms`: whole milliseconds, from the minimum up to `max_timeout_ms` (the configured

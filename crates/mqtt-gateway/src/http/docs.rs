@@ -7,9 +7,7 @@ use utoipa::openapi::{RefOr, Required};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
-/// Where the document is served, and where the UI is.
-pub const SPEC_PATH: &str = "/openapi.json";
-pub const UI_PATH: &str = "/docs";
+use super::routes::{SPEC_PATH, UI_PATH};
 
 /// The document's frame: title, description, tags. The paths come from the handlers.
 #[derive(OpenApi)]

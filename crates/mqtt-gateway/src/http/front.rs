@@ -32,10 +32,7 @@ use tower_http::cors::CorsLayer;
 
 use super::auth::Caller;
 use super::error::ProblemCode;
-use super::{access, devices, AppState};
-
-/// The prefix of the paths that are calls (the rest is health, metrics and docs).
-const CALLS: &str = "/api/";
+use super::{access, devices, routes, AppState};
 
 const X_REQUEST_ID: &str = "x-request-id";
 
@@ -102,10 +99,8 @@ pub fn handle(
 /// long as the call is parked).
 fn answer(front: Arc<Front>, mut request: Request) -> impl Future<Output = Response> + Send {
     let request_id = request_id(&mut request);
-    let mut observed = request
-        .uri()
-        .path()
-        .starts_with(CALLS)
+    let mut observed = routes::classify(request.uri().path())
+        .is_api()
         .then(|| Observed::start(&request));
     let next = match access::admit(&front.state.access, &mut request) {
         Err(refusal) => Next::Answer(Box::new(refusal.into_response())),

@@ -11,6 +11,7 @@ pub mod error;
 pub mod front;
 pub mod health;
 pub mod metrics;
+pub mod routes;
 pub mod server;
 
 use std::convert::Infallible;
@@ -92,7 +93,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The routes: the API, `/openapi.json` and the Swagger UI at `/docs`, and problem+json for
 /// unknown paths. [`service`] puts the access gate, request ids and CORS in front of them.
-pub fn router(state: AppState) -> Router {
+fn router(state: AppState) -> Router {
     let (api, spec) = api().split_for_parts();
     api.merge(docs::swagger_ui(docs::finish(spec)))
         .fallback(not_found)
@@ -156,8 +157,13 @@ async fn not_found(method: Method, request: Request) -> ApiError {
     let path = request.uri().path();
     // The router cannot match an empty path segment; name the empty part instead of saying
     // the route does not exist.
-    if let Some(error) = devices::empty_name_error(path) {
-        return error;
+    if let routes::Route::Call { device, service } = routes::classify(path) {
+        if device.is_empty() {
+            return ApiError::InvalidDeviceId(mqtt_rpc::NameError::Empty);
+        }
+        if service.is_empty() {
+            return ApiError::InvalidService(mqtt_rpc::NameError::Empty);
+        }
     }
     ApiError::NotFound {
         method: method.to_string(),
