@@ -1,10 +1,10 @@
-//! Wiring: broker choice, the MQTT side, the demo device and the HTTP server, from one config.
+//! Wiring: the broker, the MQTT side, the demo device and the HTTP server, from checked
+//! [`Settings`].
 //!
 //! [`App::serve`] takes an already-bound listener and a shutdown future, so tests run exactly what the
 //! binary runs, on port 0.
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,24 +12,32 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::config::{HttpArgs, SecurityArgs, ServeArgs};
-use crate::http::access::{AccessPolicy, OpenApiGuard};
-use crate::http::auth::{Authenticator, CallerSlots, JwtSettings, RateLimits};
+use crate::cli::ServeArgs;
+use crate::http::access::AccessPolicy;
+use crate::http::auth::CallerSlots;
 use crate::http::metrics::Metrics;
 use crate::http::server::{ServerLimits, ServerStats};
 use crate::http::{self, AppState, Limits};
-use mqtt_rpc::responder::{RunningHost, ServiceHost};
+use crate::settings::{Settings, SettingsError, DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS};
+use mqtt_rpc::responder::RunningHost;
 use mqtt_rpc::BrokerUrl;
-use mqtt_rpc::ByteBudget;
-use mqtt_rpc::CallerOptions;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    Config(String),
+    /// A setting is invalid.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// No `--mqtt-url`, and no embedded broker in this build.
+    #[cfg(not(feature = "embedded-broker"))]
+    #[error(
+        "no --mqtt-url given, and this build has no embedded broker (feature `embedded-broker`)"
+    )]
+    NoBroker,
+    /// The embedded broker could not start.
     #[error("could not start the embedded broker: {0}")]
     EmbeddedBroker(std::io::Error),
+    /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
 }
@@ -37,6 +45,7 @@ pub enum StartError {
 /// Where the broker is, and whether we started it.
 #[derive(Debug, Clone)]
 pub struct BrokerChoice {
+    /// Its URL.
     pub url: BrokerUrl,
     /// Set when the embedded broker was started for this process.
     pub embedded: bool,
@@ -45,7 +54,7 @@ pub struct BrokerChoice {
 /// Uses `--mqtt-url`, or starts the embedded broker when none is given.
 pub fn choose_broker(args: &ServeArgs) -> Result<BrokerChoice, StartError> {
     if let Some(raw) = &args.mqtt.mqtt_url {
-        let url = BrokerUrl::parse(raw).map_err(|e| StartError::Config(e.to_string()))?;
+        let url = BrokerUrl::parse(raw).map_err(SettingsError::from)?;
         return Ok(BrokerChoice {
             url,
             embedded: false,
@@ -55,105 +64,14 @@ pub fn choose_broker(args: &ServeArgs) -> Result<BrokerChoice, StartError> {
     {
         let broker = crate::broker::EmbeddedBroker::start(args.embedded_broker_listen)
             .map_err(StartError::EmbeddedBroker)?;
-        let url = BrokerUrl::parse(&broker.url()).map_err(|e| StartError::Config(e.to_string()))?;
+        let url = BrokerUrl::parse(&broker.url()).map_err(SettingsError::from)?;
         Ok(BrokerChoice {
             url,
             embedded: true,
         })
     }
     #[cfg(not(feature = "embedded-broker"))]
-    Err(StartError::Config(
-        "no --mqtt-url given, and this build has no embedded broker (feature `embedded-broker`)"
-            .into(),
-    ))
-}
-
-/// Authentication, rate limits and open routes, from the flags.
-pub fn access_policy(args: &SecurityArgs) -> Result<AccessPolicy, StartError> {
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path)
-            .map_err(|e| StartError::Config(format!("cannot read {what} {}: {e}", path.display())))
-    };
-    let jwt = match (&args.jwt_hs256_secret_file, &args.jwt_rs256_public_key_file) {
-        (None, None) => None,
-        (hs, rs) => Some(JwtSettings {
-            hs256_secret: hs
-                .as_deref()
-                .map(|p| read(p, "the JWT secret"))
-                .transpose()?,
-            rs256_public_key_pem: rs
-                .as_deref()
-                .map(|p| read(p, "the JWT public key"))
-                .transpose()?,
-            audience: args.jwt_audience.clone().ok_or_else(|| {
-                StartError::Config(
-                    "JWTs need --jwt-audience: a token for another service must not open this one"
-                        .into(),
-                )
-            })?,
-            issuer: args.jwt_issuer.clone(),
-        }),
-    };
-    let authenticator =
-        Authenticator::new(args.api_keys_file.as_deref(), jwt).map_err(StartError::Config)?;
-    let open_api_guard = (!authenticator.enabled())
-        .then(|| OpenApiGuard::new(&args.cors_origins, &args.allowed_hosts));
-    let rate_limits = NonZeroU32::new(args.rate_limit_per_second).map(|rate| {
-        let burst = args
-            .rate_limit_burst
-            .and_then(NonZeroU32::new)
-            .unwrap_or(rate);
-        RateLimits::new(rate, burst)
-    });
-    Ok(AccessPolicy {
-        authenticator,
-        rate_limits,
-        docs_require_auth: args.docs_require_auth,
-        metrics_require_auth: args.metrics_require_auth,
-        open_api_guard,
-    })
-}
-
-/// Descriptors kept free of HTTP connections: the broker connection, its reconnects, files,
-/// the runtime's own (epoll, pipes), logs.
-pub const RESERVED_DESCRIPTORS: u64 = 64;
-
-/// The default `--http-max-connections`, when the open-file limit allows it.
-pub const DEFAULT_MAX_CONNECTIONS: u64 = 4096;
-
-/// The HTTP server's limits, from the flags and the process's open-file limit: the connection
-/// cap always leaves room for the broker connection (and, with the embedded broker, for the
-/// devices that connect to it in this process).
-pub fn server_limits(args: &HttpArgs, embedded_broker: bool) -> Result<ServerLimits, StartError> {
-    let files = open_file_limit();
-    let reserved = RESERVED_DESCRIPTORS + if embedded_broker { files / 4 } else { 0 };
-    let room = files.saturating_sub(reserved);
-    let max_connections = match args.http_max_connections {
-        Some(n) if u64::from(n) > room => {
-            return Err(StartError::Config(format!(
-                "--http-max-connections {n} does not fit the open-file limit: `ulimit -n` is \
-                 {files}, and {reserved} descriptors stay free for the broker connection and \
-                 files, which leaves {room}. Raise the limit or ask for fewer connections"
-            )))
-        }
-        Some(n) => u64::from(n),
-        None if room == 0 => {
-            return Err(StartError::Config(format!(
-                "the open-file limit (`ulimit -n` = {files}) leaves no descriptors for HTTP \
-                 connections once {reserved} are kept for the broker connection and files; \
-                 raise it"
-            )))
-        }
-        None => room.min(DEFAULT_MAX_CONNECTIONS),
-    };
-    Ok(ServerLimits {
-        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
-        header_timeout: Duration::from_millis(args.http_header_timeout_ms),
-        idle_timeout: Duration::from_millis(args.http_idle_timeout_ms),
-        write_timeout: Duration::from_millis(args.http_write_timeout_ms),
-        max_header_bytes: args.http_max_header_bytes as usize,
-        http2_max_streams: args.http2_max_streams,
-    })
+    Err(StartError::NoBroker)
 }
 
 /// The soft limit on open files (`ulimit -n`); the binary raises it to the hard limit at start.
@@ -204,19 +122,6 @@ pub fn raise_open_file_limit() -> u64 {
     open_file_limit()
 }
 
-/// The gateway's id: the given one, checked, or a random one.
-pub fn gateway_id(args: &ServeArgs) -> Result<String, StartError> {
-    match &args.id {
-        Some(id) => mqtt_rpc::DeviceId::parse(id.clone())
-            .map(|_| id.clone())
-            .map_err(|e| StartError::Config(format!("invalid --id {id:?}: {e}"))),
-        None => Ok(format!(
-            "gw-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        )),
-    }
-}
-
 /// A started gateway: connected (or connecting) to the broker, the demo device running if
 /// asked for, not yet serving HTTP.
 pub struct App {
@@ -235,85 +140,44 @@ pub struct App {
 }
 
 impl App {
-    /// Starts the MQTT side and the demo device (on by default with the embedded broker).
-    pub fn start(args: &ServeArgs, broker: BrokerChoice) -> Result<App, StartError> {
-        let min = crate::http::MIN_TIMEOUT_MS;
-        if args.default_timeout_ms < min || args.default_timeout_ms > args.max_timeout_ms {
-            return Err(StartError::Config(format!(
-                "--default-timeout-ms must be from {min} to --max-timeout-ms ({})",
-                args.max_timeout_ms
-            )));
-        }
-        let access = access_policy(&args.security)?;
-        let server_limits = server_limits(&args.http, broker.embedded)?;
-        if !access.authenticator.enabled()
-            && !args.listen.ip().is_loopback()
-            && !args.security.insecure_no_auth
-        {
-            return Err(StartError::Config(format!(
-                "refusing to serve the API on {} without authentication: anyone who can reach it \
-                 could make devices act. Configure --api-keys-file or --jwt-*, or listen on a \
-                 loopback address, or pass --insecure-no-auth if that is really what you want",
-                args.listen
-            )));
-        }
-        let gateway_id = gateway_id(args)?;
-        let options = CallerOptions {
-            mqtt: args
-                .mqtt
-                .options(&broker.url, &format!("mqtt-gateway-{gateway_id}"))
-                .map_err(StartError::Config)?,
-            response_topic: format!("gateway/{gateway_id}/replies"),
-            topics: args.topic_template.clone(),
-            request_queue: args.mqtt_request_queue as usize,
-            max_in_flight: args.max_in_flight as usize,
-            reconnect_settle: Duration::from_millis(args.reconnect_settle_ms),
-            session_expiry: (args.mqtt_session_expiry_secs > 0)
-                .then_some(args.mqtt_session_expiry_secs),
-            budget: ByteBudget::new(usize::try_from(args.max_buffered_bytes).unwrap_or(usize::MAX)),
-        };
-        let per_caller = args
-            .max_in_flight_per_caller
-            .unwrap_or((args.max_in_flight / 4).max(1));
-
-        let demo_id = match (&args.demo_device, args.no_demo_device, broker.embedded) {
-            (Some(id), _, _) => Some(id.clone()),
-            (None, false, true) => Some("demo-1".to_owned()),
-            _ => None,
-        };
-        let demo_host = match &demo_id {
+    /// Starts the MQTT side and the demo device from checked settings; serving HTTP is
+    /// [`App::serve`]'s.
+    pub fn start(settings: Settings, broker: BrokerChoice) -> Result<App, StartError> {
+        let client_id = format!("mqtt-gateway-{}", settings.gateway_id);
+        let mqtt = settings
+            .mqtt
+            .options(&broker.url, &client_id)
+            .map_err(SettingsError::from)?;
+        let demo = match &settings.demo_device {
             Some(id) => {
-                let options = args
+                let options = settings
                     .mqtt
                     .options(&broker.url, &format!("demo-device-{id}"))
-                    .map_err(StartError::Config)?;
-                let host = crate::demo::host(options, &args.topic_template, id).map_err(|e| {
-                    StartError::Config(format!("invalid demo device id {id:?}: {e}"))
-                })?;
-                Some(host)
+                    .map_err(SettingsError::from)?;
+                let host = crate::demo::host(options, &settings.caller_topics(), id).map_err(
+                    |source| SettingsError::DemoDevice {
+                        id: id.clone(),
+                        source,
+                    },
+                )?;
+                Some(host.start())
             }
             None => None,
         };
-
-        let (mqtt, mqtt_task) = mqtt_rpc::Caller::start(options);
+        let (mqtt, mqtt_task) =
+            mqtt_rpc::Caller::start(settings.caller.options(mqtt, &settings.gateway_id));
         Ok(App {
             mqtt,
             mqtt_task,
-            demo: demo_host.map(ServiceHost::start),
-            demo_id,
+            demo,
+            demo_id: settings.demo_device,
             broker,
-            grace: Duration::from_millis(args.shutdown_grace_ms),
-            access: Arc::new(access),
-            cors_origins: Arc::new(args.security.cors_origins.clone()),
-            caller_slots: CallerSlots::new(per_caller),
-            server_limits,
-            limits: Limits {
-                default_timeout_ms: args.default_timeout_ms,
-                max_timeout_ms: args.max_timeout_ms,
-                max_body_bytes: args.max_body_bytes,
-                body_timeout: Duration::from_millis(args.http.http_body_timeout_ms),
-                max_reply_header_bytes: args.max_reply_header_bytes,
-            },
+            grace: settings.grace,
+            access: Arc::new(settings.access),
+            cors_origins: Arc::new(settings.cors_origins),
+            caller_slots: CallerSlots::new(settings.per_caller_in_flight),
+            server_limits: settings.server,
+            limits: settings.limits,
         })
     }
 

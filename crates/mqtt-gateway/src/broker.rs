@@ -51,10 +51,6 @@ impl EmbeddedBroker {
         Ok(Self { addr })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// The URL clients use to connect.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)

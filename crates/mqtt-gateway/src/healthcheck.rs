@@ -18,7 +18,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Checks `GET /readyz` on the gateway listening on `listen` (the `serve --listen` address);
 /// an unspecified address (`0.0.0.0`, `[::]`) is reached through loopback. Ok with a line to
 /// print when it answers 200.
-pub async fn check(listen: SocketAddr) -> Result<String, String> {
+pub(crate) async fn check(listen: SocketAddr) -> Result<String, String> {
     let addr = reachable(listen);
     let url = format!("http://{addr}/readyz");
     let status = tokio::time::timeout(TIMEOUT, status_of_readyz(addr))

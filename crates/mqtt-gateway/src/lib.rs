@@ -3,8 +3,8 @@
 //! Web applications call devices over REST; devices answer over MQTT 5. This crate is the HTTP
 //! face of [`mqtt_rpc`]'s caller. A tour of the modules, in the order a call travels:
 //!
-//! - [`http`]: the HTTP front end. [`http::server`] accepts connections and enforces the
-//!   per-connection limits (connections, head, idle and write timeouts); [`http::front`] takes
+//! - [`http`]: the HTTP front end. `http/server.rs` accepts connections and enforces the
+//!   per-connection limits (connections, head, idle and write timeouts); `http/front.rs` takes
 //!   every request (access gate, per-call log line and metrics) and runs
 //!   `POST /api/v1/devices/{device_id}/services/{service}` itself, without boxing (a parked call
 //!   holds one small future); the rest goes to the axum router. A call is parsed into an
@@ -16,14 +16,17 @@
 //! - [`demo`]: the demo device's services, built on [`mqtt_rpc::ServiceHost`].
 //! - [`broker`]: the embedded broker, so `cargo run` needs nothing else (feature
 //!   `embedded-broker`, on by default).
-//! - [`config`]: the command line; every flag also reads a `GATEWAY_*` environment variable.
+//! - [`cli`]: the command line (clap only); every flag also reads a `GATEWAY_*` environment
+//!   variable. [`settings`] turns it into checked values, reading every file, before anything
+//!   starts.
 //! - [`app`]: wires the broker, the caller, the demo device and the HTTP server together.
 //! - [`logging`]: logs through a bounded queue, so a stuck reader never stalls the gateway.
 
 pub mod app;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
-pub mod config;
+pub mod cli;
 pub mod demo;
 pub mod http;
 pub mod logging;
+pub mod settings;

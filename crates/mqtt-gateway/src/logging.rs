@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::config::LogFormat;
+use crate::cli::LogFormat;
 
 /// The most bytes of log lines that may wait for the writer: several seconds of calls at full
 /// speed; past it lines are dropped rather than held without bound.

@@ -4,8 +4,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use mqtt_gateway::config::{Cli, Command, DeviceArgs, LogFormat, ServeArgs};
+use mqtt_gateway::cli::{Cli, Command, DeviceArgs, LogFormat, ServeArgs};
 use mqtt_gateway::logging::{self, Logging};
+use mqtt_gateway::settings::{MqttSettings, Settings};
 use mqtt_rpc::BrokerUrl;
 use tokio::net::TcpListener;
 
@@ -14,9 +15,9 @@ mod healthcheck;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let worker_threads = match &cli.command {
-        None => cli.serve.worker_threads,
-        Some(Command::Serve(args)) => args.worker_threads,
-        Some(Command::Device(args)) => args.worker_threads,
+        None => cli.serve.process.worker_threads,
+        Some(Command::Serve(args)) => args.process.worker_threads,
+        Some(Command::Device(args)) => args.process.worker_threads,
         _ => None,
     };
     let result = runtime(worker_threads).and_then(|runtime| {
@@ -27,7 +28,7 @@ fn main() -> ExitCode {
                 Some(Command::Device(args)) => device(args).await,
                 Some(Command::ApiKey(args)) => api_key(&args),
                 Some(Command::Openapi) => {
-                    print(&mqtt_gateway::http::docs::openapi_json());
+                    print(&mqtt_gateway::http::openapi_json());
                     Ok(())
                 }
                 Some(Command::Healthcheck(args)) => healthcheck::check(args.listen)
@@ -54,8 +55,8 @@ fn print(text: &str) {
 }
 
 /// `mqtt-gateway api-key`: a new key, shown once, and its keys-file entry.
-fn api_key(args: &mqtt_gateway::config::ApiKeyArgs) -> Result<(), String> {
-    let (key, entry) = mqtt_gateway::http::auth::new_api_key(&args.name, &args.scopes)?;
+fn api_key(args: &mqtt_gateway::cli::ApiKeyArgs) -> Result<(), String> {
+    let (key, entry) = mqtt_gateway::http::new_api_key(&args.name, &args.scopes)?;
     print(&format!(
         "API key for {:?} (shown once; store it with the caller):\n\n    {key}\n\n",
         args.name
@@ -92,12 +93,15 @@ async fn logged<F: std::future::Future<Output = Result<(), String>>>(
 async fn serve(args: ServeArgs) -> Result<(), String> {
     // Descriptors for connections: the soft limit is often 1024 while the hard one is far more.
     mqtt_gateway::app::raise_open_file_limit();
-    logged(args.log_format, || async move {
+    logged(args.process.log_format, || async move {
+        // Every setting is checked, and every file read, before anything starts.
+        let settings =
+            Settings::from_args(&args, args.mqtt.mqtt_url.is_none()).map_err(|e| e.to_string())?;
         let broker = mqtt_gateway::app::choose_broker(&args).map_err(|e| e.to_string())?;
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-        let app = mqtt_gateway::app::App::start(&args, broker).map_err(|e| e.to_string())?;
+        let app = mqtt_gateway::app::App::start(settings, broker).map_err(|e| e.to_string())?;
         app.serve(listener, shutdown_signal())
             .await
             .map_err(|e| e.to_string())
@@ -106,7 +110,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 async fn device(args: DeviceArgs) -> Result<(), String> {
-    logged(args.log_format, || run_device(args)).await
+    logged(args.process.log_format, || run_device(args)).await
 }
 
 async fn run_device(args: DeviceArgs) -> Result<(), String> {
@@ -116,9 +120,10 @@ async fn run_device(args: DeviceArgs) -> Result<(), String> {
         .as_deref()
         .ok_or("the device needs --mqtt-url (or GATEWAY_MQTT_URL)")?;
     let url = BrokerUrl::parse(raw).map_err(|e| e.to_string())?;
-    let options = args
-        .mqtt
-        .options(&url, &format!("demo-device-{}", args.device_id))?;
+    let options = MqttSettings::from_args(&args.mqtt)
+        .map_err(|e| e.to_string())?
+        .options(&url, &format!("demo-device-{}", args.device_id))
+        .map_err(|e| e.to_string())?;
     let host = mqtt_gateway::demo::host(options, &args.topic_template, &args.device_id)
         .map_err(|e| format!("invalid --device-id {:?}: {e}", args.device_id))?
         .max_concurrent(args.max_concurrent)
@@ -135,7 +140,7 @@ async fn run_device(args: DeviceArgs) -> Result<(), String> {
 }
 
 #[cfg(feature = "embedded-broker")]
-async fn broker(args: mqtt_gateway::config::BrokerArgs) -> Result<(), String> {
+async fn broker(args: mqtt_gateway::cli::BrokerArgs) -> Result<(), String> {
     logged(LogFormat::Text, || async move {
         let broker = mqtt_gateway::broker::EmbeddedBroker::start(args.broker_listen)
             .map_err(|e| e.to_string())?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use mqtt_gateway::config::{Cli, Command, DeviceArgs};
+use mqtt_gateway::cli::{Cli, Command, DeviceArgs};
 use mqtt_rpc::responder::RunningHost;
 use mqtt_rpc::BrokerUrl;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -45,7 +45,8 @@ pub fn device_args(mqtt_url: &str, device_id: &str) -> DeviceArgs {
 pub fn mqtt_options(mqtt_url: &str, client_id: &str) -> MqttOptions {
     let args = device_args(mqtt_url, "unused");
     let url = BrokerUrl::parse(mqtt_url).expect("valid --mqtt-url");
-    args.mqtt
+    mqtt_gateway::settings::MqttSettings::from_args(&args.mqtt)
+        .expect("no files to read")
         .options(&url, client_id)
         .expect("options for a plain mqtt:// URL")
 }

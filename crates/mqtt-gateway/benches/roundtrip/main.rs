@@ -22,6 +22,9 @@
 //! touches 127.0.0.1. The machine may be shared: each phase waits for it to be quiet, and one
 //! that other processes disturbed anyway is measured again (see `--retries`).
 
+// A test binary is no library: its `pub` items are for its own modules.
+#![allow(unreachable_pub)]
+
 mod abuse;
 mod callers;
 mod devices;

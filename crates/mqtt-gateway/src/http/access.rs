@@ -56,7 +56,7 @@ impl AccessPolicy {
 /// Lets the request through (with its [`super::auth::Caller`] attached when authentication is
 /// on), or answers it: 401, 429 past the caller's rate limit, or 403 for a foreign origin or
 /// host on an open gateway.
-pub fn admit(policy: &AccessPolicy, request: &mut Request) -> Result<(), ApiError> {
+pub(crate) fn admit(policy: &AccessPolicy, request: &mut Request) -> Result<(), ApiError> {
     let route = classify(request.uri().path());
     if let Some(guard) = &policy.open_api_guard {
         if route != Route::Health {

@@ -152,12 +152,12 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(keys_file: Option<&Path>, jwt: Option<JwtSettings>) -> Result<Self, String> {
+    /// The API keys of a keys file (its path, for messages, and its text), and the JWT
+    /// settings; either may be absent. The caller has read the file (see `settings`).
+    pub fn new(keys_file: Option<(&Path, &str)>, jwt: Option<JwtSettings>) -> Result<Self, String> {
         let mut keys = HashMap::new();
-        if let Some(path) = keys_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read API keys file {}: {e}", path.display()))?;
-            let file: KeysFile = serde_json::from_str(&text)
+        if let Some((path, text)) = keys_file {
+            let file: KeysFile = serde_json::from_str(text)
                 .map_err(|e| format!("API keys file {}: {e}", path.display()))?;
             for entry in file.keys {
                 let hash = decode_sha256(&entry.sha256).ok_or_else(|| {
@@ -309,7 +309,7 @@ pub fn new_api_key(name: &str, scopes: &[String]) -> Result<(String, String), St
 /// the gateway's periodic sweep. Callers are the keys file's keys and the subjects of validly
 /// signed tokens, so the map holds only callers seen since the last sweep (every few seconds)
 /// whose bucket has not refilled yet.
-pub const SWEEP_PAST_CALLERS: usize = 100_000;
+pub(crate) const SWEEP_PAST_CALLERS: usize = 100_000;
 
 /// Per-caller token buckets.
 pub struct RateLimits {
@@ -353,13 +353,13 @@ impl RateLimits {
 /// Calls in flight per authenticated caller, so one caller cannot take every slot of
 /// `--max-in-flight` (`--max-in-flight-per-caller`, or its key's own `max_in_flight`).
 /// Only callers with a call in flight have an entry.
-pub struct CallerSlots {
+pub(crate) struct CallerSlots {
     default_limit: u32,
     in_flight: Mutex<HashMap<Arc<str>, u32>>,
 }
 
 impl CallerSlots {
-    pub fn new(default_limit: u32) -> Arc<Self> {
+    pub(crate) fn new(default_limit: u32) -> Arc<Self> {
         Arc::new(Self {
             default_limit: default_limit.max(1),
             in_flight: Mutex::new(HashMap::new()),
@@ -367,7 +367,7 @@ impl CallerSlots {
     }
 
     /// A slot for one call of `caller`, or the caller's limit when it has that many in flight.
-    pub fn take(self: &Arc<Self>, caller: &Caller) -> Result<CallerSlot, u32> {
+    pub(crate) fn take(self: &Arc<Self>, caller: &Caller) -> Result<CallerSlot, u32> {
         let limit = caller.max_in_flight.unwrap_or(self.default_limit);
         let mut in_flight = self.lock();
         match in_flight.get_mut(&caller.name) {
@@ -384,7 +384,8 @@ impl CallerSlots {
     }
 
     /// Calls `caller` has in flight now.
-    pub fn in_flight(&self, caller: &str) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self, caller: &str) -> u32 {
         self.lock().get(caller).copied().unwrap_or(0)
     }
 
@@ -395,7 +396,7 @@ impl CallerSlots {
 }
 
 /// One call's place in its caller's in-flight count; given back when dropped.
-pub struct CallerSlot {
+pub(crate) struct CallerSlot {
     slots: Arc<CallerSlots>,
     name: Arc<str>,
 }
@@ -453,7 +454,8 @@ mod tests {
         let path = dir.path().join("keys.json");
         std::fs::write(&path, format!(r#"{{"keys": [{entry}]}}"#)).unwrap();
         assert!(!std::fs::read_to_string(&path).unwrap().contains(&key));
-        let auth = Authenticator::new(Some(&path), None).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let auth = Authenticator::new(Some((&path, &text)), None).unwrap();
         let caller = auth.authenticate(Some(&format!("Bearer {key}"))).unwrap();
         assert_eq!(&*caller.name, "app");
         assert_eq!(

@@ -27,9 +27,9 @@ use mqtt_rpc::{DeviceId, ServiceName};
 
 /// Request headers with this prefix become user properties (the rest of the name is the key);
 /// reply user properties come back under it.
-pub const USER_PROPERTY_HEADER_PREFIX: &str = "x-mqtt-";
+pub(super) const USER_PROPERTY_HEADER_PREFIX: &str = "x-mqtt-";
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(super::only("POST", routes!(call_service)))
 }
 
@@ -107,7 +107,7 @@ async fn call_service() -> Response {
 
 /// A POST whose path is the call route's: the front sends these straight to [`HttpCall`];
 /// other methods on this path are the router's (405).
-pub fn is_call(request: &Request) -> bool {
+pub(super) fn is_call(request: &Request) -> bool {
     request.method() == Method::POST && matches!(classify(request.uri().path()), Route::Call { .. })
 }
 
@@ -115,13 +115,13 @@ pub fn is_call(request: &Request) -> bool {
 /// request taken apart so that its future holds little: the head is boxed and freed once
 /// parsed, so a parked call holds only its [`mqtt_rpc::Parked`], not the URI, headers
 /// and body it came from.
-pub struct HttpCall {
+pub(super) struct HttpCall {
     head: Box<Parts>,
     body: Body,
 }
 
 impl HttpCall {
-    pub fn new(request: Request) -> Self {
+    pub(super) fn new(request: Request) -> Self {
         let (head, body) = request.into_parts();
         Self {
             head: Box::new(head),
@@ -129,7 +129,7 @@ impl HttpCall {
         }
     }
 
-    pub async fn run(self, state: &AppState) -> Response {
+    pub(super) async fn run(self, state: &AppState) -> Response {
         // Everything up to the publish runs boxed: it lasts only until the request is sent, and
         // a parked call's future must not keep room for it (see `front`'s size test).
         let (pending, caller) = match Box::pin(self.send(state)).await {
@@ -545,7 +545,7 @@ fn reply_response(received: Received, limits: &super::Limits) -> Response {
 
 /// The Content-Security-Policy of a device's reply: a document of its own origin, with no
 /// scripts, plugins or loads, should a browser open it.
-pub const REPLY_CSP: &str = "sandbox; default-src 'none'";
+pub(super) const REPLY_CSP: &str = "sandbox; default-src 'none'";
 
 /// A reply's payload as a response body, holding its bytes in the gateway's budget until hyper
 /// has taken them.

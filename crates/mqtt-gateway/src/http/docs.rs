@@ -27,7 +27,7 @@ service `echo`.",
     ),
     modifiers(&BearerAuth),
 )]
-pub struct ApiDoc;
+pub(super) struct ApiDoc;
 
 /// The `bearer` security scheme: an API key or a JWT in `Authorization: Bearer`.
 struct BearerAuth;
@@ -49,11 +49,11 @@ impl utoipa::Modify for BearerAuth {
 /// Any bytes: a payload passed through unchanged.
 #[derive(ToSchema)]
 #[schema(value_type = String, format = Binary)]
-pub struct AnyBytes(pub Vec<u8>);
+pub(super) struct AnyBytes(#[allow(dead_code)] Vec<u8>);
 
 /// Final touches the annotations cannot express. Every request body of this API may be empty
 /// (many services need no input), while utoipa marks a body with several content types required.
-pub fn finish(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+pub(super) fn finish(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     for item in spec.paths.paths.values_mut() {
         for operation in [&mut item.post, &mut item.put, &mut item.patch]
             .into_iter()
@@ -101,7 +101,9 @@ fn describe_problem_codes(spec: &mut utoipa::openapi::OpenApi) {
 }
 
 /// Swagger UI at `/docs`, reading the document at `/openapi.json`.
-pub fn swagger_ui<S: Clone + Send + Sync + 'static>(spec: utoipa::openapi::OpenApi) -> Router<S> {
+pub(super) fn swagger_ui<S: Clone + Send + Sync + 'static>(
+    spec: utoipa::openapi::OpenApi,
+) -> Router<S> {
     SwaggerUi::new(UI_PATH).url(SPEC_PATH, spec).into()
 }
 

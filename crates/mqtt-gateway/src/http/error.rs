@@ -13,7 +13,7 @@ use mqtt_rpc::NameError;
 
 /// Everything that can go wrong with a call, as the caller sees it.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("invalid device id: {0}")]
     InvalidDeviceId(NameError),
     #[error("invalid service name: {0}")]
@@ -218,7 +218,7 @@ pub const PROBLEM_TYPE_PREFIX: &str = "urn:mqtt-gateway:problem:";
 
 impl ApiError {
     /// The problem code of this error: the one place an error is classified.
-    pub fn code(&self) -> ProblemCode {
+    pub(crate) fn code(&self) -> ProblemCode {
         use ApiError::*;
         use CallError as C;
         match self {
@@ -303,7 +303,7 @@ impl ApiError {
     }
 
     /// The problem+json body.
-    pub fn problem(&self) -> Problem {
+    pub(crate) fn problem(&self) -> Problem {
         let code = self.code();
         Problem {
             kind: format!("{PROBLEM_TYPE_PREFIX}{}", code.as_str()),

@@ -37,7 +37,7 @@ use super::{access, devices, routes, AppState};
 const X_REQUEST_ID: &str = "x-request-id";
 
 /// The longest request id taken from a caller; longer or stranger ones are replaced.
-pub const MAX_REQUEST_ID_BYTES: usize = 128;
+pub(super) const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// The caller's request id if it is 1 to [`MAX_REQUEST_ID_BYTES`] visible ASCII characters
 /// (copied, so a parked call does not keep the buffer the request was read into), else a new
@@ -63,7 +63,7 @@ fn request_id(request: &mut Request) -> HeaderValue {
 }
 
 /// What the front needs for every request; shared by all connections.
-pub struct Front {
+pub(super) struct Front {
     pub state: AppState,
     /// Health, metrics, docs, and every request that is not a well-formed call.
     pub router: Router,
@@ -76,7 +76,7 @@ pub struct Front {
 /// With CORS configured, every request goes through tower-http's CORS service first (outside
 /// the gate: a browser's preflight carries no credentials); its future is boxed, so the CORS
 /// state costs nothing when CORS is off.
-pub fn handle(
+pub(super) fn handle(
     front: Arc<Front>,
     request: Request,
 ) -> impl Future<Output = Result<Response, Infallible>> + Send {
@@ -224,10 +224,10 @@ impl Drop for CallLog {
 
 /// The outcome of a call whose HTTP client went away before the answer (the device may still
 /// act on it), in logs and metrics.
-pub const CLIENT_DISCONNECTED: &str = "client-disconnected";
+pub(super) const CLIENT_DISCONNECTED: &str = "client-disconnected";
 
 /// The status logged for [`CLIENT_DISCONNECTED`]: nginx's 499, "client closed request".
-pub const CLIENT_DISCONNECTED_STATUS: u16 = 499;
+pub(super) const CLIENT_DISCONNECTED_STATUS: u16 = 499;
 
 #[cfg(test)]
 mod tests {

@@ -12,13 +12,13 @@ use super::AppState;
 
 /// The answer of a health check.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
+pub(super) struct Health {
     /// `ok` (alive) or `ready` (connected and subscribed).
     #[schema(example = "ok")]
     pub status: &'static str,
 }
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(super::only("GET", routes!(healthz)))
         .routes(super::only("GET", routes!(readyz)))

@@ -23,7 +23,7 @@ use super::server::ServerStats;
 use super::AppState;
 
 /// The content type of the OpenMetrics text format, which Prometheus scrapes natively.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -35,14 +35,14 @@ struct CallLabels {
 
 /// The gateway's metrics.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
     duration: Histogram,
 }
 
 impl Metrics {
-    pub fn new(mqtt: mqtt_rpc::Caller, server: std::sync::Arc<ServerStats>) -> Self {
+    pub(crate) fn new(mqtt: mqtt_rpc::Caller, server: std::sync::Arc<ServerStats>) -> Self {
         let mut registry = Registry::with_prefix("mqtt_gateway");
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
@@ -66,7 +66,7 @@ impl Metrics {
     }
 
     /// Records one finished call: its problem code, or "" when the device answered.
-    pub fn record_call(&self, outcome: &str, status: u16, took: Duration) {
+    pub(crate) fn record_call(&self, outcome: &str, status: u16, took: Duration) {
         let outcome = if outcome.is_empty() {
             "answered"
         } else {
@@ -79,7 +79,7 @@ impl Metrics {
         self.duration.observe(took.as_secs_f64());
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut text = String::new();
         // Writing to a String cannot fail, and every metric here encodes.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
@@ -181,7 +181,7 @@ impl Collector for ConnectionCollector {
     }
 }
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub(crate) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(super::only("GET", routes!(metrics)))
 }
 

@@ -3,16 +3,16 @@
 //! This module knows nothing of rumqttc: it parses the call and hands a
 //! [`mqtt_rpc::Call`] to the [`mqtt_rpc::Caller`].
 
-pub mod access;
-pub mod auth;
-pub mod devices;
-pub mod docs;
-pub mod error;
-pub mod front;
-pub mod health;
-pub mod metrics;
-pub mod routes;
-pub mod server;
+pub(crate) mod access;
+pub(crate) mod auth;
+mod devices;
+mod docs;
+mod error;
+mod front;
+mod health;
+pub(crate) mod metrics;
+pub(crate) mod routes;
+pub(crate) mod server;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,7 +30,10 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
-pub use error::ApiError;
+pub use auth::new_api_key;
+pub use docs::openapi_json;
+pub(crate) use error::ApiError;
+pub use error::{Problem, ProblemCode, Retry, PROBLEM_TYPE_PREFIX};
 
 /// The shortest `timeout_ms` a caller may ask for. A round trip through a broker takes about a
 /// millisecond on one machine and more across a network; below 100 ms a call would mostly
@@ -67,15 +70,19 @@ impl Default for Limits {
 /// What every handler needs: one struct, cloned per request, so handlers take a single
 /// `State` and adding a dependency touches one place.
 #[derive(Clone)]
-pub struct AppState {
-    pub mqtt: mqtt_rpc::Caller,
-    pub limits: Arc<Limits>,
-    pub metrics: Arc<metrics::Metrics>,
-    pub access: Arc<access::AccessPolicy>,
+pub(crate) struct AppState {
+    /// The MQTT side: where calls go.
+    pub(crate) mqtt: mqtt_rpc::Caller,
+    /// The per-call limits.
+    pub(crate) limits: Arc<Limits>,
+    /// The counters `/metrics` shows.
+    pub(crate) metrics: Arc<metrics::Metrics>,
+    /// Authentication, rate limits, origin and host checks.
+    pub(crate) access: Arc<access::AccessPolicy>,
     /// Browser origins allowed to call the API (CORS); empty: no cross-origin access.
-    pub cors_origins: Arc<Vec<String>>,
+    pub(crate) cors_origins: Arc<Vec<String>>,
     /// Calls in flight per authenticated caller.
-    pub caller_slots: Arc<auth::CallerSlots>,
+    pub(crate) caller_slots: Arc<auth::CallerSlots>,
 }
 
 /// The documented routes, with the OpenAPI document generated from their handlers.
@@ -106,7 +113,7 @@ fn router(state: AppState) -> Router {
 /// The whole HTTP application, as each connection serves it: [`front::handle`] (request ids,
 /// CORS, the access gate, per-call log and metrics, calls), then the [`router`]. Nothing boxes
 /// a call's future (see [`front`]).
-pub fn service(
+pub(crate) fn service(
     state: AppState,
 ) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
        + Clone
@@ -143,7 +150,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 
 /// Serves the application on an already-bound listener until `shutdown` completes (see
 /// [`server`] for what each connection may do).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
     limits: server::ServerLimits,

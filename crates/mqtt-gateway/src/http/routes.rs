@@ -5,17 +5,17 @@
 //! fallback names an empty device id or service. All of them ask [`classify`].
 
 /// The call route, as the OpenAPI document and error messages write it.
-pub const CALL_ROUTE: &str = "/api/v1/devices/{device_id}/services/{service}";
+pub(crate) const CALL_ROUTE: &str = "/api/v1/devices/{device_id}/services/{service}";
 /// Where the OpenAPI document is served.
-pub const SPEC_PATH: &str = "/openapi.json";
+pub(crate) const SPEC_PATH: &str = "/openapi.json";
 /// Where Swagger UI is served.
-pub const UI_PATH: &str = "/docs";
+pub(crate) const UI_PATH: &str = "/docs";
 /// Liveness.
-pub const HEALTHZ: &str = "/healthz";
+pub(crate) const HEALTHZ: &str = "/healthz";
 /// Readiness.
-pub const READYZ: &str = "/readyz";
+pub(crate) const READYZ: &str = "/readyz";
 /// OpenMetrics.
-pub const METRICS: &str = "/metrics";
+pub(crate) const METRICS: &str = "/metrics";
 
 const API_PREFIX: &str = "/api/";
 const DEVICES_PREFIX: &str = "/api/v1/devices/";
@@ -23,7 +23,7 @@ const SERVICES_INFIX: &str = "/services/";
 
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route<'a> {
+pub(crate) enum Route<'a> {
     /// `/api/v1/devices/{device_id}/services/{service}`, with the two segments still
     /// percent-encoded (either may be empty: the call's own parsing names it).
     Call {
@@ -45,7 +45,7 @@ pub enum Route<'a> {
 }
 
 /// Classifies a path (without its query).
-pub fn classify(path: &str) -> Route<'_> {
+pub(crate) fn classify(path: &str) -> Route<'_> {
     if let Some(rest) = path.strip_prefix(DEVICES_PREFIX) {
         if let Some((device, service)) = rest.split_once(SERVICES_INFIX) {
             if !device.contains('/') && !service.contains('/') {
@@ -68,7 +68,7 @@ pub fn classify(path: &str) -> Route<'_> {
 
 impl Route<'_> {
     /// A path of the API (calls included): logged per call and counted in the call metrics.
-    pub fn is_api(self) -> bool {
+    pub(crate) fn is_api(self) -> bool {
         matches!(self, Route::Call { .. } | Route::Api)
     }
 }

@@ -67,7 +67,7 @@ const REFUSALS_AT_ONCE: usize = 16;
 /// How long a refused connection may take to receive its 503.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What the server enforces; every field has a flag (see `crate::config::ServeArgs`).
+/// What the server enforces; every field has a flag (see `crate::cli::ServeArgs`).
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
     pub max_connections: usize,
@@ -92,7 +92,7 @@ impl ServerLimits {
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
-pub struct ServerStats {
+pub(crate) struct ServerStats {
     /// Connections open now.
     pub open: AtomicUsize,
     /// Connections refused because `max_connections` were open.
@@ -103,7 +103,7 @@ pub struct ServerStats {
 
 /// Serves `service` on `listener` until `shutdown` completes; then stops accepting, asks every
 /// connection to close once its requests are answered, and returns when all have.
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     listener: TcpListener,
     service: S,
     limits: ServerLimits,

@@ -209,7 +209,7 @@ async fn swagger_ui_works_offline_in_headless_chromium() {
 
 /// The codes named in backticks in a piece of prose, among the known ones.
 fn codes_in(text: &str) -> std::collections::BTreeSet<String> {
-    use mqtt_gateway::http::error::ProblemCode;
+    use mqtt_gateway::http::ProblemCode;
     text.split('`')
         .skip(1)
         .step_by(2)
@@ -222,7 +222,7 @@ fn codes_in(text: &str) -> std::collections::BTreeSet<String> {
 /// status, and nothing else.
 #[test]
 fn the_readme_error_table_is_the_problem_code_table() {
-    use mqtt_gateway::http::error::ProblemCode;
+    use mqtt_gateway::http::ProblemCode;
     let readme = std::fs::read_to_string(test_support::repo_root().join("README.md")).unwrap();
     let table = readme
         .split("| status | code | when |")
@@ -260,7 +260,7 @@ fn the_readme_error_table_is_the_problem_code_table() {
 /// Each error response of the call route names exactly the codes the table gives its status.
 #[test]
 fn the_call_routes_error_responses_name_exactly_the_codes_of_their_status() {
-    use mqtt_gateway::http::error::ProblemCode;
+    use mqtt_gateway::http::ProblemCode;
     let spec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(SPEC_FILE).unwrap()).unwrap();
     let responses = spec["paths"]["/api/v1/devices/{device_id}/services/{service}"]["post"]

@@ -322,7 +322,7 @@ async fn a_log_reader_that_stops_reading_never_stalls_calls_health_or_shutdown()
 /// A keys-file entry for a new key with these extra fields; (key, entry).
 fn key_with(name: &str, extra: serde_json::Value) -> (String, String) {
     let (key, entry) =
-        mqtt_gateway::http::auth::new_api_key(name, &["devices/*/services/*".into()]).unwrap();
+        mqtt_gateway::http::new_api_key(name, &["devices/*/services/*".into()]).unwrap();
     let mut entry: serde_json::Value = serde_json::from_str(&entry).unwrap();
     for (k, v) in extra.as_object().unwrap() {
         entry[k] = v.clone();
@@ -502,7 +502,7 @@ async fn an_open_gateway_refuses_pages_of_other_origins_and_hosts_it_is_not() {
 
     // With authentication the bearer token is the defence: no origin check.
     let (key, entry) =
-        mqtt_gateway::http::auth::new_api_key("app", &["devices/*/services/*".into()]).unwrap();
+        mqtt_gateway::http::new_api_key("app", &["devices/*/services/*".into()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.json");
     std::fs::write(&keys, format!(r#"{{"keys": [{entry}]}}"#)).unwrap();
@@ -650,8 +650,7 @@ async fn a_call_whose_client_leaves_is_logged_and_counted_and_every_line_names_i
     let broker = TestBroker::start();
     let _device = demo_device(&broker, "left").await;
     let (key, entry) =
-        mqtt_gateway::http::auth::new_api_key("kitchen-app", &["devices/*/services/*".into()])
-            .unwrap();
+        mqtt_gateway::http::new_api_key("kitchen-app", &["devices/*/services/*".into()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.json");
     std::fs::write(&keys, format!(r#"{{"keys": [{entry}]}}"#)).unwrap();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mqtt_gateway::app::{App, BrokerChoice};
-use mqtt_gateway::config::{Cli, Command as CliCommand};
+use mqtt_gateway::cli::{Cli, Command as CliCommand};
+use mqtt_gateway::settings::Settings;
 use mqtt_rpc::responder::{RunningHost, ServiceHost};
 use mqtt_rpc::BrokerUrl;
 use tokio::sync::oneshot;
@@ -75,7 +76,8 @@ impl TestApp {
             url: BrokerUrl::parse(mqtt_url).expect("valid url"),
             embedded: false,
         };
-        let app = App::start(&args, broker).expect("gateway starts");
+        let settings = Settings::from_args(&args, false).expect("valid settings");
+        let app = App::start(settings, broker).expect("gateway starts");
         let mqtt = app.mqtt().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

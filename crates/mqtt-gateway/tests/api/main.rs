@@ -2,6 +2,9 @@
 //!
 //! One test binary (fast to link); `helpers` starts brokers, gateways and devices.
 
+// A test binary is no library: its `pub` items are for its own modules.
+#![allow(unreachable_pub)]
+
 mod calls;
 mod cli;
 mod device_library;

@@ -12,6 +12,9 @@
 //!   device the stack runs; `demo-1`). The compose `tests` service and `scripts/compose-local`
 //!   run it so. The stack is shared: every test uses its own ids and stops nothing.
 
+// A test binary is no library: its `pub` items are for its own modules.
+#![allow(unreachable_pub)]
+
 mod acl;
 mod calls;
 mod stack;

@@ -238,7 +238,7 @@ impl OwnStack {
 
         // An API key made as the README says (`mqtt-gateway api-key` calls the same function).
         let (api_key, entry) =
-            mqtt_gateway::http::auth::new_api_key("e2e", &["devices/*/services/*".to_owned()])
+            mqtt_gateway::http::new_api_key("e2e", &["devices/*/services/*".to_owned()])
                 .expect("a valid scope");
         let keys_file = own.dir.path().join("api-keys.json");
         std::fs::write(&keys_file, format!(r#"{{"keys": [{entry}]}}"#)).expect("write keys");

@@ -16,7 +16,7 @@ pub fn keys_file(entries: &[(&str, &[&str])]) -> (tempfile::TempDir, String, Vec
     let mut lines = Vec::new();
     for (name, scopes) in entries {
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        let (key, entry) = mqtt_gateway::http::auth::new_api_key(name, &scopes).unwrap();
+        let (key, entry) = mqtt_gateway::http::new_api_key(name, &scopes).unwrap();
         keys.push(key);
         lines.push(entry);
     }

@@ -1,14 +1,15 @@
-//! Command line and environment: every flag can also be set as `GATEWAY_<FLAG_IN_UPPER_SNAKE>`.
+//! The command line, and only that (clap): every flag can also be set as
+//! `GATEWAY_<FLAG_IN_UPPER_SNAKE>`. What a value means and whether it is valid is
+//! [`crate::settings`]'s business.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use rumqttc::v5::MqttOptions;
 
-use mqtt_rpc::{BrokerUrl, Connect, Scheme, Secret, TopicTemplate};
+use mqtt_rpc::{Secret, TopicTemplate};
 
+/// The command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "mqtt-gateway",
@@ -20,8 +21,10 @@ use mqtt_rpc::{BrokerUrl, Connect, Scheme, Secret, TopicTemplate};
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    /// The command; none means `serve`.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// `serve`'s flags, for when no command is given.
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -29,6 +32,7 @@ pub struct Cli {
 // Parsed once at startup: the size of the largest variant costs nothing worth boxing for.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
+#[allow(missing_docs)] // The variants' doc comments are their help text, written for users.
 pub enum Command {
     /// Run the gateway (the default).
     Serve(ServeArgs),
@@ -46,6 +50,7 @@ pub enum Command {
     Broker(BrokerArgs),
 }
 
+/// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -54,12 +59,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// `serve`: the gateway.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address for the HTTP API.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// How to reach the broker.
     #[command(flatten)]
     pub mqtt: MqttArgs,
 
@@ -149,19 +156,15 @@ pub struct ServeArgs {
     )]
     pub embedded_broker_listen: SocketAddr,
 
-    /// Log format.
-    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Logging and threads.
+    #[command(flatten)]
+    pub process: ProcessArgs,
 
-    /// Threads that run the process's tasks (default: one per CPU core). Where the broker
-    /// shares a small machine, 1 costs less CPU per call: HTTP and MQTT tasks then never wake
-    /// each other across threads (see BENCHMARKS.md).
-    #[arg(long, env = "GATEWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
-    pub worker_threads: Option<u16>,
-
+    /// What the HTTP server allows each client.
     #[command(flatten)]
     pub http: HttpArgs,
 
+    /// Who may call, and from where.
     #[command(flatten)]
     pub security: SecurityArgs,
 }
@@ -265,6 +268,7 @@ pub struct SecurityArgs {
     pub rate_limit_burst: Option<u32>,
 }
 
+/// `api-key`.
 #[derive(Debug, Clone, Args)]
 pub struct ApiKeyArgs {
     /// A name for the key's holder: it appears in logs and keys the rate limit.
@@ -276,8 +280,10 @@ pub struct ApiKeyArgs {
     pub scopes: Vec<String>,
 }
 
+/// `device`: the demo device on its own.
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
+    /// How to reach the broker.
     #[command(flatten)]
     pub mqtt: MqttArgs,
 
@@ -297,6 +303,14 @@ pub struct DeviceArgs {
     #[arg(long, env = "GATEWAY_MAX_QUEUED", default_value_t = mqtt_rpc::responder::DEFAULT_MAX_QUEUED)]
     pub max_queued: usize,
 
+    /// Logging and threads.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// How the process runs, for every long-running command.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessArgs {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -308,6 +322,7 @@ pub struct DeviceArgs {
     pub worker_threads: Option<u16>,
 }
 
+/// `healthcheck`.
 #[derive(Debug, Clone, Args)]
 pub struct HealthcheckArgs {
     /// The gateway's address, as given to `serve --listen`: sharing GATEWAY_LISTEN, the check
@@ -317,6 +332,7 @@ pub struct HealthcheckArgs {
 }
 
 #[cfg(feature = "embedded-broker")]
+/// `broker`: the embedded broker on its own.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// Where the broker listens (MQTT 5); port 0 picks a free port.
@@ -324,6 +340,7 @@ pub struct BrokerArgs {
     pub broker_listen: SocketAddr,
 }
 
+/// How to reach the broker, for `serve` and `device`.
 #[derive(Debug, Clone, Args)]
 pub struct MqttArgs {
     /// The broker: `mqtt://host[:1883]`, `mqtts://host[:8883]` (TLS), `ws://host[:80]/path` or
@@ -380,48 +397,6 @@ pub struct MqttArgs {
     pub mqtt_max_packet_bytes: u32,
 }
 
-impl MqttArgs {
-    /// Client options for this broker ([`Connect::mqtt_options`]), with the credentials, TLS
-    /// files, keep-alive and packet limit of these flags. The only file reads are here.
-    pub fn options(&self, url: &BrokerUrl, client_id: &str) -> Result<MqttOptions, String> {
-        let read = |path: &PathBuf, what: &str| {
-            std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
-        };
-        let mut connect = Connect::new(url.clone())
-            .keep_alive(Duration::from_secs(self.mqtt_keep_alive_secs))
-            .max_packet_bytes(self.mqtt_max_packet_bytes);
-        if let Some(user) = &self.mqtt_username {
-            connect = connect.username(user.clone());
-        }
-        let password = match (&self.mqtt_password, &self.mqtt_password_file) {
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(file)) => {
-                let text = String::from_utf8(read(file, "the MQTT password file")?)
-                    .map_err(|_| "the MQTT password file is not UTF-8".to_owned())?;
-                Some(Secret::new(text.trim_end_matches(['\n', '\r'])))
-            }
-            (None, None) => None,
-        };
-        if let Some(password) = password {
-            connect = connect.password(password);
-        }
-        if matches!(url.scheme, Scheme::Tls | Scheme::Wss) {
-            if let Some(ca) = &self.mqtt_ca_file {
-                connect = connect.ca_pem(read(ca, "the CA file")?);
-            }
-            if let (Some(cert), Some(key)) =
-                (&self.mqtt_client_cert_file, &self.mqtt_client_key_file)
-            {
-                connect = connect.client_cert_pem(
-                    read(cert, "the client certificate")?,
-                    read(key, "the client key")?,
-                );
-            }
-        }
-        connect.mqtt_options(client_id).map_err(|e| e.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,7 +408,7 @@ mod tests {
         let Some(Command::Serve(args)) = parse("1").unwrap().command else {
             unreachable!("serve was given")
         };
-        assert_eq!(args.worker_threads, Some(1));
+        assert_eq!(args.process.worker_threads, Some(1));
     }
 
     #[test]
