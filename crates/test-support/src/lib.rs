@@ -5,6 +5,7 @@
 //! - [`FaultyLink`]: a TCP relay a test can cut, to break one client's connection while the
 //!   broker stays up.
 //! - [`RawClient`]: a plain rumqttc client whose publishes arrive on a channel.
+//! - [`http_client`], [`h2_client`]: HTTP clients, the second with windows of our choosing.
 //! - [`make_certificates`]: a CA, a server and a client certificate for TLS tests.
 //! - Processes and ports: [`free_port`], [`wait_connectable`], [`sbin`], [`repo_root`].
 //! - Reporting past the harness's output capture: [`report`], [`report_not_run`],
@@ -12,6 +13,7 @@
 
 mod broker;
 mod certs;
+mod http;
 mod raw;
 mod relay;
 
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use broker::{BrokerKind, Embedded, TestBroker};
 pub use certs::make_certificates;
+pub use http::{h2_client, h2_post, http_client};
 pub use raw::RawClient;
 pub use relay::FaultyLink;
 

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::devices;
 use crate::procs::{rss_kib, GatewayProcess};
+use test_support::{h2_client, h2_post};
 
 /// The big device's id: each call to it is answered with [`BIG_REPLY`].
 pub const BIG_DEVICE: &str = "bench-big";
@@ -185,31 +186,6 @@ async fn stalled_uploads(
         rss_loaded_kib: loaded,
         buffered,
     })
-}
-
-async fn h2_client(
-    addr: SocketAddr,
-    window: u32,
-) -> Result<h2::client::SendRequest<Bytes>, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(window)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-fn h2_post(addr: SocketAddr, path: &str, length: Option<usize>) -> hyper::Request<()> {
-    let mut request = hyper::Request::post(format!("http://{addr}{path}"));
-    if let Some(length) = length {
-        request = request.header("content-length", length);
-    }
-    request.body(()).expect("a valid request")
 }
 
 /// `connections` HTTP/2 connections, `streams` streams each, every stream promising 256 KiB and

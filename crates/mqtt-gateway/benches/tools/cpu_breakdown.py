@@ -6,7 +6,7 @@ CATS = [
     ("MQTT connection task (connection::run)", r"mqtt::connection::run", [
         ("write syscalls (publish, PUBACK)", r"(writev|sys_write|sendto|sendmsg)"),
         ("read syscalls", r"(sys_read|recvfrom|readv|recvmsg|sys_recv)"),
-        ("route_reply / pending map", r"(route_reply|PendingRequests|oneshot)"),
+        ("route_reply / parked calls", r"(route_reply|ParkedCalls|oneshot)"),
         ("encode publish", r"(Codec.*encode|mqttbytes.*write|Publish.*write)"),
         ("decode packets", r"(Codec.*decode|mqttbytes.*read)"),
         ("rest", r""),
@@ -14,7 +14,7 @@ CATS = [
     ("HTTP connection tasks (hyper h1 Dispatcher)", r"(Dispatcher|h1::|hyper::proto|axum::serve)", [
         ("write syscalls (responses)", r"(writev|sys_write|sendto|sendmsg)"),
         ("read syscalls (requests)", r"(sys_read|recvfrom|readv|recvmsg|sys_recv)"),
-        ("Gateway::send: park + publish into rumqttc", r"(PendingRequests::park|try_publish|into_publish|lock_link|flume)"),
+        ("Caller::send: park + publish into rumqttc", r"(ParkedCalls::park|try_publish|into_publish|lock_link|flume)"),
         ("handler: extract, parse, build reply", r"(call_service|devices::|reply_response|Handler<)"),
         ("axum routing + tower layers", r"(axum::routing|tower_http|tower::|Router)"),
         ("hyper parse/encode", r"(role::Server|parse_headers|encode)"),

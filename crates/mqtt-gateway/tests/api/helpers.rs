@@ -15,8 +15,8 @@ use mqtt_rpc::BrokerUrl;
 use tokio::sync::oneshot;
 
 pub use test_support::{
-    eventually, free_port, report, report_not_run, tool_available, BrokerKind, FaultyLink,
-    RawClient, TestBroker,
+    eventually, free_port, h2_client, h2_post, http_client, report, report_not_run, tool_available,
+    BrokerKind, FaultyLink, RawClient, TestBroker,
 };
 
 /// Brokers for the gateway's tests: the embedded one runs as the gateway binary's own `broker`
@@ -144,14 +144,6 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(1024)
-        .build()
-        .expect("HTTP client")
 }
 
 pub fn init_logging() {

@@ -394,29 +394,6 @@ async fn stalled_uploads_hold_no_more_than_the_in_flight_cap_allows() {
     );
 }
 
-/// An HTTP/2 client (the `h2` crate) on one connection, with the stream window it asks for.
-async fn h2_client(addr: SocketAddr, window: u32) -> h2::client::SendRequest<Bytes> {
-    let tcp = connect(addr).await;
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(window)
-        .max_concurrent_streams(1000)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("HTTP/2 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
-
-fn h2_post(path: &str, length: Option<usize>) -> axum::http::Request<()> {
-    let mut request = axum::http::Request::post(format!("http://localhost{path}"));
-    if let Some(length) = length {
-        request = request.header("content-length", length);
-    }
-    request.body(()).unwrap()
-}
-
 #[tokio::test]
 async fn stalled_http2_streams_hold_no_more_than_the_in_flight_cap_allows() {
     let broker = TestBroker::start();
@@ -432,12 +409,18 @@ async fn stalled_http2_streams_hold_no_more_than_the_in_flight_cap_allows() {
     // Two connections, 200 streams each, every one promising 256 KiB and sending 255,000 bytes.
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let mut client = h2_client(gateway.addr(), 65_535).await;
+        let mut client = h2_client(gateway.addr(), 65_535)
+            .await
+            .expect("HTTP/2 handshake");
         for _ in 0..200 {
             client = client.ready().await.unwrap();
             let (response, mut body) = client
                 .send_request(
-                    h2_post("/api/v1/devices/d/services/echo", Some(262_144)),
+                    h2_post(
+                        gateway.addr(),
+                        "/api/v1/devices/d/services/echo",
+                        Some(262_144),
+                    ),
                     false,
                 )
                 .unwrap();
@@ -496,12 +479,17 @@ async fn a_client_that_reads_nothing_holds_at_most_the_byte_budget_until_the_wri
     let before = gateway.rss_kib();
 
     // One HTTP/2 connection whose stream window is 0: the gateway can send no byte of a body.
-    let mut client = h2_client(gateway.addr(), 0).await;
+    let mut client = h2_client(gateway.addr(), 0)
+        .await
+        .expect("HTTP/2 handshake");
     let mut responses = Vec::new();
     for _ in 0..60 {
         client = client.ready().await.unwrap();
         let (response, _) = client
-            .send_request(h2_post("/api/v1/devices/big/services/get", None), true)
+            .send_request(
+                h2_post(gateway.addr(), "/api/v1/devices/big/services/get", None),
+                true,
+            )
             .unwrap();
         responses.push(response);
     }

@@ -7,13 +7,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mqtt_rpc::BrokerUrl;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event};
 use tokio::sync::mpsc;
 
-pub use test_support::{free_port, report, sbin, wait_connectable};
+pub use test_support::{free_port, http_client, report, sbin, wait_connectable};
 
 /// The gateway, the device it can call, and MQTT credentials for probing the broker.
 pub struct Stack {
@@ -134,14 +133,6 @@ impl Stack {
             self.gateway_url, self.device_id
         ))
     }
-}
-
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(256)
-        .build()
-        .expect("HTTP client")
 }
 
 /// A name no other test and no earlier run uses, for device ids and topics on a shared stack.
@@ -392,13 +383,12 @@ impl Probe {
 
     /// Ok once the broker accepted the connection; Err with the refusal otherwise.
     pub async fn try_connect(url: &str) -> Result<Probe, ConnectionError> {
-        let broker = BrokerUrl::parse(url).expect("a valid MQTT URL");
-        let mut options = MqttOptions::new(unique("e2e-probe"), broker.host.clone(), broker.port);
-        options.set_keep_alive(Duration::from_secs(5));
-        options.set_max_packet_size(Some(1024 * 1024));
-        if let Some((user, password)) = broker.credentials {
-            options.set_credentials(user, password.expose());
-        }
+        // The URL's credentials, TLS and WebSocket path, as the gateway and devices use them.
+        let options = mqtt_rpc::Connect::parse(url)
+            .expect("a valid MQTT URL")
+            .keep_alive(Duration::from_secs(5))
+            .mqtt_options(&unique("e2e-probe"))
+            .expect("usable MQTT options");
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         // The first poll connects: its outcome is the broker's CONNACK.
         match tokio::time::timeout(ANSWER_WITHIN, eventloop.poll()).await {

@@ -100,11 +100,12 @@ async fn broker_credentials_come_from_env_or_file_and_never_reach_the_logs() {
     {
         return;
     }
-    let mut host = mqtt_rpc::responder::ServiceHost::new({
-        let mut o = rumqttc::v5::MqttOptions::new("cred-device", "127.0.0.1", auth_port);
-        o.set_credentials("device", PASSWORD);
-        o
-    });
+    let mut host = mqtt_rpc::responder::ServiceHost::new(
+        mqtt_rpc::Connect::parse(&format!("mqtt://device:{PASSWORD}@127.0.0.1:{auth_port}"))
+            .unwrap()
+            .mqtt_options("cred-device")
+            .unwrap(),
+    );
     host = host
         .service("devices/locked/echo", |req| async move {
             mqtt_rpc::responder::Reply::new(req.payload)
