@@ -53,6 +53,18 @@ pub fn wait_connectable(addr: SocketAddr, child: &mut Child, within: Duration) -
     false
 }
 
+/// A command for `program` that inherits no `GATEWAY_*` variable from the environment running
+/// the tests (such as `GATEWAY_URL`): it sees only what each test sets.
+pub fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GATEWAY_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// A system binary on `PATH` or in the sbin folders (Debian puts `mosquitto` in /usr/sbin,
 /// which a non-root `PATH` lacks).
 pub fn sbin(name: &str) -> Option<PathBuf> {

@@ -57,14 +57,7 @@ impl Drop for Running {
 }
 
 fn binary() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
-    // Only what each test sets: no GATEWAY_* from the environment running the tests.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("GATEWAY_") {
-            c.env_remove(key);
-        }
-    }
-    c
+    gateway_binary()
 }
 
 async fn wait_ready(http: &reqwest::Client, base: &str) {

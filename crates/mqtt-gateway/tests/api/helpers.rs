@@ -19,6 +19,11 @@ pub use test_support::{
     BrokerKind, FaultyLink, RawClient, TestBroker,
 };
 
+/// The real `mqtt-gateway` binary, with no `GATEWAY_*` variable from the environment.
+pub fn gateway_binary() -> Command {
+    test_support::clean_command(env!("CARGO_BIN_EXE_mqtt-gateway"))
+}
+
 /// Brokers for the gateway's tests: the embedded one runs as the gateway binary's own `broker`
 /// command, so tests of broker faults can kill and restart it.
 pub trait StartBroker {
@@ -239,12 +244,7 @@ impl GatewayProcess {
         configure: impl FnOnce(&mut Command),
     ) -> Self {
         let port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("GATEWAY_") {
-                command.env_remove(key);
-            }
-        }
+        let mut command = gateway_binary();
         command
             .args([
                 "serve",

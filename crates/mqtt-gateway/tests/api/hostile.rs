@@ -1178,13 +1178,7 @@ async fn a_thousand_replies_to_one_request_answer_it_once_and_break_nothing() {
 /// Runs the binary with these arguments; its exit status and stderr, or None if it was still
 /// running after `within` (then it is killed).
 async fn run_binary(args: &[&str], within: Duration) -> Option<(std::process::ExitStatus, String)> {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("GATEWAY_") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
+    let mut child = gateway_binary()
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

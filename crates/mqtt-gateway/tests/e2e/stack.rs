@@ -349,13 +349,7 @@ fn local_mosquitto_conf(port: u16, passwd: &Path) -> String {
 /// The real `mqtt-gateway` binary, with no `GATEWAY_*` variable from the environment running
 /// the tests (such as `GATEWAY_URL`).
 pub fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mqtt-gateway"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("GATEWAY_") {
-            command.env_remove(key);
-        }
-    }
-    command
+    test_support::clean_command(env!("CARGO_BIN_EXE_mqtt-gateway"))
 }
 
 /// An MQTT 5 client for checking what the broker lets a credential do: one request at a time,
