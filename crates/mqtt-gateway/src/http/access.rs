@@ -53,7 +53,7 @@ impl AccessPolicy {
     }
 }
 
-/// Lets the request through (with its [`super::auth::Caller`] attached when authentication is
+/// Lets the request through (with its [`super::auth::ApiCaller`] attached when authentication is
 /// on), or answers it: 401, 429 past the caller's rate limit, or 403 for a foreign origin or
 /// host on an open gateway.
 pub(crate) fn admit(policy: &AccessPolicy, request: &mut Request) -> Result<(), ApiError> {

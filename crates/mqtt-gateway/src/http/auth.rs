@@ -69,9 +69,10 @@ fn glob(pattern: &str, text: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
-/// An authenticated caller.
+/// An authenticated HTTP caller (an API key or a JWT subject): who the per-caller limits and
+/// log lines name. Not to be confused with [`mqtt_rpc::Caller`], the MQTT requester.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub struct ApiCaller {
     /// The key's name or the token's `sub`: what logs, rate limits and in-flight limits are
     /// keyed by.
     pub name: Arc<str>,
@@ -83,7 +84,7 @@ pub struct Caller {
     pub max_timeout_ms: Option<u64>,
 }
 
-impl Caller {
+impl ApiCaller {
     pub fn may_call(&self, device: &str, service: &str) -> bool {
         self.scopes.iter().any(|s| s.allows(device, service))
     }
@@ -147,7 +148,7 @@ struct JwtVerifier {
 
 /// Checks bearer tokens. Built once at startup.
 pub struct Authenticator {
-    keys: HashMap<[u8; 32], Caller>,
+    keys: HashMap<[u8; 32], ApiCaller>,
     jwt: Option<JwtVerifier>,
 }
 
@@ -173,7 +174,7 @@ impl Authenticator {
                 }
                 keys.insert(
                     hash,
-                    Caller {
+                    ApiCaller {
                         name: entry.name.into(),
                         scopes: Arc::new(scopes),
                         max_in_flight: entry.max_in_flight,
@@ -192,7 +193,7 @@ impl Authenticator {
     }
 
     /// The caller behind an `Authorization` header value.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<ApiCaller, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
@@ -246,7 +247,7 @@ impl JwtVerifier {
         Ok(Self { keys })
     }
 
-    fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+    fn verify(&self, token: &str) -> Result<ApiCaller, AuthError> {
         let mut last = String::new();
         for (key, validation) in &self.keys {
             match jsonwebtoken::decode::<Claims>(token, key, validation) {
@@ -259,7 +260,7 @@ impl JwtVerifier {
                     };
                     let scopes =
                         parse_scopes(&raw).map_err(|e| AuthError::Invalid(format!(": {e}")))?;
-                    return Ok(Caller {
+                    return Ok(ApiCaller {
                         name: claims.sub.into(),
                         scopes: Arc::new(scopes),
                         max_in_flight: None,
@@ -367,7 +368,7 @@ impl CallerSlots {
     }
 
     /// A slot for one call of `caller`, or the caller's limit when it has that many in flight.
-    pub(crate) fn take(self: &Arc<Self>, caller: &Caller) -> Result<CallerSlot, u32> {
+    pub(crate) fn take(self: &Arc<Self>, caller: &ApiCaller) -> Result<CallerSlot, u32> {
         let limit = caller.max_in_flight.unwrap_or(self.default_limit);
         let mut in_flight = self.lock();
         match in_flight.get_mut(&caller.name) {
@@ -475,8 +476,8 @@ mod tests {
 mod limit_tests {
     use super::*;
 
-    fn caller(name: &str, max_in_flight: Option<u32>) -> Caller {
-        Caller {
+    fn caller(name: &str, max_in_flight: Option<u32>) -> ApiCaller {
+        ApiCaller {
             name: name.into(),
             scopes: Arc::new(vec![]),
             max_in_flight,

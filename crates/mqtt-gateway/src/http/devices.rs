@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::{Caller, CallerSlot};
+use super::auth::{ApiCaller, CallerSlot};
 use super::docs::AnyBytes;
 use super::error::{ApiError, Problem};
 use super::routes::{classify, Route, CALL_ROUTE};
@@ -265,7 +265,7 @@ struct Places {
 /// faults always gets the same answer): names, scope, timeout, headers, body size, the
 /// caller's in-flight limit, the gateway's.
 fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, Places), ApiError> {
-    let caller = parts.extensions.get::<Caller>();
+    let caller = parts.extensions.get::<ApiCaller>();
     let head = call_head(&state.limits, &parts, caller)?;
     if plan.too_large() {
         // At once, before the body is asked for: a client waiting for `100 Continue` never
@@ -361,7 +361,7 @@ fn path_segment(key: &str, raw: &str) -> Result<String, ApiError> {
 fn call_head(
     limits: &super::Limits,
     parts: &Parts,
-    caller: Option<&Caller>,
+    caller: Option<&ApiCaller>,
 ) -> Result<CallHead, ApiError> {
     let Route::Call { device, service } = classify(parts.uri.path()) else {
         return Err(ApiError::InvalidPath(format!("not {}", CALL_ROUTE)));

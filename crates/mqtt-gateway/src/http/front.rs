@@ -30,7 +30,7 @@ use futures::FutureExt;
 use tower::{Layer, ServiceExt};
 use tower_http::cors::CorsLayer;
 
-use super::auth::Caller;
+use super::auth::ApiCaller;
 use super::error::ProblemCode;
 use super::{access, devices, routes, AppState};
 
@@ -106,7 +106,7 @@ fn answer(front: Arc<Front>, mut request: Request) -> impl Future<Output = Respo
         Err(refusal) => Next::Answer(Box::new(refusal.into_response())),
         Ok(()) => {
             if let (Some(observed), Some(caller)) =
-                (observed.as_mut(), request.extensions().get::<Caller>())
+                (observed.as_mut(), request.extensions().get::<ApiCaller>())
             {
                 observed.caller = Some(caller.name.clone());
             }
