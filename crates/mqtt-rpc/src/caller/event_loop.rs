@@ -90,8 +90,9 @@ impl Inner {
                 response_topic = %topic,
                 ?reasons,
                 ?retry_in,
-                "the broker refused the response topic subscription; check its ACL (the gateway \
-                 needs to read and write its response topic). Calls get 503 until it is granted"
+                "the broker refused the response topic subscription; check its ACL (the caller \
+                 needs to read and write its response topic). Calls are refused (the gateway \
+                 answers 503) until it is granted"
             ),
             Problem::SubscribeTimedOut => warn!(
                 response_topic = %topic,
@@ -100,9 +101,9 @@ impl Inner {
             Problem::ProbeLost { attempt } => error!(
                 response_topic = %topic,
                 attempt,
-                "replies never arrive: a message the gateway published to its own response topic \
+                "replies never arrive: a message the caller published to its own response topic \
                  did not come back. The broker's ACL must let it read and write that topic. \
-                 Calls get 503 until a probe comes back"
+                 Calls are refused (the gateway answers 503) until a probe comes back"
             ),
         }
     }
@@ -176,7 +177,8 @@ impl Inner {
         };
         let outcome = match protocol::split_status(properties.user_properties) {
             Ok((status, user_properties)) => {
-                // What the HTTP response will hold until the client takes it.
+                // What the reply holds until whoever receives it lets go (the gateway: until
+                // hyper has taken the HTTP response).
                 let bytes = publish.payload.len()
                     + user_properties
                         .iter()
@@ -312,7 +314,7 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                 }
                 inner.connection_lost(&mut eventloop);
                 let lived = connected_at.take().map(|at| at.elapsed());
-                let delay = backoff.after_failure(&e, "gateway", &inner.client_id, lived);
+                let delay = backoff.after_failure(&e, "caller", &inner.client_id, lived);
                 tokio::time::sleep(delay).await;
             }
         }
@@ -320,7 +322,7 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
 }
 
 /// Once a second: subscribes again when a SUBACK never came or a refusal has waited its turn,
-/// and probes again when a probe got lost, saying why the gateway is not ready. Through the
+/// and probes again when a probe got lost, saying why the caller is not ready. Through the
 /// client's channel, like a call, since only the event loop may touch the event loop.
 pub(super) async fn watch_readiness(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -75,7 +75,7 @@ pub struct Received {
 pub(crate) enum CallOutcome {
     /// The reply came.
     Reply(Received),
-    /// A reply came, but the gateway holds as many bytes for calls as it may.
+    /// A reply came, but the budget holds as many bytes for calls as it may.
     BufferFull,
     /// The broker answered the request's PUBLISH with a failure reason code (PUBACK).
     Refused(PublishRefusal),
@@ -83,7 +83,7 @@ pub(crate) enum CallOutcome {
     InvalidStatus(String),
     /// The connection that carried the request dropped before an answer arrived.
     ConnectionLost,
-    /// The gateway is shutting down and the call's grace period is over.
+    /// The caller is shutting down and the call's grace period is over.
     ShuttingDown,
 }
 
@@ -125,8 +125,8 @@ pub enum CallError {
     /// PUBACK 0x10 (no matching subscribers) within [`CallerOptions::reconnect_settle`]
     /// of a reconnect, when devices may still be re-subscribing.
     #[error(
-        "no device is subscribed yet, but the gateway has just reconnected to the broker and \
-         devices may still be re-subscribing; retry shortly"
+        "no device is subscribed yet, but the connection to the broker has just been \
+         re-established and devices may still be re-subscribing; retry shortly"
     )]
     DevicesReconnecting,
     /// The request's packet is larger than the broker's or our own packet size limit.

@@ -53,7 +53,7 @@ impl ParkedCalls {
     }
 
     /// Fails every parked call with the same outcome (the connection that carried them is gone,
-    /// or the gateway is shutting down).
+    /// or the caller is shutting down).
     pub(crate) fn fail_all(&self, outcome: impl Fn() -> CallOutcome) -> usize {
         let drained: Vec<_> = self.lock().drain().collect();
         let n = drained.len();

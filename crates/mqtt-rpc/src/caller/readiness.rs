@@ -1,4 +1,4 @@
-//! When the gateway may take calls: connected, subscribed to its response topic, and a message
+//! When the caller may take calls: connected, subscribed to its response topic, and a message
 //! it published there itself has come back. The last step matters because a broker may grant a
 //! subscription and deliver nothing on it (Mosquitto does when its ACL refuses the read), and
 //! then every call would wait for its timeout while devices act on the requests.
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// milliseconds, so this only ever waits for a lost one.
 pub(crate) const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long the probe may take to come back before the gateway says why it is not ready and
+/// How long the probe may take to come back before the caller says why it is not ready and
 /// probes again. A round trip through a broker takes milliseconds.
 pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
