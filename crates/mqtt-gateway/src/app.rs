@@ -18,9 +18,10 @@ use crate::http::auth::CallerSlots;
 use crate::http::metrics::Metrics;
 use crate::http::server::{ServerLimits, ServerStats};
 use crate::http::{self, AppState, Limits};
+use crate::registry::Registry;
 use crate::settings::{Settings, SettingsError, DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS};
 use mqtt_rpc::responder::RunningHost;
-use mqtt_rpc::BrokerUrl;
+use mqtt_rpc::{BrokerUrl, PresenceWatch};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +138,7 @@ pub struct App {
     access: Arc<AccessPolicy>,
     cors_origins: Arc<Vec<String>>,
     caller_slots: Arc<CallerSlots>,
+    registry: Arc<Registry>,
 }
 
 impl App {
@@ -154,18 +156,28 @@ impl App {
                     .mqtt
                     .options(&broker.url, &format!("demo-device-{id}"))
                     .map_err(SettingsError::from)?;
-                let host = crate::demo::host(options, &settings.caller_topics(), id).map_err(
-                    |source| SettingsError::DemoDevice {
-                        id: id.clone(),
-                        source,
-                    },
-                )?;
+                let host = crate::demo::host(
+                    options,
+                    &settings.caller_topics(),
+                    &settings.registry.topics,
+                    id,
+                )
+                .map_err(|source| SettingsError::DemoDevice {
+                    id: id.clone(),
+                    source,
+                })?;
                 Some(host.start())
             }
             None => None,
         };
-        let (mqtt, mqtt_task) =
-            mqtt_rpc::Caller::start(settings.caller.options(mqtt, &settings.gateway_id));
+        let registry = Registry::new(settings.registry.limits, settings.registry.max_devices);
+        let (mut watch, feed) = PresenceWatch::new(settings.registry.topics.clone());
+        watch.discovery_window = settings.registry.discovery_window;
+        watch.max_bytes = settings.registry.limits.max_bytes;
+        let mut options = settings.caller.options(mqtt, &settings.gateway_id);
+        options.presence = Some(watch);
+        let (mqtt, mqtt_task) = mqtt_rpc::Caller::start(options);
+        tokio::spawn(crate::registry::run(feed, registry.clone()));
         Ok(App {
             mqtt,
             mqtt_task,
@@ -178,6 +190,7 @@ impl App {
             caller_slots: CallerSlots::new(settings.per_caller_in_flight),
             server_limits: settings.server,
             limits: settings.limits,
+            registry,
         })
     }
 
@@ -206,10 +219,15 @@ impl App {
         let state = AppState {
             mqtt: self.mqtt.clone(),
             limits: Arc::new(self.limits),
-            metrics: Arc::new(Metrics::new(self.mqtt.clone(), server_stats.clone())),
+            metrics: Arc::new(Metrics::new(
+                self.mqtt.clone(),
+                server_stats.clone(),
+                self.registry.clone(),
+            )),
             access: self.access.clone(),
             cors_origins: self.cors_origins,
             caller_slots: self.caller_slots,
+            registry: self.registry.clone(),
         };
         // The rate limiter keeps a bucket per caller seen; forget the idle ones now and then.
         let sweeper = self.access.rate_limits.is_some().then(|| {

@@ -167,6 +167,42 @@ pub struct ServeArgs {
     /// Who may call, and from where.
     #[command(flatten)]
     pub security: SecurityArgs,
+
+    /// What the gateway learns from devices' announcements.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// The registry of devices that announce themselves (docs/PROTOCOL.md, section 11).
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// The presence topics' first levels: devices announce on `<prefix>/<device_id>`, and
+    /// discovery requests go to `<prefix>/$discover`.
+    #[arg(long, env = "GATEWAY_PRESENCE_PREFIX", default_value = mqtt_rpc::presence::DEFAULT_PREFIX, value_parser = parse_presence_prefix)]
+    pub presence_prefix: mqtt_rpc::PresenceTopics,
+
+    /// After subscribing to presence, the gateway asks every announcing device to announce
+    /// again, each after a random delay within this window, so that a restart does not make
+    /// thousands of devices answer at once (at most 60000).
+    #[arg(long, env = "GATEWAY_DISCOVERY_WINDOW_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub discovery_window_ms: u64,
+
+    /// The largest announcement taken, in bytes; larger ones are ignored and counted.
+    #[arg(long, env = "GATEWAY_MAX_ANNOUNCEMENT_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    pub max_announcement_bytes: u32,
+
+    /// The most services one device may announce; an announcement with more is ignored.
+    #[arg(long, env = "GATEWAY_MAX_SERVICES_PER_DEVICE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_services_per_device: u32,
+
+    /// The most devices the registry holds; announcements of further devices are ignored (and
+    /// counted), and their calls go out as for a device that never announced.
+    #[arg(long, env = "GATEWAY_MAX_DEVICES", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_devices: u32,
+}
+
+fn parse_presence_prefix(raw: &str) -> Result<mqtt_rpc::PresenceTopics, String> {
+    mqtt_rpc::PresenceTopics::parse(raw).map_err(|e| e.to_string())
 }
 
 /// What the HTTP server allows each client, so slow, idle or greedy clients cannot hold the
@@ -294,6 +330,11 @@ pub struct DeviceArgs {
     /// The request topic template the gateway uses; the device subscribes to its own services.
     #[arg(long, env = "GATEWAY_TOPIC_TEMPLATE", default_value = TopicTemplate::DEFAULT)]
     pub topic_template: TopicTemplate,
+
+    /// Where the device announces itself (`<prefix>/<device_id>`), as the gateway's
+    /// --presence-prefix.
+    #[arg(long, env = "GATEWAY_PRESENCE_PREFIX", default_value = mqtt_rpc::presence::DEFAULT_PREFIX, value_parser = parse_presence_prefix)]
+    pub presence_prefix: mqtt_rpc::PresenceTopics,
 
     /// Handlers that may run at once.
     #[arg(long, env = "GATEWAY_MAX_CONCURRENT", default_value_t = mqtt_rpc::responder::DEFAULT_MAX_CONCURRENT)]

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use mqtt_rpc::responder::{FilterError, Reply, ServiceHost, ServiceRequest};
-use mqtt_rpc::TopicTemplate;
+use mqtt_rpc::{PresenceTopics, ServiceInfo, TopicTemplate};
 
 /// The longest `delay` the demo device accepts: a minute, so a typo cannot park a handler
 /// for hours.
@@ -31,54 +31,102 @@ pub enum InvalidDemo {
     Filter(#[from] FilterError),
 }
 
-/// The demo device's services on a host, for device `device_id` under `topics`.
+/// The demo device's services on a host, for device `device_id` under `topics`, announcing
+/// itself (with a description and schemas for each service) under `presence`.
 pub fn host(
     options: MqttOptions,
     topics: &TopicTemplate,
+    presence: &PresenceTopics,
     device_id: &str,
 ) -> Result<ServiceHost, InvalidDemo> {
     let device_id = mqtt_rpc::DeviceId::parse(device_id)?;
     let device_id = device_id.as_str();
-    let mut host = ServiceHost::new(options);
+    let mut host = ServiceHost::new(options)
+        .topic_template(topics.clone())
+        .presence_topics(presence.clone())
+        .metadata("model", "demo-actuator")
+        .metadata("firmware", env!("CARGO_PKG_VERSION"));
     let state = Arc::new(Mutex::new(DeviceState {
         device_id: device_id.to_owned(),
         position: 0,
     }));
 
-    host = host.service(
-        &topics.filter(device_id, "echo"),
-        |req: ServiceRequest| async move {
-            Reply {
-                payload: req.payload,
-                content_type: req.content_type,
-                status: None,
-                user_properties: req.user_properties,
-            }
-        },
-    )?;
+    host = host
+        .service(
+            &topics.filter(device_id, "echo"),
+            |req: ServiceRequest| async move {
+                Reply {
+                    payload: req.payload,
+                    content_type: req.content_type,
+                    status: None,
+                    user_properties: req.user_properties,
+                }
+            },
+        )?
+        .describe(
+            ServiceInfo::new()
+                .description("Sends the payload, content type and user properties back unchanged."),
+        );
 
     let config_state = state.clone();
-    host = host.service(&topics.filter(device_id, "get_config"), move |_req| {
-        let state = config_state.clone();
-        async move {
-            let s = state.lock().unwrap_or_else(|e| e.into_inner());
-            Reply::json(&json!({
-                "device_id": s.device_id,
-                "model": "demo-actuator",
-                "firmware": env!("CARGO_PKG_VERSION"),
-                "position": s.position,
-                "position_range": [0, 100],
-            }))
-        }
-    })?;
+    host = host
+        .service(&topics.filter(device_id, "get_config"), move |_req| {
+            let state = config_state.clone();
+            async move {
+                let s = state.lock().unwrap_or_else(|e| e.into_inner());
+                Reply::json(&json!({
+                    "device_id": s.device_id,
+                    "model": "demo-actuator",
+                    "firmware": env!("CARGO_PKG_VERSION"),
+                    "position": s.position,
+                    "position_range": [0, 100],
+                }))
+            }
+        })?
+        .describe(
+            ServiceInfo::new()
+                .description("The device's configuration and the actuator's position.")
+                .response_schema(json!({
+                    "type": "object",
+                    "properties": {
+                        "device_id": {"type": "string"},
+                        "model": {"type": "string"},
+                        "firmware": {"type": "string"},
+                        "position": {"type": "integer", "minimum": 0, "maximum": 100},
+                        "position_range": {"type": "array", "items": {"type": "integer"}}
+                    }
+                })),
+        );
 
-    host = host.service(
-        &topics.filter(device_id, "control"),
-        move |req: ServiceRequest| {
-            let state = state.clone();
-            async move { control(&state, &req) }
-        },
-    )?;
+    host = host
+        .service(
+            &topics.filter(device_id, "control"),
+            move |req: ServiceRequest| {
+                let state = state.clone();
+                async move { control(&state, &req) }
+            },
+        )?
+        .describe(
+            ServiceInfo::new()
+                .description("Moves the actuator to a position from 0 to 100.")
+                .request_schema(json!({
+                    "type": "object",
+                    "required": ["command", "position"],
+                    "properties": {
+                        "command": {"const": "set_position"},
+                        "position": {"type": "integer", "minimum": 0, "maximum": 100}
+                    }
+                }))
+                .request_example(json!({"command": "set_position", "position": 42}))
+                .response_schema(json!({
+                    "type": "object",
+                    "properties": {
+                        "ok": {"type": "boolean"},
+                        "previous_position": {"type": "integer"},
+                        "position": {"type": "integer"}
+                    }
+                })),
+        );
 
     host = host.service(&topics.filter(device_id, "delay"), |req: ServiceRequest| async move {
         let Some(ms) = delay_ms(&req) else {
@@ -88,7 +136,19 @@ pub fn host(
         };
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Reply::json(&json!({ "waited_ms": ms }))
-    })?;
+    })?
+    .describe(
+        ServiceInfo::new()
+            .description("Waits the milliseconds given, then answers: for trying timeouts.")
+            .request_schema(json!({
+                "oneOf": [
+                    {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_MS},
+                    {"type": "object", "required": ["ms"],
+                     "properties": {"ms": {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_MS}}}
+                ]
+            }))
+            .request_example(json!({"ms": 250})),
+    );
 
     Ok(host)
 }

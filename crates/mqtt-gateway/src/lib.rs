@@ -11,6 +11,9 @@
 //!   [`mqtt_rpc::Call`]: names checked by [`mqtt_rpc::DeviceId`] and [`mqtt_rpc::ServiceName`],
 //!   `timeout_ms`, content type, `x-mqtt-*` headers as user properties. Failures are RFC 9457
 //!   problem+json.
+//! - `registry.rs`: the devices that announced themselves, from the caller's presence feed.
+//!   A call to a device known offline, or to a service it does not offer, or with a body its
+//!   request schema refuses, is answered at once, before anything is published.
 //! - [`mqtt_rpc::Caller`] parks the call, publishes the MQTT 5 request and resolves it from the
 //!   one response subscription (PUBACK 0x10 means no device listens: 404 at once).
 //! - [`demo`]: the demo device's services, built on [`mqtt_rpc::ServiceHost`].
@@ -29,4 +32,5 @@ pub mod cli;
 pub mod demo;
 pub mod http;
 pub mod logging;
+mod registry;
 pub mod settings;

@@ -124,10 +124,15 @@ async fn run_device(args: DeviceArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .options(&url, &format!("demo-device-{}", args.device_id))
         .map_err(|e| e.to_string())?;
-    let host = mqtt_gateway::demo::host(options, &args.topic_template, &args.device_id)
-        .map_err(|e| format!("invalid --device-id {:?}: {e}", args.device_id))?
-        .max_concurrent(args.max_concurrent)
-        .max_queued(args.max_queued);
+    let host = mqtt_gateway::demo::host(
+        options,
+        &args.topic_template,
+        &args.presence_prefix,
+        &args.device_id,
+    )
+    .map_err(|e| format!("invalid --device-id {:?}: {e}", args.device_id))?
+    .max_concurrent(args.max_concurrent)
+    .max_queued(args.max_queued);
     logging::print(&format!(
         "demo device {:?} serving echo, get_config, control and delay via {}\n",
         args.device_id,

@@ -199,6 +199,21 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     /// Calls one authenticated caller may have in flight, unless its key says otherwise.
     pub per_caller_in_flight: u32,
+    /// The registry of announcing devices.
+    pub registry: RegistrySettings,
+}
+
+/// What the registry follows and how much it holds.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// Where presence lives.
+    pub topics: mqtt_rpc::PresenceTopics,
+    /// The window asked for in discovery requests.
+    pub discovery_window: Duration,
+    /// Bounds on one announcement.
+    pub limits: mqtt_rpc::presence::AnnouncementLimits,
+    /// The most devices held.
+    pub max_devices: usize,
 }
 
 /// [`CallerOptions`] without the MQTT options.
@@ -262,6 +277,7 @@ impl Settings {
             crate::demo::host(
                 MqttOptions::new("check", "127.0.0.1", 1),
                 &args.topic_template,
+                &args.registry.presence_prefix,
                 id,
             )
             .map_err(|source| SettingsError::DemoDevice {
@@ -297,6 +313,15 @@ impl Settings {
             per_caller_in_flight: args
                 .max_in_flight_per_caller
                 .unwrap_or((args.max_in_flight / 4).max(1)),
+            registry: RegistrySettings {
+                topics: args.registry.presence_prefix.clone(),
+                discovery_window: Duration::from_millis(args.registry.discovery_window_ms),
+                limits: mqtt_rpc::presence::AnnouncementLimits {
+                    max_bytes: args.registry.max_announcement_bytes as usize,
+                    max_services: args.registry.max_services_per_device as usize,
+                },
+                max_devices: args.registry.max_devices as usize,
+            },
         })
     }
 }
@@ -320,6 +345,7 @@ impl CallerSettings {
             session_expiry: self.session_expiry,
             reconnect_settle: self.reconnect_settle,
             budget: ByteBudget::new(self.max_buffered_bytes),
+            presence: None,
         }
     }
 }

@@ -18,6 +18,8 @@
 //!   becomes a typed refusal.
 //! - [`responder`]: the device side. [`ServiceHost`] maps topic filters to async handlers and
 //!   replies to each request's Response Topic.
+//! - [`presence`]: how a device announces itself and its services (retained birth, Will,
+//!   discovery), which [`ServiceHost`] does on its own and [`Caller`] follows on request.
 //! - [`ByteBudget`]: an optional cap on the bytes calls hold, shared with whatever carries them
 //!   on (the gateway's HTTP side).
 //!
@@ -64,6 +66,7 @@ mod broker_url;
 mod budget;
 pub mod caller;
 mod event_loop_access;
+pub mod presence;
 pub mod protocol;
 pub mod responder;
 mod topic;
@@ -71,6 +74,7 @@ mod topic;
 pub use broker_url::{BrokerUrl, BrokerUrlError, Connect, OptionsError, Scheme, Secret};
 pub use budget::{ByteBudget, Held};
 pub use caller::{Call, CallError, Caller, CallerOptions, Parked, PublishRefusal, Received, Slot};
+pub use presence::{Announcement, PresenceTopics, PresenceWatch, ServiceInfo};
 pub use protocol::Reply;
 pub use responder::{ServiceHost, ServiceRequest};
 pub use topic::{DeviceId, NameError, ServiceName, TemplateError, TopicTemplate, MAX_NAME_BYTES};

@@ -56,10 +56,15 @@ pub fn mqtt_options(mqtt_url: &str, client_id: &str) -> MqttOptions {
 pub async fn start_echo(mqtt_url: &str) -> RunningHost {
     let args = device_args(mqtt_url, ECHO_DEVICE);
     let options = mqtt_options(mqtt_url, "bench-echo-device");
-    let host = mqtt_gateway::demo::host(options, &args.topic_template, ECHO_DEVICE)
-        .expect("valid device id")
-        .max_concurrent(ECHO_MAX_CONCURRENT)
-        .max_queued(args.max_queued);
+    let host = mqtt_gateway::demo::host(
+        options,
+        &args.topic_template,
+        &args.presence_prefix,
+        ECHO_DEVICE,
+    )
+    .expect("valid device id")
+    .max_concurrent(ECHO_MAX_CONCURRENT)
+    .max_queued(args.max_queued);
     let running = host.start();
     tokio::time::timeout(Duration::from_secs(10), running.wait_ready())
         .await

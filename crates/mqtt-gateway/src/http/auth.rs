@@ -50,7 +50,7 @@ impl Scope {
 }
 
 /// `*` matches any run of characters (none included); everything else matches itself.
-fn glob(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
     let Some(mut rest) = text.strip_prefix(first) else {
@@ -87,6 +87,11 @@ pub struct ApiCaller {
 impl ApiCaller {
     pub fn may_call(&self, device: &str, service: &str) -> bool {
         self.scopes.iter().any(|s| s.allows(device, service))
+    }
+
+    /// Whether any scope covers this device (for some service): the registry shows it.
+    pub fn may_see_device(&self, device: &str) -> bool {
+        self.scopes.iter().any(|s| glob(&s.device, device))
     }
 }
 

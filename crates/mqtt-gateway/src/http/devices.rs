@@ -20,6 +20,7 @@ use super::docs::AnyBytes;
 use super::error::{ApiError, Problem};
 use super::routes::{classify, Route, CALL_ROUTE};
 use super::AppState;
+use crate::registry::Check;
 use mqtt_rpc::protocol::{REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY};
 use mqtt_rpc::Held;
 use mqtt_rpc::{CallError, Parked, Received, Slot};
@@ -157,6 +158,12 @@ impl HttpCall {
         let (payload, held) = read_body(body, &plan, state)
             .await
             .map_err(IntoResponse::into_response)?;
+        if let Some(validator) = &call.validator {
+            if let Some(errors) = crate::registry::violations(validator, &payload) {
+                let service = call.service.to_string();
+                return Err(ApiError::SchemaMismatch { service, errors }.into_response());
+            }
+        }
         let Places { slot, caller } = places;
         let pending = state
             .mqtt
@@ -239,6 +246,8 @@ struct CallHead {
     content_type: Option<String>,
     user_properties: Vec<(String, String)>,
     timeout: Duration,
+    /// The request schema the device announced for the service, if any.
+    validator: Option<std::sync::Arc<jsonschema::Validator>>,
 }
 
 impl CallHead {
@@ -262,11 +271,32 @@ struct Places {
 }
 
 /// Checks the head and takes the call's places, in a fixed order (so a request with several
-/// faults always gets the same answer): names, scope, timeout, headers, body size, the
-/// caller's in-flight limit, the gateway's.
+/// faults always gets the same answer): names, scope, timeout, headers, what the registry
+/// knows (offline, service not offered), body size, the caller's in-flight limit, the
+/// gateway's.
 fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, Places), ApiError> {
     let caller = parts.extensions.get::<ApiCaller>();
-    let head = call_head(&state.limits, &parts, caller)?;
+    let mut head = call_head(&state.limits, &parts, caller)?;
+    match state
+        .registry
+        .check(head.device.as_str(), head.service.as_str())
+    {
+        Check::Send => {}
+        Check::Validate(validator) => head.validator = Some(validator),
+        Check::Offline { since } => {
+            return Err(ApiError::DeviceAnnouncedOffline {
+                device: head.device.to_string(),
+                since,
+            })
+        }
+        Check::UnknownService { offered } => {
+            return Err(ApiError::UnknownService {
+                device: head.device.to_string(),
+                service: head.service.to_string(),
+                offered,
+            })
+        }
+    }
     if plan.too_large() {
         // At once, before the body is asked for: a client waiting for `100 Continue` never
         // sends it.
@@ -401,6 +431,7 @@ fn call_head(
         content_type,
         user_properties,
         timeout,
+        validator: None,
     })
 }
 

@@ -61,6 +61,26 @@ pub(crate) enum ApiError {
     HostNotAllowed { host: String },
     #[error("the device's reply has {bytes} bytes of user properties; at most {limit} become x-mqtt-* headers (--max-reply-header-bytes)")]
     ReplyHeadersTooLarge { bytes: usize, limit: usize },
+    #[error("device {device:?} announced that it went offline (seen at {}); nothing was sent. Calls are answered at once until it announces again", humantime::format_rfc3339_millis(*.since))]
+    DeviceAnnouncedOffline {
+        device: String,
+        since: std::time::SystemTime,
+    },
+    #[error("device {device:?} is online but does not offer service {service:?}; nothing was sent. It offers: {}", offered.join(", "))]
+    UnknownService {
+        device: String,
+        service: String,
+        offered: Vec<String>,
+    },
+    #[error("no device {device:?} has announced itself to this gateway")]
+    UnknownDevice { device: String },
+    #[error("the body does not match the request schema service {service:?} announced ({} problem(s), see `errors`); nothing was sent", errors.len())]
+    SchemaMismatch {
+        service: String,
+        errors: Vec<SchemaViolation>,
+    },
+    #[error("invalid query parameter {name}: {reason}")]
+    InvalidQuery { name: &'static str, reason: String },
 }
 
 /// Whether a caller may simply retry, as the `Retry-After` header says.
@@ -162,8 +182,17 @@ problem_codes! {
     HostNotAllowed = "host-not-allowed", FORBIDDEN, "Host not allowed", No;
     /// The broker refused the request (PUBACK 0x87).
     NotAuthorized = "not-authorized", FORBIDDEN, "The broker refused the request", No;
-    /// No device is subscribed to the service's topic (PUBACK 0x10).
+    /// The device announced that it is offline, or no device is subscribed to the service's
+    /// topic (PUBACK 0x10).
     DeviceOffline = "device-offline", NOT_FOUND, "No device is listening", No;
+    /// The device is online but did not announce this service.
+    UnknownService = "unknown-service", NOT_FOUND, "The device does not offer this service", No;
+    /// No device with this id has announced itself.
+    UnknownDevice = "unknown-device", NOT_FOUND, "No such device", No;
+    /// The body does not match the request schema the device announced for the service.
+    SchemaMismatch = "schema-mismatch", UNPROCESSABLE_ENTITY, "The body does not match the service's request schema", No;
+    /// A query parameter with a value it cannot take.
+    InvalidQuery = "invalid-query", BAD_REQUEST, "Invalid query parameter", No;
     /// No such route.
     NotFound = "not-found", NOT_FOUND, "No such route", No;
     /// Wrong method for this route.
@@ -211,6 +240,18 @@ pub struct Problem {
     pub detail: String,
     /// The stable machine-readable code.
     pub code: ProblemCode,
+    /// For `schema-mismatch`: where the body breaks the schema, and how (at most 10).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<SchemaViolation>>,
+}
+
+/// One way a body breaks its service's request schema.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SchemaViolation {
+    /// Where in the body, as a JSON Pointer (`""` for the whole body).
+    pub instance_path: String,
+    /// What is wrong there.
+    pub message: String,
 }
 
 /// The prefix of every problem `type`; the code follows it.
@@ -241,6 +282,11 @@ impl ApiError {
             OriginNotAllowed { .. } => ProblemCode::OriginNotAllowed,
             HostNotAllowed { .. } => ProblemCode::HostNotAllowed,
             ReplyHeadersTooLarge { .. } => ProblemCode::InvalidDeviceReply,
+            DeviceAnnouncedOffline { .. } => ProblemCode::DeviceOffline,
+            UnknownService { .. } => ProblemCode::UnknownService,
+            UnknownDevice { .. } => ProblemCode::UnknownDevice,
+            SchemaMismatch { .. } => ProblemCode::SchemaMismatch,
+            InvalidQuery { .. } => ProblemCode::InvalidQuery,
             Call(e) => match e {
                 C::NotConnected => ProblemCode::BrokerUnavailable,
                 C::Overloaded | C::BufferFull { .. } => ProblemCode::Overloaded,
@@ -311,6 +357,10 @@ impl ApiError {
             status: code.status().as_u16(),
             detail: self.detail(),
             code,
+            errors: match self {
+                ApiError::SchemaMismatch { errors, .. } => Some(errors.clone()),
+                _ => None,
+            },
         }
     }
 }

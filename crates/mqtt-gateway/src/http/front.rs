@@ -244,13 +244,15 @@ mod tests {
             rumqttc::v5::MqttOptions::new("size-test", "127.0.0.1", 9),
             "gateway/size-test/replies",
         ));
+        let registry = crate::registry::Registry::new(Default::default(), 10);
         let state = AppState {
             mqtt: mqtt.clone(),
             limits: Arc::new(Limits::default()),
-            metrics: Arc::new(Metrics::new(mqtt, Default::default())),
+            metrics: Arc::new(Metrics::new(mqtt, Default::default(), registry.clone())),
             access: AccessPolicy::open(),
             cors_origins: Arc::new(vec![]),
             caller_slots: crate::http::auth::CallerSlots::new(8),
+            registry,
         };
         let front = Arc::new(Front {
             router: Router::new(),

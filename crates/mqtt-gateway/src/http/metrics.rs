@@ -42,7 +42,12 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(mqtt: mqtt_rpc::Caller, server: std::sync::Arc<ServerStats>) -> Self {
+    pub(crate) fn new(
+        mqtt: mqtt_rpc::Caller,
+        server: std::sync::Arc<ServerStats>,
+        registry: std::sync::Arc<crate::registry::Registry>,
+    ) -> Self {
+        let registry_of_devices = registry;
         let mut registry = Registry::with_prefix("mqtt_gateway");
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
@@ -57,7 +62,11 @@ impl Metrics {
             "Time from receiving a call to answering it",
             duration.clone(),
         );
-        registry.register_collector(Box::new(ConnectionCollector { mqtt, server }));
+        registry.register_collector(Box::new(ConnectionCollector {
+            mqtt,
+            server,
+            devices: registry_of_devices,
+        }));
         Self {
             registry,
             calls,
@@ -92,6 +101,7 @@ impl Metrics {
 struct ConnectionCollector {
     mqtt: mqtt_rpc::Caller,
     server: std::sync::Arc<ServerStats>,
+    devices: std::sync::Arc<crate::registry::Registry>,
 }
 
 impl Collector for ConnectionCollector {
@@ -100,7 +110,18 @@ impl Collector for ConnectionCollector {
         let server = &self.server;
         let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
         let open = server.open.load(std::sync::atomic::Ordering::Relaxed);
-        let gauges: [(&str, &str, i64); 4] = [
+        let (known, online) = self.devices.counts();
+        let gauges: [(&str, &str, i64); 6] = [
+            (
+                "devices_known",
+                "Devices in the registry: every device that announced itself (--max-devices)",
+                i64::try_from(known).unwrap_or(i64::MAX),
+            ),
+            (
+                "devices_online",
+                "Devices whose last announcement says they are online",
+                i64::try_from(online).unwrap_or(i64::MAX),
+            ),
             (
                 "calls_in_flight",
                 "Calls waiting for their device now",
@@ -126,7 +147,23 @@ impl Collector for ConnectionCollector {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
-        let counters: [(&str, &str, u64); 8] = [
+        let registry = &self.devices.counters;
+        let counters: [(&str, &str, u64); 11] = [
+            (
+                "announcements_received",
+                "Messages on presence topics taken from the broker",
+                load(&registry.received),
+            ),
+            (
+                "announcements_rejected",
+                "Announcements ignored: malformed, too large, too many services, a schema that does not compile, or past --max-devices (each device's first one is logged)",
+                load(&registry.rejected) + s.presence_dropped,
+            ),
+            (
+                "announcements_stale",
+                "Deaths of a device's earlier connection (a late Will) that were ignored",
+                load(&registry.stale),
+            ),
             (
                 "broker_reconnects",
                 "Connections to the broker after the first",

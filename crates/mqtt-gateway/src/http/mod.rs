@@ -11,6 +11,7 @@ mod error;
 mod front;
 mod health;
 pub(crate) mod metrics;
+mod registry_routes;
 pub(crate) mod routes;
 pub(crate) mod server;
 
@@ -33,7 +34,7 @@ use tracing::Level;
 pub use auth::new_api_key;
 pub use docs::openapi_json;
 pub(crate) use error::ApiError;
-pub use error::{Problem, ProblemCode, Retry, PROBLEM_TYPE_PREFIX};
+pub use error::{Problem, ProblemCode, Retry, SchemaViolation, PROBLEM_TYPE_PREFIX};
 
 /// The shortest `timeout_ms` a caller may ask for. A round trip through a broker takes about a
 /// millisecond on one machine and more across a network; below 100 ms a call would mostly
@@ -83,12 +84,15 @@ pub(crate) struct AppState {
     pub(crate) cors_origins: Arc<Vec<String>>,
     /// Calls in flight per authenticated caller.
     pub(crate) caller_slots: Arc<auth::CallerSlots>,
+    /// The devices that announced themselves.
+    pub(crate) registry: Arc<crate::registry::Registry>,
 }
 
 /// The documented routes, with the OpenAPI document generated from their handlers.
 fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
     utoipa_axum::router::OpenApiRouter::with_openapi(<docs::ApiDoc as utoipa::OpenApi>::openapi())
         .merge(devices::router())
+        .merge(registry_routes::router())
         .merge(health::router())
         .merge(metrics::router())
 }

@@ -166,6 +166,7 @@ pub async fn demo_device(broker: &TestBroker, device_id: &str) -> RunningHost {
     let host = mqtt_gateway::demo::host(
         broker.mqtt_options(&format!("demo-{device_id}")),
         &topics,
+        &mqtt_rpc::PresenceTopics::default(),
         device_id,
     )
     .expect("valid demo device");

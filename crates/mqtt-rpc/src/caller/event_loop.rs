@@ -18,6 +18,7 @@ use super::readiness::{self, Action, Problem, Readiness};
 use super::{CallOutcome, CorrelationId, Inner, Link, PublishRefusal, Received};
 use crate::backoff::Backoff;
 use crate::event_loop_access;
+use crate::presence::{self, Discovery, PresenceMessage};
 use crate::protocol::{self, Reply};
 
 impl Inner {
@@ -65,7 +66,16 @@ impl Inner {
             Action::Nothing => {}
             Action::Subscribe => {
                 let filter = Filter::new(self.response_topic.clone(), self.reply_qos());
-                send(Request::Subscribe(Subscribe::new(filter, None)));
+                // Presence in the same SUBSCRIBE, second: its reason code is the second one.
+                // QoS 1 and the retained store (Retain Handling 0): every device's last word.
+                let presence = self
+                    .presence
+                    .iter()
+                    .map(|watch| Filter::new(watch.topics.filter(), QoS::AtLeastOnce));
+                send(Request::Subscribe(Subscribe::new_many(
+                    std::iter::once(filter).chain(presence),
+                    None,
+                )));
             }
             Action::Probe(nonce) => {
                 let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
@@ -147,8 +157,60 @@ impl Inner {
         }
     }
 
+    /// A discovery request, asking every announcing device to announce again. QoS 0: a QoS 1
+    /// publish that is not a call would take a call's place in the PUBACK order
+    /// (`publish_order.rs`).
+    pub(super) fn discovery_request(&self) -> Option<Publish> {
+        let watch = self.presence.as_ref()?;
+        Some(Publish::new(
+            watch.topics.discovery(),
+            QoS::AtMostOnce,
+            Discovery::payload(watch.discovery_window),
+            None,
+        ))
+    }
+
+    /// A message on a device's presence topic: handed on, unparsed, within the watch's bounds.
+    fn route_presence(&self, publish: Publish) {
+        let Some(watch) = &self.presence else {
+            return;
+        };
+        let topic = String::from_utf8_lossy(&publish.topic);
+        let Some(device) = watch.topics.device_of(&topic) else {
+            // Our own discovery request, or a topic deeper than a device's.
+            return;
+        };
+        let dropped = |why: &str| {
+            self.counters
+                .presence_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(device = %device, "presence message dropped: {why}");
+        };
+        if publish.payload.len() > watch.max_bytes {
+            return dropped("larger than the announcement limit");
+        }
+        let Some(held) = watch
+            .budget
+            .try_hold(publish.payload.len() + presence::MESSAGE_OVERHEAD)
+        else {
+            return dropped("too many presence messages waiting");
+        };
+        let message = PresenceMessage {
+            device: device.clone(),
+            payload: publish.payload,
+            retained: publish.retain,
+            held: Some(held),
+        };
+        if watch.sink.send(message).is_err() {
+            dropped("nobody reads the presence feed");
+        }
+    }
+
     fn route_reply(&self, publish: Publish) {
         if publish.topic != self.response_topic.as_bytes() {
+            if self.presence.is_some() {
+                return self.route_presence(publish);
+            }
             debug!(topic = ?publish.topic, "ignoring a message on a topic we did not subscribe to");
             return;
         }
@@ -274,10 +336,29 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                 });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let granted = ack
-                    .return_codes
-                    .iter()
-                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                let success = |c: Option<&SubscribeReasonCode>| {
+                    matches!(c, Some(SubscribeReasonCode::Success(_)))
+                };
+                // The response topic's code first, presence's (when watched) second.
+                let granted = success(ack.return_codes.first());
+                if inner.presence.is_some() {
+                    if success(ack.return_codes.get(1)) {
+                        // Retained announcements are on their way; ask for the rest (a
+                        // cluster may keep retained messages on another node).
+                        if let Some(discovery) = inner.discovery_request() {
+                            event_loop_access::send_next(
+                                &mut eventloop,
+                                Request::Publish(discovery),
+                            );
+                        }
+                    } else {
+                        error!(
+                            reasons = ?ack.return_codes,
+                            "the broker refused the presence subscription; check its ACL (the \
+                             caller needs to read presence/+). No device's presence is known"
+                        );
+                    }
+                }
                 let (action, problem) = inner.lock_readiness().subscribed(Instant::now(), granted);
                 if let Some(problem) = problem {
                     inner.report(&problem, Some(&ack.return_codes));

@@ -30,6 +30,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::budget::{ByteBudget, Held};
+use crate::presence::PresenceWatch;
 use crate::protocol::Reply;
 use crate::topic::TopicTemplate;
 use pending::{ParkedCalls, Ticket};
@@ -179,6 +180,10 @@ pub struct CallerOptions {
     /// The bytes calls may hold: a request's payload until it is written to the broker, a
     /// reply until whoever received it drops its [`Received::held`].
     pub budget: Arc<ByteBudget>,
+    /// Follow devices' presence on the same connection (see [`crate::presence`]): subscribe
+    /// to every presence topic with each response topic subscription, ask for announcements
+    /// after it, and hand each message to the watch's feed. None: presence is not followed.
+    pub presence: Option<PresenceWatch>,
 }
 
 impl CallerOptions {
@@ -194,6 +199,7 @@ impl CallerOptions {
             session_expiry: None,
             reconnect_settle: Duration::from_secs(2),
             budget: ByteBudget::new(64 * 1024 * 1024),
+            presence: None,
         }
     }
 }
@@ -210,6 +216,8 @@ struct Counters {
     invalid_replies: AtomicU64,
     /// Calls refused because `max_in_flight` calls were already in flight.
     shed: AtomicU64,
+    /// Presence messages not handed on (too large, or too many waiting).
+    presence_dropped: AtomicU64,
 }
 
 /// A snapshot of the connection's counters.
@@ -231,6 +239,9 @@ pub struct CallerStats {
     pub shed: u64,
     /// Bytes held for calls now (see [`CallerOptions::budget`]).
     pub buffered_bytes: usize,
+    /// Presence messages not handed on: larger than [`PresenceWatch::max_bytes`], or over
+    /// its budget.
+    pub presence_dropped: u64,
 }
 
 /// The handle to call responders with. Cheap to clone; all clones share one connection.
@@ -267,6 +278,7 @@ struct Inner {
     client_id: String,
     /// Subscribed and probed; see [`readiness`].
     readiness: Mutex<Readiness>,
+    presence: Option<PresenceWatch>,
 }
 
 /// What must change together, under one lock: whether requests may be sent, and the order
@@ -327,6 +339,7 @@ impl Caller {
             budget: options.budget,
             client_id,
             readiness: Mutex::new(Readiness::default()),
+            presence: options.presence,
         });
         let task = tokio::spawn(event_loop::run(eventloop, inner.clone()));
         tokio::spawn(event_loop::watch_readiness(inner.clone()));
@@ -421,6 +434,24 @@ impl Caller {
         Ok(received.reply)
     }
 
+    /// Asks every announcing device to announce again, within the watch's discovery window
+    /// (the caller asks on its own after each subscription). False when presence is not
+    /// followed or the request could not be queued.
+    pub fn discover(&self) -> bool {
+        let Some(publish) = self.inner.discovery_request() else {
+            return false;
+        };
+        self.inner
+            .client
+            .try_publish(
+                String::from_utf8_lossy(&publish.topic).into_owned(),
+                publish.qos,
+                false,
+                publish.payload,
+            )
+            .is_ok()
+    }
+
     /// Connected to the broker, subscribed to the response topic, and a probe published there
     /// came back.
     pub fn is_ready(&self) -> bool {
@@ -451,6 +482,7 @@ impl Caller {
             invalid_replies: c.invalid_replies.load(Ordering::Relaxed),
             shed: c.shed.load(Ordering::Relaxed),
             buffered_bytes: self.inner.budget.used(),
+            presence_dropped: c.presence_dropped.load(Ordering::Relaxed),
         }
     }
 

@@ -68,6 +68,11 @@ impl TopicFilter {
         })
     }
 
+    /// The filter's levels, without any `$share/<group>/` prefix.
+    pub(crate) fn levels(&self) -> &[String] {
+        &self.levels
+    }
+
     /// The filter to subscribe to.
     pub fn subscription(&self) -> &str {
         &self.subscription

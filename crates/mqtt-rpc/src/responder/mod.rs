@@ -40,6 +40,7 @@
 //! one slow handler would stall every request behind it.) Several processes can split one
 //! service's load with `$share/<group>/<filter>` filters.
 
+mod announce;
 mod filter;
 
 use std::future::Future;
@@ -63,6 +64,10 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 pub use filter::{FilterError, TopicFilter};
+
+use crate::presence::{Announcement, PresenceTopics, ServiceInfo};
+use crate::topic::{DeviceId, TopicTemplate};
+use announce::{Identity, Presence};
 
 use crate::backoff::Backoff;
 use crate::event_loop_access;
@@ -183,14 +188,28 @@ type BoxHandler =
 struct Service {
     filter: TopicFilter,
     handler: BoxHandler,
+    info: Option<ServiceInfo>,
 }
 
 /// A set of services on one MQTT connection.
+///
+/// A host announces itself (`docs/PROTOCOL.md`, section 11) with no extra code: when its
+/// filters name one device id in the request topic template (`devices/thermostat-7/get`,
+/// `devices/thermostat-7/+`), it publishes that device's birth, retained, once its
+/// subscriptions are granted; sets its death as the connection's MQTT Will (replacing any Will
+/// in the options); publishes the death itself on [`RunningHost::shutdown`]; and answers
+/// discovery requests. [`ServiceHost::describe`] and [`ServiceHost::metadata`] add to what it
+/// says; [`ServiceHost::device_id`] chooses the device when the filters name none or several;
+/// [`ServiceHost::without_announcement`] switches it off.
 pub struct ServiceHost {
     options: MqttOptions,
     services: Vec<Service>,
     max_concurrent: usize,
     max_queued: usize,
+    topics: TopicTemplate,
+    presence: PresenceTopics,
+    identity: Identity,
+    metadata: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ServiceHost {
@@ -205,7 +224,63 @@ impl ServiceHost {
             services: Vec::new(),
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             max_queued: DEFAULT_MAX_QUEUED,
+            topics: TopicTemplate::default(),
+            presence: PresenceTopics::default(),
+            identity: Identity::default(),
+            metadata: serde_json::Map::new(),
         }
+    }
+
+    /// The request topic template the filters follow ([`TopicTemplate::DEFAULT`] unless
+    /// set): how the host finds its device id and service names in them.
+    pub fn topic_template(mut self, topics: TopicTemplate) -> Self {
+        self.topics = topics;
+        self
+    }
+
+    /// Where presence lives (`presence/...` unless set).
+    pub fn presence_topics(mut self, presence: PresenceTopics) -> Self {
+        self.presence = presence;
+        self
+    }
+
+    /// Announces as this device, whatever the filters name (for a host whose filters have
+    /// `+` for the device, or name several).
+    pub fn device_id(mut self, device: DeviceId) -> Self {
+        self.identity = Identity::Device(device);
+        self
+    }
+
+    /// Announces nothing: no birth, no Will, no answer to discovery.
+    pub fn without_announcement(mut self) -> Self {
+        self.identity = Identity::Silent;
+        self
+    }
+
+    /// Describes the service added last (its description, schemas, content types), for the
+    /// announcement. Before any service is added it does nothing.
+    pub fn describe(mut self, info: ServiceInfo) -> Self {
+        match self.services.last_mut() {
+            Some(service) => service.info = Some(info),
+            None => warn!("ServiceHost::describe before any service: ignored"),
+        }
+        self
+    }
+
+    /// Adds metadata to the announcement (model, firmware, location: any JSON value).
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// What the host will announce, or why it announces nothing.
+    pub fn announcement(&self) -> Result<Announcement, String> {
+        let filters: Vec<_> = self
+            .services
+            .iter()
+            .map(|s| (&s.filter, s.info.as_ref()))
+            .collect();
+        announce::announcement(&self.identity, &self.topics, &filters, &self.metadata)
     }
 
     /// Bounds the handlers running at once (at least 1).
@@ -230,7 +305,11 @@ impl ServiceHost {
     {
         let filter = TopicFilter::parse(filter)?;
         let handler: BoxHandler = Arc::new(move |request| Box::pin(handler(request)));
-        self.services.push(Service { filter, handler });
+        self.services.push(Service {
+            filter,
+            handler,
+            info: None,
+        });
         Ok(self)
     }
 
@@ -241,7 +320,21 @@ impl ServiceHost {
     }
 
     /// Connects and serves in a background task.
-    pub fn start(self) -> RunningHost {
+    pub fn start(mut self) -> RunningHost {
+        let presence = match self.announcement() {
+            Ok(birth) => {
+                let presence = Presence::new(self.presence.clone(), birth);
+                if self.options.last_will().is_some() {
+                    warn!("the options' MQTT Will is replaced by the device's presence Will");
+                }
+                self.options.set_last_will(presence.will());
+                Some(presence)
+            }
+            Err(why) => {
+                debug!("the host announces nothing: {why}");
+                None
+            }
+        };
         // Room for every running handler's reply plus the busy replies of a burst, so replies
         // rarely wait for the event loop.
         let (client, eventloop) = AsyncClient::new(self.options, 2 * self.max_concurrent + 64);
@@ -253,12 +346,14 @@ impl ServiceHost {
             admitted: AtomicUsize::new(0),
             capacity: self.max_concurrent + self.max_queued,
             ready: ready.clone(),
+            presence,
         });
-        let task = tokio::spawn(serve(eventloop, shared));
+        let task = tokio::spawn(serve(eventloop, shared.clone()));
         RunningHost {
             client,
             ready,
             task,
+            shared,
         }
     }
 }
@@ -303,6 +398,7 @@ pub struct RunningHost {
     client: AsyncClient,
     ready: watch::Sender<Readiness>,
     task: JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 impl RunningHost {
@@ -337,8 +433,32 @@ impl RunningHost {
         }
     }
 
-    /// Sends DISCONNECT and waits (up to two seconds) for the task to end.
+    /// The device's current announcement (its birth), if it announces.
+    pub fn announcement(&self) -> Option<Announcement> {
+        self.shared.presence.as_ref().map(|p| p.birth())
+    }
+
+    /// Sets one metadata entry and announces again (when connected), so callers see a new
+    /// firmware version or location at once.
+    pub fn set_metadata(&self, key: impl Into<String>, value: impl Into<serde_json::Value>) {
+        if let Some(presence) = &self.shared.presence {
+            presence.set_metadata(&self.client, key.into(), value.into());
+        }
+    }
+
+    /// Publishes the device's death (when it announces), sends DISCONNECT, and waits (up to
+    /// two seconds) for the task to end. A normal DISCONNECT discards the Will, so the death
+    /// published here is the only one.
     pub async fn shutdown(self) -> Stopped {
+        if let Some(presence) = &self.shared.presence {
+            let _ = self.client.try_publish_with_properties(
+                presence.topic().to_owned(),
+                QoS::AtLeastOnce,
+                true,
+                presence.death_payload(),
+                announce::json_properties(),
+            );
+        }
         let _ = self.client.try_disconnect();
         let mut task = self.task;
         match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
@@ -362,6 +482,8 @@ struct Shared {
     /// The most requests that may be admitted at once (running + queued).
     capacity: usize,
     ready: watch::Sender<Readiness>,
+    /// The device's presence, when it announces.
+    presence: Option<Arc<Presence>>,
 }
 
 async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
@@ -373,20 +495,23 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 connected_at = Some(Instant::now());
-                if ack.session_present {
+                if ack.session_present || (shared.services.is_empty() && shared.presence.is_none())
+                {
                     shared.ready.send_replace(Readiness::Ready);
-                } else if !shared.services.is_empty() {
+                    announce_birth(&shared, &mut eventloop);
+                } else {
                     let filters = shared.services.iter().map(|s| Filter {
                         // Retain Handling 2: no retained message on subscribing.
                         retain_forward_rule: RetainForwardRule::Never,
                         ..Filter::new(s.filter.subscription(), QoS::AtLeastOnce)
                     });
+                    // Presence's own filters come last, so the reason codes of the services'
+                    // are the first ones.
+                    let presence = shared.presence.iter().flat_map(|p| p.filters());
                     event_loop_access::send_next(
                         &mut eventloop,
-                        MqttRequest::Subscribe(Subscribe::new_many(filters, None)),
+                        MqttRequest::Subscribe(Subscribe::new_many(filters.chain(presence), None)),
                     );
-                } else {
-                    shared.ready.send_replace(Readiness::Ready);
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -397,6 +522,17 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
                     .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
                     .map(|(code, s)| format!("{} ({code:?})", s.filter.subscription()))
                     .collect();
+                let presence_refused = ack
+                    .return_codes
+                    .iter()
+                    .skip(shared.services.len())
+                    .any(|code| !matches!(code, SubscribeReasonCode::Success(_)));
+                if presence_refused {
+                    warn!(
+                        "the broker refused the presence subscriptions (its ACL?): the device \
+                         announces itself, but cannot answer discovery requests"
+                    );
+                }
                 if refused.is_empty() {
                     info!(services = shared.services.len(), "device ready");
                     shared.ready.send_replace(Readiness::Ready);
@@ -404,17 +540,32 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
                     error!(?refused, "the broker refused some service subscriptions");
                     shared.ready.send_replace(Readiness::Refused(refused));
                 }
+                // Only once subscribed: a caller that believed the birth before the device
+                // could receive requests would publish into nothing.
+                announce_birth(&shared, &mut eventloop);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => dispatch(&shared, publish),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
                 shared.ready.send_replace(Readiness::Connecting);
+                if let Some(presence) = &shared.presence {
+                    // The next connection's Will carries the next connection's seq.
+                    eventloop.options.set_last_will(presence.disconnected());
+                }
                 let lived = connected_at.take().map(|at| at.elapsed());
                 let delay = backoff.after_failure(&e, "device", &client_id, lived);
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Publishes the birth, next, from the event loop's own task.
+fn announce_birth(shared: &Shared, eventloop: &mut EventLoop) {
+    if let Some(presence) = &shared.presence {
+        let publish = presence.birth_publish();
+        event_loop_access::send_next(eventloop, MqttRequest::Publish(publish));
     }
 }
 
@@ -437,6 +588,11 @@ fn invalid_response_topic(topic: &str) -> Option<&'static str> {
 fn dispatch(shared: &Arc<Shared>, publish: Publish) {
     let received = Instant::now();
     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+    if let Some(presence) = &shared.presence {
+        if presence.handle(&shared.client, &topic, &publish.payload) {
+            return;
+        }
+    }
     if publish.retain {
         debug!(%topic, "dropping a retained message: requests are never retained");
         return;

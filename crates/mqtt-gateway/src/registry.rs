@@ -1,0 +1,487 @@
+//! The registry: devices and their services, learned from their announcements
+//! (`docs/PROTOCOL.md`, section 11), kept live from the caller's one presence subscription.
+//!
+//! One task ([`run`]) reads the caller's presence feed, parses and checks each message, compiles
+//! the request schemas it carries, and only then swaps the device's entry in whole: an entry is
+//! never half-written, and nothing on the call path parses JSON or compiles a schema. The call
+//! path asks [`Registry::check`] (one read lock, one map lookup) whether to answer at once:
+//! offline, service not offered, or a body that does not match the service's request schema.
+//! A device that never announced is not in the registry, and its calls go out as before.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use mqtt_rpc::presence::{
+    Announcement, AnnouncementLimits, PresenceFeed, PresenceMessage, ServiceInfo,
+};
+use tracing::{debug, info, warn};
+
+use crate::http::SchemaViolation;
+
+/// How many devices' rejected announcements are logged (once each); past it they are only
+/// counted, so a flood of bad announcements under new ids cannot grow this set without bound.
+const MAX_LOGGED_REJECTIONS: usize = 10_000;
+
+/// The most schema errors one 422 lists.
+pub(crate) const MAX_SCHEMA_ERRORS: usize = 10;
+
+/// What the registry holds about one device.
+#[derive(Debug)]
+pub(crate) struct Device {
+    /// Online (its last word was a birth) or offline (a death of its current connection).
+    pub(crate) online: bool,
+    /// When this gateway saw it come online or go offline.
+    pub(crate) since: SystemTime,
+    /// When this gateway last heard from it.
+    pub(crate) last_seen: SystemTime,
+    /// What it said last: its services and metadata (a death that lists none keeps the birth's).
+    pub(crate) announcement: Announcement,
+    /// The services' request schemas, compiled.
+    validators: HashMap<String, Arc<jsonschema::Validator>>,
+}
+
+impl Device {
+    /// The services it offers, by name (none known for a device whose only word was a bare
+    /// death).
+    pub(crate) fn services(&self) -> impl Iterator<Item = (&String, &ServiceInfo)> {
+        self.announcement.services.iter().flatten()
+    }
+
+    /// Whether it lists this service.
+    pub(crate) fn offers(&self, service: &str) -> bool {
+        self.announcement
+            .services
+            .as_ref()
+            .is_some_and(|s| s.contains_key(service))
+    }
+}
+
+/// What a call to a device should do, by what the registry knows.
+pub(crate) enum Check {
+    /// Publish it: the device never announced, or it offers the service with no request schema.
+    Send,
+    /// Publish it once its body matches this schema.
+    Validate(Arc<jsonschema::Validator>),
+    /// Answer 404 `device-offline` at once.
+    Offline { since: SystemTime },
+    /// Answer 404 `unknown-service` at once; the names it does offer (cut to a few).
+    UnknownService { offered: Vec<String> },
+}
+
+/// Counters `/metrics` shows.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) received: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    /// Deaths of an earlier connection (a late Will), ignored.
+    pub(crate) stale: AtomicU64,
+}
+
+/// The devices this gateway has heard announce.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    devices: RwLock<BTreeMap<String, Arc<Device>>>,
+    limits: AnnouncementLimits,
+    max_devices: usize,
+    pub(crate) counters: Counters,
+    logged: Mutex<HashSet<String>>,
+}
+
+/// A page of devices, in id order.
+pub(crate) struct Page {
+    pub(crate) devices: Vec<(String, Arc<Device>)>,
+    /// The last id of this page when more may follow.
+    pub(crate) next: Option<String>,
+}
+
+impl Registry {
+    pub(crate) fn new(limits: AnnouncementLimits, max_devices: usize) -> Arc<Self> {
+        Arc::new(Self {
+            devices: RwLock::new(BTreeMap::new()),
+            limits,
+            max_devices,
+            counters: Counters::default(),
+            logged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Device>>> {
+        // Every write swaps whole entries: a poisoned lock still holds whole entries.
+        self.devices.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Device>>> {
+        self.devices.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a call to `service` of `device` should do.
+    pub(crate) fn check(&self, device: &str, service: &str) -> Check {
+        let devices = self.read();
+        let Some(entry) = devices.get(device) else {
+            return Check::Send;
+        };
+        if !entry.online {
+            return Check::Offline { since: entry.since };
+        }
+        if let Some(validator) = entry.validators.get(service) {
+            return Check::Validate(validator.clone());
+        }
+        let Some(services) = &entry.announcement.services else {
+            return Check::Send;
+        };
+        if entry.announcement.other_services || services.contains_key(service) {
+            return Check::Send;
+        }
+        Check::UnknownService {
+            offered: services.keys().take(20).cloned().collect(),
+        }
+    }
+
+    /// One device, if it announced.
+    pub(crate) fn device(&self, id: &str) -> Option<Arc<Device>> {
+        self.read().get(id).cloned()
+    }
+
+    /// Up to `limit` devices after `after` (exclusive) that `admits` takes.
+    pub(crate) fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        admits: impl Fn(&str, &Device) -> bool,
+    ) -> Page {
+        let devices = self.read();
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        let mut page: Vec<(String, Arc<Device>)> = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        for (id, device) in devices.range::<str, _>((start, Bound::Unbounded)) {
+            if !admits(id, device) {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push((id.clone(), device.clone()));
+        }
+        let next = more
+            .then(|| page.last().map(|(id, _)| id.clone()))
+            .flatten();
+        Page {
+            devices: page,
+            next,
+        }
+    }
+
+    /// Devices known, and how many of them are online.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let devices = self.read();
+        let online = devices.values().filter(|d| d.online).count();
+        (devices.len(), online)
+    }
+
+    /// Takes one presence message into the registry, or says why not.
+    pub(crate) fn apply(&self, message: &PresenceMessage) {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let id = message.device.as_str();
+        if message.payload.is_empty() {
+            // The retained announcement was cleared: the device is forgotten.
+            if self.write().remove(id).is_some() {
+                info!(device = %id, "device forgotten: its retained announcement was cleared");
+            }
+            return;
+        }
+        let announcement = match Announcement::parse(&message.device, &message.payload, self.limits)
+        {
+            Ok(a) => a,
+            Err(e) => return self.reject(id, &e.to_string()),
+        };
+        let validators = match compile(&announcement) {
+            Ok(v) => v,
+            Err(why) => return self.reject(id, &why),
+        };
+        let now = SystemTime::now();
+        let mut devices = self.write();
+        let previous = devices.get(id).cloned();
+        if previous.is_none() && devices.len() >= self.max_devices {
+            drop(devices);
+            return self.reject(
+                id,
+                &format!(
+                    "the registry holds {} devices, as many as it may (--max-devices)",
+                    self.max_devices
+                ),
+            );
+        }
+        let entry = match (previous, announcement.online) {
+            (previous, true) => {
+                let since = match &previous {
+                    Some(p) if p.online && p.announcement.seq == announcement.seq => p.since,
+                    _ => now,
+                };
+                if previous.as_ref().is_none_or(|p| !p.online) {
+                    debug!(device = %id, seq = announcement.seq, retained = message.retained, "device online");
+                }
+                Device {
+                    online: true,
+                    since,
+                    last_seen: now,
+                    announcement,
+                    validators,
+                }
+            }
+            (Some(p), false) if p.announcement.seq != announcement.seq => {
+                // The Will of an earlier connection, delivered after the current one's birth.
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    device = %id,
+                    stale_seq = announcement.seq,
+                    seq = p.announcement.seq,
+                    "ignoring the death of an earlier connection"
+                );
+                return;
+            }
+            (previous, false) => {
+                let since = match &previous {
+                    Some(p) if !p.online => p.since,
+                    _ => now,
+                };
+                debug!(device = %id, seq = announcement.seq, "device offline");
+                match previous {
+                    // A bare death keeps what the birth said.
+                    Some(p) if announcement.services.is_none() => Device {
+                        online: false,
+                        since,
+                        last_seen: now,
+                        announcement: Announcement {
+                            online: false,
+                            ..p.announcement.clone()
+                        },
+                        validators: p.validators.clone(),
+                    },
+                    _ => Device {
+                        online: false,
+                        since,
+                        last_seen: now,
+                        announcement,
+                        validators,
+                    },
+                }
+            }
+        };
+        devices.insert(id.to_owned(), Arc::new(entry));
+    }
+
+    fn reject(&self, id: &str, why: &str) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.len() < MAX_LOGGED_REJECTIONS && logged.insert(id.to_owned()) {
+            warn!(
+                device = %id,
+                "announcement ignored (logged once per device): {}",
+                crate::logging::bounded(why)
+            );
+        }
+    }
+}
+
+/// Compiles every service's request schema; any that does not compile refuses the whole
+/// announcement. Patterns use the `regex` crate (linear time: a device cannot make a call's
+/// validation backtrack without end), and no `$ref` is fetched from anywhere.
+fn compile(
+    announcement: &Announcement,
+) -> Result<HashMap<String, Arc<jsonschema::Validator>>, String> {
+    let mut validators = HashMap::new();
+    for (name, info) in announcement.services.iter().flatten() {
+        let Some(schema) = &info.request_schema else {
+            continue;
+        };
+        let validator = jsonschema::options()
+            .with_pattern_options(jsonschema::PatternOptions::regex())
+            .build(schema)
+            .map_err(|e| {
+                format!("the request schema of service {name:?} is not a valid JSON Schema: {e}")
+            })?;
+        validators.insert(name.clone(), Arc::new(validator));
+    }
+    Ok(validators)
+}
+
+/// Checks a body against a request schema: None when it matches, else what is wrong (the body
+/// not being JSON is one violation at `""`). An empty body is checked as JSON `null`.
+pub(crate) fn violations(
+    validator: &jsonschema::Validator,
+    body: &[u8],
+) -> Option<Vec<SchemaViolation>> {
+    let value: serde_json::Value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Some(vec![SchemaViolation {
+                    instance_path: String::new(),
+                    message: format!("the body is not JSON ({e}), but this service takes JSON"),
+                }])
+            }
+        }
+    };
+    if validator.is_valid(&value) {
+        return None;
+    }
+    Some(
+        validator
+            .iter_errors(&value)
+            .take(MAX_SCHEMA_ERRORS)
+            .map(|e| SchemaViolation {
+                instance_path: e.instance_path().to_string(),
+                message: crate::logging::bounded(&e.to_string()).into_owned(),
+            })
+            .collect(),
+    )
+}
+
+/// Reads the caller's presence feed into the registry until the caller stops.
+pub(crate) async fn run(mut feed: PresenceFeed, registry: Arc<Registry>) {
+    while let Some(message) = feed.next().await {
+        registry.apply(&message);
+        // Yield now and then: a burst of thousands of announcements must not keep a worker
+        // thread from the calls.
+        tokio::task::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use mqtt_rpc::DeviceId;
+    use serde_json::json;
+
+    fn message(device: &str, payload: serde_json::Value) -> PresenceMessage {
+        PresenceMessage {
+            device: DeviceId::parse(device).unwrap(),
+            payload: Bytes::from(payload.to_string()),
+            retained: false,
+            held: None,
+        }
+    }
+
+    fn birth(device: &str, seq: u64) -> serde_json::Value {
+        json!({"protocol": 1, "device_id": device, "online": true, "seq": seq,
+               "services": {"echo": {}, "move": {"request_schema": {
+                   "type": "object", "required": ["to"],
+                   "properties": {"to": {"type": "integer", "minimum": 0}}}}}})
+    }
+
+    fn death(device: &str, seq: u64) -> serde_json::Value {
+        json!({"protocol": 1, "device_id": device, "online": false, "seq": seq})
+    }
+
+    fn registry() -> Arc<Registry> {
+        Registry::new(AnnouncementLimits::default(), 3)
+    }
+
+    #[test]
+    fn births_deaths_and_late_wills() {
+        let r = registry();
+        assert!(
+            matches!(r.check("d", "echo"), Check::Send),
+            "unknown device"
+        );
+        r.apply(&message("d", birth("d", 1)));
+        assert!(matches!(r.check("d", "echo"), Check::Send));
+        assert!(matches!(r.check("d", "move"), Check::Validate(_)));
+        assert!(
+            matches!(r.check("d", "nope"), Check::UnknownService { ref offered } if offered == &["echo", "move"])
+        );
+        // The device reconnects (seq 2); the first connection's Will arrives late.
+        r.apply(&message("d", birth("d", 2)));
+        r.apply(&message("d", death("d", 1)));
+        assert!(r.device("d").unwrap().online, "a late Will is ignored");
+        assert_eq!(r.counters.stale.load(Ordering::Relaxed), 1);
+        r.apply(&message("d", death("d", 2)));
+        let d = r.device("d").unwrap();
+        assert!(!d.online);
+        assert_eq!(d.services().count(), 2, "a bare death keeps the services");
+        assert!(matches!(r.check("d", "echo"), Check::Offline { .. }));
+        // Cleared retained message: forgotten.
+        r.apply(&PresenceMessage {
+            payload: Bytes::new(),
+            ..message("d", json!(null))
+        });
+        assert!(r.device("d").is_none());
+    }
+
+    #[test]
+    fn bad_announcements_change_nothing() {
+        let r = registry();
+        r.apply(&message("d", birth("d", 1)));
+        let mut bad_schema = birth("d", 2);
+        bad_schema["services"]["move"]["request_schema"] = json!({"type": 12});
+        for bad in [
+            json!({"protocol": 1}),
+            birth("other", 2),
+            bad_schema,
+            json!({"protocol": 1, "device_id": "d", "online": true, "seq": 2,
+                   "services": {"a/b": {}}}),
+        ] {
+            r.apply(&message("d", bad));
+        }
+        assert_eq!(r.counters.rejected.load(Ordering::Relaxed), 4);
+        let d = r.device("d").unwrap();
+        assert_eq!(d.announcement.seq, 1, "the entry is the last good one");
+        // A full registry takes no new devices, but still updates the ones it has.
+        for id in ["e", "f", "g"] {
+            r.apply(&message(id, birth(id, 1)));
+        }
+        assert!(r.device("g").is_none());
+        r.apply(&message("d", death("d", 1)));
+        assert!(!r.device("d").unwrap().online);
+    }
+
+    #[test]
+    fn bodies_are_checked_against_the_schema() {
+        let r = registry();
+        r.apply(&message("d", birth("d", 1)));
+        let Check::Validate(v) = r.check("d", "move") else {
+            panic!("move has a schema")
+        };
+        assert!(violations(&v, br#"{"to": 5}"#).is_none());
+        let wrong = violations(&v, br#"{"to": -1}"#).unwrap();
+        assert_eq!(wrong[0].instance_path, "/to");
+        assert!(violations(&v, b"not json").is_some());
+        assert!(
+            violations(&v, b"").is_some(),
+            "empty is null, not an object"
+        );
+    }
+
+    #[test]
+    fn pages_follow_id_order_and_filters() {
+        let r = Registry::new(AnnouncementLimits::default(), 100);
+        for i in 0..10 {
+            let id = format!("dev-{i}");
+            r.apply(&message(&id, birth(&id, 1)));
+        }
+        r.apply(&message("dev-3", death("dev-3", 1)));
+        let all = |_: &str, _: &Device| true;
+        let first = r.page(None, 4, all);
+        assert_eq!(first.devices.len(), 4);
+        assert_eq!(first.next.as_deref(), Some("dev-3"));
+        let rest = r.page(first.next.as_deref(), 100, all);
+        assert_eq!(rest.devices.len(), 6);
+        assert!(rest.next.is_none());
+        let exact = r.page(None, 10, all);
+        assert!(exact.next.is_none(), "no next page when nothing follows");
+        let offline = r.page(None, 100, |_, d| !d.online);
+        assert_eq!(offline.devices.len(), 1);
+        assert_eq!(offline.devices[0].0, "dev-3");
+        assert_eq!(r.counts(), (10, 9));
+    }
+}
