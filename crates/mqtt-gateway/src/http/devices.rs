@@ -45,6 +45,11 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 /// payload byte for byte, its Content Type, its `status` user property as the HTTP status (200
 /// when absent), and its other user properties as `x-mqtt-<key>` headers.
 ///
+/// When the device announced itself (`GET /api/v1/devices/{device_id}`), the gateway answers
+/// at once, without publishing, when it is offline (404 `device-offline`), does not offer the
+/// service (404 `unknown-service`), or the body does not match the service's request schema
+/// (422 `schema-mismatch`).
+///
 /// Try it with the demo device: `demo-1`, service `echo`.
 #[utoipa::path(
     post,
@@ -82,12 +87,14 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
             headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 403, description = "The caller's scopes do not cover this device and service (code `insufficient-scope`), or the broker refused the request (PUBACK 0x87, code `not-authorized`), or, on a gateway without authentication, the request came from another web origin (code `origin-not-allowed`) or named a host that is not the gateway's (code `host-not-allowed`).", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:not-authorized", "title": "The broker refused the request", "status": 403, "detail": "the MQTT broker does not allow this gateway to publish to this device's topic (reason 0x87)", "code": "not-authorized"})),
-        (status = 404, description = "No device listens (PUBACK 0x10, answered at once), or no such route. Codes: `device-offline`, `not-found`.", body = Problem, content_type = "application/problem+json",
-            example = json!({"type": "urn:mqtt-gateway:problem:device-offline", "title": "No device is listening", "status": 404, "detail": "no device is subscribed to this service's topic: the device is offline or does not offer this service", "code": "device-offline"})),
+        (status = 404, description = "Answered at once, nothing published: the device announced that it is offline, or no device listens (PUBACK 0x10, on brokers that send it) (code `device-offline`); the device announced itself online without this service (code `unknown-service`); or no such route (code `not-found`).", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:unknown-service", "title": "The device does not offer this service", "status": 404, "detail": "device \"demo-1\" is online but does not offer service \"nope\"; nothing was sent. It offers: control, delay, echo, get_config", "code": "unknown-service"})),
         (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time (10 s in all unless configured otherwise, `--http-body-timeout-ms`); the connection is closed. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over the limit, or the MQTT packet is over the broker's or the gateway's maximum packet size. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
+        (status = 422, description = "The device announced a request schema for this service and the body does not match it (an empty body is checked as `null`); nothing was published. `errors` says where and what. Code: `schema-mismatch`.", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:mqtt-gateway:problem:schema-mismatch", "title": "The body does not match the service's request schema", "status": 422, "detail": "the body does not match the request schema service \"control\" announced (1 problem(s), see `errors`); nothing was sent", "code": "schema-mismatch", "errors": [{"instance_path": "/position", "message": "101 is greater than the maximum of 100"}]})),
         (status = 429, description = "The caller is over its rate limit (code `rate-limited`, see `Retry-After`), or already has as many calls in flight as it may (code `too-many-in-flight`, `--max-in-flight-per-caller`), or the broker's quota is exceeded (PUBACK 0x97, code `quota-exceeded`).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
         (status = 502, description = "The broker refused the request for another reason, or the device's reply is invalid: its `status` property is not a final HTTP status (200 to 599), or its user properties would make more than 8 KiB of `x-mqtt-*` headers (`--max-reply-header-bytes`). Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),

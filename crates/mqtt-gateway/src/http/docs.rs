@@ -100,11 +100,18 @@ fn describe_problem_codes(spec: &mut utoipa::openapi::OpenApi) {
     schema.description = Some(text);
 }
 
-/// Swagger UI at `/docs`, reading the document at `/openapi.json`.
+/// Swagger UI at `/docs`, reading the document at `/openapi.json`, and offering each online
+/// device's document too (its configuration comes from `/docs/swagger-config.json`, made when
+/// the page loads).
 pub(super) fn swagger_ui<S: Clone + Send + Sync + 'static>(
     spec: utoipa::openapi::OpenApi,
 ) -> Router<S> {
-    SwaggerUi::new(UI_PATH).url(SPEC_PATH, spec).into()
+    let config =
+        utoipa_swagger_ui::Config::default().config_url(super::device_docs::SWAGGER_CONFIG_PATH);
+    SwaggerUi::new(UI_PATH)
+        .url(SPEC_PATH, spec)
+        .config(config)
+        .into()
 }
 
 /// The document as pretty JSON with a trailing newline: what `mqtt-gateway openapi` prints and

@@ -5,6 +5,7 @@
 
 pub(crate) mod access;
 pub(crate) mod auth;
+mod device_docs;
 mod devices;
 mod docs;
 mod error;
@@ -93,6 +94,7 @@ fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
     utoipa_axum::router::OpenApiRouter::with_openapi(<docs::ApiDoc as utoipa::OpenApi>::openapi())
         .merge(devices::router())
         .merge(registry_routes::router())
+        .merge(device_docs::router())
         .merge(health::router())
         .merge(metrics::router())
 }
@@ -106,12 +108,16 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// unknown paths. [`service`] puts the access gate, request ids and CORS in front of them.
 fn router(state: AppState) -> Router {
     let (api, spec) = api().split_for_parts();
-    api.merge(docs::swagger_ui(docs::finish(spec)))
-        .fallback(not_found)
-        // Failed requests are logged once, by `ApiError`, at a level fitting the cause; the
-        // trace layer's own failure line (ERROR for every 5xx) would only repeat it louder.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
-        .with_state(state)
+    api.route(
+        device_docs::SWAGGER_CONFIG_PATH,
+        axum::routing::get(device_docs::swagger_config),
+    )
+    .merge(docs::swagger_ui(docs::finish(spec)))
+    .fallback(not_found)
+    // Failed requests are logged once, by `ApiError`, at a level fitting the cause; the
+    // trace layer's own failure line (ERROR for every 5xx) would only repeat it louder.
+    .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+    .with_state(state)
 }
 
 /// The whole HTTP application, as each connection serves it: [`front::handle`] (request ids,

@@ -125,3 +125,106 @@ async fn mosquitto_rr_calls_a_device_built_with_our_library() {
         "hello world from rr-1"
     );
 }
+
+/// A device written with Paho from docs/PROTOCOL.md section 11 alone (not from our code)
+/// announces itself; the gateway lists it, checks its schema, answers for an unknown service,
+/// and sees it go offline on a clean stop and by its Will when killed.
+#[tokio::test]
+async fn a_paho_python_device_announces_itself_from_the_protocol_document() {
+    if !tool_available(
+        "a_paho_python_device_announces_itself_from_the_protocol_document",
+        "python3 with paho-mqtt 2",
+        Command::new("python3").args(["-c", "import paho.mqtt.client as m; m.CallbackAPIVersion"]),
+    ) {
+        return;
+    }
+    let broker = TestBroker::start();
+    let app = TestApp::spawn(&broker).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/interop/paho_announcer.py"
+    );
+    let port = broker.port.to_string();
+    let start = || async {
+        let mut child = Command::new("python3")
+            .args([script, "127.0.0.1", &port, "py-ann", "--keepalive", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = tokio::task::spawn_blocking(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l == "ready")
+        });
+        let ready = tokio::time::timeout(Duration::from_secs(20), ready).await;
+        assert!(matches!(ready, Ok(Ok(true))), "the paho device announced");
+        child
+    };
+    let device = |want_online: bool| {
+        let app = &app;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let response = app
+                    .http
+                    .get(app.url("/api/v1/devices/py-ann"))
+                    .send()
+                    .await
+                    .unwrap();
+                if response.status() == 200 {
+                    let body: serde_json::Value = response.json().await.unwrap();
+                    if body["online"] == want_online {
+                        return body;
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "py-ann never became online={want_online}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    let mut child = start().await;
+    let detail = device(true).await;
+    assert!(detail["services"]["add"]["request_schema"].is_object());
+    assert!(detail["services"]["echo"].is_object());
+    assert_eq!(detail["metadata"]["language"], "python");
+
+    let sum: serde_json::Value = app
+        .call("py-ann", "add", r#"{"a": 1, "b": 2}"#)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sum["sum"], 3);
+    let refused = app.call("py-ann", "add", r#"{"a": "one"}"#).await;
+    assert_eq!(
+        refused.status(),
+        422,
+        "the gateway checked the device's schema"
+    );
+    let unknown = app.call("py-ann", "subtract", "{}").await;
+    assert_eq!(problem(unknown).await["code"], "unknown-service");
+
+    // A clean stop (SIGTERM): its own death.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    device(false).await;
+    let offline = app.call("py-ann", "echo", "x").await;
+    assert_eq!(problem(offline).await["code"], "device-offline");
+
+    // Back, then killed: the broker publishes its Will, with the new connection's seq.
+    let mut child = start().await;
+    let online = device(true).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let dead = device(false).await;
+    assert_eq!(dead["seq"], online["seq"]);
+}

@@ -15,6 +15,7 @@ mod hardening;
 mod helpers;
 mod hostile;
 mod interop;
+mod registry;
 mod reliability;
 mod rust_caller;
 mod security;

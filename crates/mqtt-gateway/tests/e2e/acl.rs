@@ -106,6 +106,47 @@ async fn a_device_credential_cannot_send_requests() {
     );
 }
 
+/// On an open broker any client could announce as any device (mark it offline, hide its
+/// services); the ACL lets a device announce only under its own id, and the gateway lists it.
+#[tokio::test]
+async fn a_device_credential_announces_only_under_its_own_id() {
+    let test = "a_device_credential_announces_only_under_its_own_id";
+    let Some(stack) = Stack::get(test).await else {
+        return;
+    };
+    let Some(url) = &stack.device_mqtt_url else {
+        report(&format!(
+            "NOT RUN (no MQTT_URL with a device's credentials): {test}"
+        ));
+        return;
+    };
+    let mut device = Probe::connect(url).await;
+    let other = format!("presence/{}", unique("e2e-victim"));
+    assert_eq!(
+        device.publish(&other, r#"{"protocol":1}"#).await,
+        PubAckReason::NotAuthorized
+    );
+    assert_eq!(
+        device.publish("presence/$discover", "{}").await,
+        PubAckReason::NotAuthorized,
+        "only gateways ask for announcements"
+    );
+
+    // The stack's demo device announced itself under the ACL, and the gateway knows it.
+    let detail = stack
+        .fetch(&format!(
+            "{}/api/v1/devices/{}",
+            stack.gateway_url, stack.device_id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(detail.status(), 200);
+    let detail: serde_json::Value = detail.json().await.unwrap();
+    assert_eq!(detail["online"], true);
+    assert!(detail["services"]["echo"].is_object());
+}
+
 #[tokio::test]
 async fn the_gateway_credential_sends_requests_and_uses_reply_topics_but_reads_no_requests() {
     let test = "the_gateway_credential_sends_requests_and_uses_reply_topics_but_reads_no_requests";

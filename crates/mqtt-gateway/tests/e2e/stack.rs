@@ -94,6 +94,15 @@ impl Stack {
         }
     }
 
+    /// A GET with the stack's API key, when it has one.
+    pub fn fetch(&self, url: &str) -> reqwest::RequestBuilder {
+        let request = self.http.get(url);
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
     /// POST `body` to a device's service.
     pub async fn call(&self, device: &str, service: &str, body: &str) -> reqwest::Response {
         self.post(&self.service_url(device, service))

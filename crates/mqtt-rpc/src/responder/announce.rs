@@ -260,7 +260,7 @@ impl Presence {
             let window = Discovery::window_of(payload);
             let delay = window.mul_f64(rand::random::<f64>());
             debug!(?delay, "discovery request: announcing again");
-            self.schedule(client, delay);
+            self.schedule(client, delay, false);
             return true;
         }
         if topic != self.topic {
@@ -279,7 +279,7 @@ impl Presence {
                     seq = current,
                     "an earlier connection's Will marked this device offline; announcing again"
                 );
-                self.schedule(client, Duration::ZERO);
+                self.schedule(client, Duration::ZERO, true);
             }
             Some((true, seq)) if seq != current => warn!(
                 other_seq = seq,
@@ -291,11 +291,13 @@ impl Presence {
     }
 
     /// Announces again after `delay`, at most once per [`MIN_DISCOVERY_INTERVAL_MS`] however
-    /// often it is asked; requests while one is scheduled join it.
-    fn schedule(self: &Arc<Self>, client: &AsyncClient, delay: Duration) {
+    /// often it is asked; discovery requests while one is scheduled join it. An `urgent` one
+    /// (the repair of a stale Will, which now sits in the broker's retained store) does not
+    /// wait for a scheduled discovery answer, only for the one-second floor.
+    fn schedule(self: &Arc<Self>, client: &AsyncClient, delay: Duration, urgent: bool) {
         let delay = {
             let mut state = self.lock();
-            if state.scheduled || !state.announced {
+            if !state.announced || (state.scheduled && !urgent) {
                 return;
             }
             state.scheduled = true;
