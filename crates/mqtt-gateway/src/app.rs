@@ -170,7 +170,11 @@ impl App {
             }
             None => None,
         };
-        let registry = Registry::new(settings.registry.limits, settings.registry.max_devices);
+        let registry = Registry::new(
+            settings.registry.limits,
+            settings.registry.max_devices,
+            settings.registry.discovery_window,
+        );
         let (mut watch, feed) = PresenceWatch::new(settings.registry.topics.clone());
         watch.discovery_window = settings.registry.discovery_window;
         watch.max_bytes = settings.registry.limits.max_bytes;

@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use mqtt_rpc::presence::{
-    Announcement, AnnouncementLimits, PresenceFeed, PresenceMessage, ServiceInfo,
+    Announcement, AnnouncementLimits, PresenceEvent, PresenceFeed, PresenceMessage, ServiceInfo,
 };
 use tracing::{debug, info, warn};
 
@@ -41,6 +41,8 @@ pub(crate) struct Device {
     pub(crate) announcement: Announcement,
     /// The services' request schemas, compiled.
     validators: HashMap<String, Arc<jsonschema::Validator>>,
+    /// The presence subscription this was learned on (see [`Registry::subscribed`]).
+    generation: u64,
 }
 
 impl Device {
@@ -88,6 +90,12 @@ pub(crate) struct Registry {
     max_devices: usize,
     pub(crate) counters: Counters,
     logged: Mutex<HashSet<String>>,
+    /// How long after a new presence subscription what was learned on an earlier one is not
+    /// trusted for an answer at once: the discovery window, and a second.
+    settle: Duration,
+    /// The current presence subscription, and until when entries from earlier ones are
+    /// not trusted.
+    epoch: Mutex<(u64, Option<Instant>)>,
 }
 
 /// A page of devices, in id order.
@@ -98,14 +106,34 @@ pub(crate) struct Page {
 }
 
 impl Registry {
-    pub(crate) fn new(limits: AnnouncementLimits, max_devices: usize) -> Arc<Self> {
+    pub(crate) fn new(
+        limits: AnnouncementLimits,
+        max_devices: usize,
+        discovery_window: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             devices: RwLock::new(BTreeMap::new()),
             limits,
             max_devices,
             counters: Counters::default(),
             logged: Mutex::new(HashSet::new()),
+            settle: discovery_window + Duration::from_secs(1),
+            epoch: Mutex::new((0, None)),
         })
+    }
+
+    fn epoch(&self) -> (u64, Option<Instant>) {
+        *self.epoch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new presence subscription (after a reconnect without a session): what the registry
+    /// knew may have changed while the gateway was away, and a broker may not hand back every
+    /// retained announcement (rumqttd: about 100). Until the discovery window has passed, an
+    /// entry not refreshed on this subscription is not used for an answer at once: its calls
+    /// are published as for a device that never announced.
+    pub(crate) fn subscribed(&self) {
+        let mut epoch = self.epoch.lock().unwrap_or_else(|e| e.into_inner());
+        *epoch = (epoch.0 + 1, Some(Instant::now() + self.settle));
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Device>>> {
@@ -123,6 +151,11 @@ impl Registry {
         let Some(entry) = devices.get(device) else {
             return Check::Send;
         };
+        let (generation, settling_until) = self.epoch();
+        if entry.generation < generation && settling_until.is_some_and(|t| Instant::now() < t) {
+            // Learned before the current subscription, and not confirmed since: maybe stale.
+            return Check::Send;
+        }
         if !entry.online {
             return Check::Offline { since: entry.since };
         }
@@ -206,6 +239,7 @@ impl Registry {
             Err(why) => return self.reject(id, &why),
         };
         let now = SystemTime::now();
+        let generation = self.epoch().0;
         let mut devices = self.write();
         let previous = devices.get(id).cloned();
         if previous.is_none() && devices.len() >= self.max_devices {
@@ -233,6 +267,7 @@ impl Registry {
                     last_seen: now,
                     announcement,
                     validators,
+                    generation,
                 }
             }
             (Some(p), false) if p.announcement.seq != announcement.seq => {
@@ -263,6 +298,7 @@ impl Registry {
                             ..p.announcement.clone()
                         },
                         validators: p.validators.clone(),
+                        generation,
                     },
                     _ => Device {
                         online: false,
@@ -270,6 +306,7 @@ impl Registry {
                         last_seen: now,
                         announcement,
                         validators,
+                        generation,
                     },
                 }
             }
@@ -348,8 +385,11 @@ pub(crate) fn violations(
 
 /// Reads the caller's presence feed into the registry until the caller stops.
 pub(crate) async fn run(mut feed: PresenceFeed, registry: Arc<Registry>) {
-    while let Some(message) = feed.next().await {
-        registry.apply(&message);
+    while let Some(event) = feed.next().await {
+        match event {
+            PresenceEvent::Subscribed => registry.subscribed(),
+            PresenceEvent::Message(message) => registry.apply(&message),
+        }
         // Yield now and then: a burst of thousands of announcements must not keep a worker
         // thread from the calls.
         tokio::task::yield_now().await;
@@ -384,7 +424,7 @@ mod tests {
     }
 
     fn registry() -> Arc<Registry> {
-        Registry::new(AnnouncementLimits::default(), 3)
+        Registry::new(AnnouncementLimits::default(), 3, Duration::from_secs(5))
     }
 
     #[test]
@@ -416,6 +456,37 @@ mod tests {
             ..message("d", json!(null))
         });
         assert!(r.device("d").is_none());
+    }
+
+    #[test]
+    fn what_was_learned_before_a_resubscription_waits_for_confirmation() {
+        let r = Registry::new(AnnouncementLimits::default(), 10, Duration::from_secs(60));
+        r.subscribed();
+        r.apply(&message("a", birth("a", 1)));
+        r.apply(&message("a", death("a", 1)));
+        r.apply(&message("b", birth("b", 1)));
+        assert!(matches!(r.check("a", "echo"), Check::Offline { .. }));
+        assert!(matches!(r.check("b", "nope"), Check::UnknownService { .. }));
+        // The connection came back without a session: both may have changed meanwhile.
+        r.subscribed();
+        assert!(
+            matches!(r.check("a", "echo"), Check::Send),
+            "not trusted yet"
+        );
+        assert!(
+            matches!(r.check("b", "nope"), Check::Send),
+            "not trusted yet"
+        );
+        // The retained death comes again: confirmed.
+        r.apply(&message("a", death("a", 1)));
+        assert!(matches!(r.check("a", "echo"), Check::Offline { .. }));
+        // Once the window has passed, what was not refreshed is trusted again.
+        let r = Registry::new(AnnouncementLimits::default(), 10, Duration::ZERO);
+        r.subscribed();
+        r.apply(&message("a", death("a", 1)));
+        r.subscribed();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(matches!(r.check("a", "echo"), Check::Offline { .. }));
     }
 
     #[test]
@@ -464,7 +535,7 @@ mod tests {
 
     #[test]
     fn pages_follow_id_order_and_filters() {
-        let r = Registry::new(AnnouncementLimits::default(), 100);
+        let r = Registry::new(AnnouncementLimits::default(), 100, Duration::from_secs(5));
         for i in 0..10 {
             let id = format!("dev-{i}");
             r.apply(&message(&id, birth(&id, 1)));

@@ -50,10 +50,10 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let options = Connect::parse("mqtt://127.0.0.1:1883")?.mqtt_options("thermostat-7")?;
+//! // It announces itself as `thermostat-7`, the one device its filters name (see `presence`).
 //! let host = ServiceHost::new(options)
-//!     // `+` matches any device id; the handler sees it in `request.params[0]`.
-//!     .service("devices/+/get_temperature", |request| async move {
-//!         Reply::json(&serde_json::json!({ "device": request.params[0], "celsius": 21.5 }))
+//!     .service("devices/thermostat-7/get_temperature", |_request| async move {
+//!         Reply::json(&serde_json::json!({ "celsius": 21.5 }))
 //!     })?;
 //! let stopped = host.run().await;
 //! eprintln!("the host stopped: {stopped}");

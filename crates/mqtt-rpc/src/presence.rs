@@ -438,16 +438,27 @@ pub struct PresenceWatch {
     /// What messages handed on but not yet taken may hold; past it they are dropped (and
     /// counted).
     pub budget: std::sync::Arc<crate::ByteBudget>,
-    pub(crate) sink: mpsc::UnboundedSender<PresenceMessage>,
+    pub(crate) sink: mpsc::UnboundedSender<PresenceEvent>,
 }
 
-/// Where a [`PresenceWatch`]'s messages come out.
+/// What a [`PresenceWatch`]'s feed yields.
 #[derive(Debug)]
-pub struct PresenceFeed(mpsc::UnboundedReceiver<PresenceMessage>);
+pub enum PresenceEvent {
+    /// The broker granted a new presence subscription (at start, or after a reconnect without
+    /// a session): the retained announcements and the answers to a discovery request follow.
+    /// What was learned before may be stale until they have come.
+    Subscribed,
+    /// A message on a device's presence topic.
+    Message(PresenceMessage),
+}
+
+/// Where a [`PresenceWatch`]'s events come out.
+#[derive(Debug)]
+pub struct PresenceFeed(mpsc::UnboundedReceiver<PresenceEvent>);
 
 impl PresenceFeed {
-    /// The next message; None once the caller has stopped.
-    pub async fn next(&mut self) -> Option<PresenceMessage> {
+    /// The next event; None once the caller has stopped.
+    pub async fn next(&mut self) -> Option<PresenceEvent> {
         self.0.recv().await
     }
 }

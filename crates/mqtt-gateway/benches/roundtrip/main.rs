@@ -12,7 +12,10 @@
 //! 3. memory per parked call: a fresh gateway's RSS with 100,000 calls parked on a device that
 //!    never answers, minus its RSS at idle, over 100,000;
 //! 4. memory held for clients that never finish: stalled uploads, stalled HTTP/2 streams, a
-//!    client with a zero HTTP/2 window (see `abuse`).
+//!    client with a zero HTTP/2 window (see `abuse`);
+//! 5. a fleet of 10,000 devices announcing at once, then restarting at once: time for a fresh
+//!    gateway to know them all, its CPU, memory per known device, and the latency of calls in
+//!    flight meanwhile (see `storm`).
 //!
 //! It prints Markdown tables, the targets, and last the line
 //! `throughput ratio gateway/raw-mqtt at 64 in flight: X.XX`; the numbers also go to a JSON file
@@ -32,6 +35,7 @@ mod measure;
 mod parked;
 mod procs;
 mod report;
+mod storm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,6 +107,11 @@ struct Options {
     /// Skip the clients that never finish (stalled uploads and streams, a zero window).
     #[arg(long)]
     no_abuse: bool,
+
+    /// Devices announcing at once, on a fresh gateway (default: 10,000, or 1,000 with
+    /// --quick); 0 skips it.
+    #[arg(long)]
+    fleet: Option<usize>,
 
     /// Where the numbers go as JSON (default: the target directory's tmp/roundtrip.json).
     #[arg(long)]
@@ -296,6 +305,40 @@ async fn run(options: Options) -> Result<(), String> {
             Some(parked)
         }
     };
+    let fleet = match options
+        .fleet
+        .unwrap_or(if options.quick { 1_000 } else { 10_000 })
+    {
+        0 => None,
+        devices => {
+            eprintln!("{devices} devices announcing at once, on a fresh gateway…");
+            let fleet = storm::measure(
+                &mqtt_url,
+                devices,
+                window,
+                mosquitto.as_ref().map(Mosquitto::pid),
+                &options.wrapper(),
+            )
+            .await?;
+            for s in &fleet.storms {
+                eprintln!(
+                    "{:>22}: {} messages absorbed in {}, gateway CPU {}, calls p99 {:.0} µs (before {:.0} µs)",
+                    s.name,
+                    s.messages,
+                    report::seconds(s.absorbed_in),
+                    report::seconds(s.gateway_cpu),
+                    s.during.p99_us(),
+                    s.before.p99_us()
+                );
+            }
+            eprintln!(
+                "{:>22}: {:.0} B per known device",
+                "fleet",
+                fleet.bytes_per_device()
+            );
+            Some(fleet)
+        }
+    };
     let abuse = if options.no_abuse {
         Vec::new()
     } else {
@@ -319,6 +362,7 @@ async fn run(options: Options) -> Result<(), String> {
         http_floor,
         parked,
         abuse,
+        fleet,
     };
     let json_path = options
         .json

@@ -195,6 +195,22 @@ fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// The body of `GET path` (HTTP/1.1, `Connection: close`, not chunked: the gateway sends
+/// `/metrics` with a length), on a fresh connection; None if anything fails.
+pub fn http_get_body(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some(body.to_owned())
+}
+
 /// Seconds of CPU per clock tick in `/proc/*/stat` (USER_HZ, 100 on Linux unless built
 /// otherwise; `getconf CLK_TCK` tells).
 fn clock_ticks_per_second() -> u64 {

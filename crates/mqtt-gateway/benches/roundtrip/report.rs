@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use crate::abuse::Case;
 use crate::measure::{Sample, NOISY_OTHER_CORES};
 use crate::parked::Parked;
+use crate::storm::Fleet;
 
 /// Which path a round-trip phase measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,8 @@ pub struct Report {
     pub parked: Option<Parked>,
     /// Clients that never finish (see [`crate::abuse`]).
     pub abuse: Vec<Case>,
+    /// A fleet announcing at once (see [`crate::storm`]).
+    pub fleet: Option<Fleet>,
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -300,6 +303,45 @@ impl Report {
             }
         }
 
+        if let Some(f) = &self.fleet {
+            let _ = writeln!(
+                w,
+                "\nA fleet of {} devices announcing at once, on a fresh gateway (one client \
+                 publishes every device's birth, retained, QoS 1; each is the demo device's \
+                 announcement: four services, two request schemas). Absorbed: from the first \
+                 publish until the registry has taken every message. Calls: 16 in flight on the \
+                 echo device meanwhile, against the same 16 just before. RSS: {:.0} B per known \
+                 device ({} KiB with none, {} KiB with all).\n",
+                f.devices,
+                f.bytes_per_device(),
+                f.idle_rss_kib,
+                f.known_rss_kib
+            );
+            let _ = writeln!(
+                w,
+                "| storm | messages | absorbed in | gateway CPU | broker CPU | calls p50 / p99 before µs | calls p50 / p99 / max during µs | errors |"
+            );
+            let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|");
+            for s in &f.storms {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {:.2} s | {:.2} s | {} | {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {} |",
+                    s.name,
+                    s.messages,
+                    s.absorbed_in.as_secs_f64(),
+                    s.gateway_cpu.as_secs_f64(),
+                    s.broker_cpu
+                        .map_or("–".into(), |c| format!("{:.2} s", c.as_secs_f64())),
+                    s.before.p50_us(),
+                    s.before.p99_us(),
+                    s.during.p50_us(),
+                    s.during.p99_us(),
+                    s.during.latency.max() as f64 / 1000.0,
+                    s.during.errors + s.before.errors
+                );
+            }
+        }
+
         let _ = writeln!(w, "\nTargets:");
         for line in self.targets() {
             let _ = writeln!(w, "- {line}");
@@ -421,6 +463,22 @@ impl Report {
                 "rss_growth_mib": c.grown_mib(),
                 "buffered_bytes": c.buffered,
             })).collect::<Vec<_>>(),
+            "fleet": self.fleet.as_ref().map(|f| json!({
+                "devices": f.devices,
+                "rss_idle_kib": f.idle_rss_kib,
+                "rss_known_kib": f.known_rss_kib,
+                "bytes_per_device": f.bytes_per_device(),
+                "storms": f.storms.iter().map(|s| json!({
+                    "name": s.name,
+                    "messages": s.messages,
+                    "absorbed_s": s.absorbed_in.as_secs_f64(),
+                    "gateway_cpu_s": s.gateway_cpu.as_secs_f64(),
+                    "broker_cpu_s": s.broker_cpu.map(|c| c.as_secs_f64()),
+                    "rss_growth_kib": s.rss_growth_kib,
+                    "before": sample(&s.before),
+                    "during": sample(&s.during),
+                })).collect::<Vec<_>>(),
+            })),
             "targets": self.targets(),
             "last_line": self.last_line(),
         })

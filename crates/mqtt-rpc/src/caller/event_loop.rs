@@ -18,7 +18,7 @@ use super::readiness::{self, Action, Problem, Readiness};
 use super::{CallOutcome, CorrelationId, Inner, Link, PublishRefusal, Received};
 use crate::backoff::Backoff;
 use crate::event_loop_access;
-use crate::presence::{self, Discovery, PresenceMessage};
+use crate::presence::{self, Discovery, PresenceEvent, PresenceMessage};
 use crate::protocol::{self, Reply};
 
 impl Inner {
@@ -201,7 +201,7 @@ impl Inner {
             retained: publish.retain,
             held: Some(held),
         };
-        if watch.sink.send(message).is_err() {
+        if watch.sink.send(PresenceEvent::Message(message)).is_err() {
             dropped("nobody reads the presence feed");
         }
     }
@@ -341,8 +341,10 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                 };
                 // The response topic's code first, presence's (when watched) second.
                 let granted = success(ack.return_codes.first());
-                if inner.presence.is_some() {
+                if let Some(watch) = &inner.presence {
                     if success(ack.return_codes.get(1)) {
+                        // Before the retained messages, which follow the SUBACK.
+                        let _ = watch.sink.send(PresenceEvent::Subscribed);
                         // Retained announcements are on their way; ask for the rest (a
                         // cluster may keep retained messages on another node).
                         if let Some(discovery) = inner.discovery_request() {

@@ -13,16 +13,17 @@
 //! disconnects a client that publishes to such a topic.
 //!
 //! ```no_run
-//! use mqtt_rpc::{Connect, Reply, ServiceHost};
+//! use mqtt_rpc::{Connect, Reply, ServiceHost, ServiceInfo};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let options = Connect::parse("mqtt://127.0.0.1:1883")?.mqtt_options("thermostat-7")?;
+//! // The filters name one device, so the host announces itself as `thermostat-7`.
 //! let host = ServiceHost::new(options)
-//!     // `+` matches any device id; the handler sees it in `request.params[0]`.
-//!     .service("devices/+/get_temperature", |request| async move {
-//!         Reply::json(&serde_json::json!({ "device": request.params[0], "celsius": 21.5 }))
+//!     .service("devices/thermostat-7/get_temperature", |_request| async move {
+//!         Reply::json(&serde_json::json!({ "celsius": 21.5 }))
 //!     })?
-//!     .service("devices/+/reboot", |_request| async move {
+//!     .describe(ServiceInfo::new().description("The temperature now, in °C"))
+//!     .service("devices/thermostat-7/reboot", |_request| async move {
 //!         Reply::new("rebooting").with_status(202)
 //!     })?;
 //! let running = host.start();
