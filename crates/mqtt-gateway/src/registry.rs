@@ -37,27 +37,37 @@ pub(crate) struct Device {
     pub(crate) since: SystemTime,
     /// When this gateway last heard from it.
     pub(crate) last_seen: SystemTime,
-    /// What it said last: its services and metadata (a death that lists none keeps the birth's).
+    /// What it said last, but its services (`services` is always None here: they are in
+    /// [`Device::service_set`], shared).
     pub(crate) announcement: Announcement,
-    /// The services' request schemas, compiled.
-    validators: HashMap<String, Arc<jsonschema::Validator>>,
+    /// Its services and their compiled request schemas (a death that lists none keeps the
+    /// birth's); None for a device whose only word was a bare death.
+    service_set: Option<Arc<ServiceSet>>,
     /// The presence subscription this was learned on (see [`Registry::subscribed`]).
     generation: u64,
+}
+
+/// A set of services with their request schemas compiled, shared by every device that
+/// announces the same set (a fleet of one model announces one set thousands of times: it is
+/// parsed each time, but compiled and held once).
+#[derive(Debug)]
+pub(crate) struct ServiceSet {
+    services: std::collections::BTreeMap<String, ServiceInfo>,
+    validators: HashMap<String, Arc<jsonschema::Validator>>,
 }
 
 impl Device {
     /// The services it offers, by name (none known for a device whose only word was a bare
     /// death).
     pub(crate) fn services(&self) -> impl Iterator<Item = (&String, &ServiceInfo)> {
-        self.announcement.services.iter().flatten()
+        self.service_set.iter().flat_map(|set| set.services.iter())
     }
 
     /// Whether it lists this service.
     pub(crate) fn offers(&self, service: &str) -> bool {
-        self.announcement
-            .services
+        self.service_set
             .as_ref()
-            .is_some_and(|s| s.contains_key(service))
+            .is_some_and(|set| set.services.contains_key(service))
     }
 }
 
@@ -96,6 +106,8 @@ pub(crate) struct Registry {
     /// The current presence subscription, and until when entries from earlier ones are
     /// not trusted.
     epoch: Mutex<(u64, Option<Instant>)>,
+    /// Service sets by their JSON, so devices announcing the same one share it.
+    sets: Mutex<HashMap<String, std::sync::Weak<ServiceSet>>>,
 }
 
 /// A page of devices, in id order.
@@ -119,6 +131,7 @@ impl Registry {
             logged: Mutex::new(HashSet::new()),
             settle: discovery_window + Duration::from_secs(1),
             epoch: Mutex::new((0, None)),
+            sets: Mutex::new(HashMap::new()),
         })
     }
 
@@ -159,17 +172,17 @@ impl Registry {
         if !entry.online {
             return Check::Offline { since: entry.since };
         }
-        if let Some(validator) = entry.validators.get(service) {
-            return Check::Validate(validator.clone());
-        }
-        let Some(services) = &entry.announcement.services else {
+        let Some(set) = &entry.service_set else {
             return Check::Send;
         };
-        if entry.announcement.other_services || services.contains_key(service) {
+        if let Some(validator) = set.validators.get(service) {
+            return Check::Validate(validator.clone());
+        }
+        if entry.announcement.other_services || set.services.contains_key(service) {
             return Check::Send;
         }
         Check::UnknownService {
-            offered: services.keys().take(20).cloned().collect(),
+            offered: set.services.keys().take(20).cloned().collect(),
         }
     }
 
@@ -229,14 +242,17 @@ impl Registry {
             }
             return;
         }
-        let announcement = match Announcement::parse(&message.device, &message.payload, self.limits)
-        {
-            Ok(a) => a,
-            Err(e) => return self.reject(id, &e.to_string()),
-        };
-        let validators = match compile(&announcement) {
-            Ok(v) => v,
-            Err(why) => return self.reject(id, &why),
+        let mut announcement =
+            match Announcement::parse(&message.device, &message.payload, self.limits) {
+                Ok(a) => a,
+                Err(e) => return self.reject(id, &e.to_string()),
+            };
+        let service_set = match announcement.services.take() {
+            None => None,
+            Some(services) => match self.service_set(services) {
+                Ok(set) => Some(set),
+                Err(why) => return self.reject(id, &why),
+            },
         };
         let now = SystemTime::now();
         let generation = self.epoch().0;
@@ -266,7 +282,7 @@ impl Registry {
                     since,
                     last_seen: now,
                     announcement,
-                    validators,
+                    service_set,
                     generation,
                 }
             }
@@ -289,7 +305,7 @@ impl Registry {
                 debug!(device = %id, seq = announcement.seq, "device offline");
                 match previous {
                     // A bare death keeps what the birth said.
-                    Some(p) if announcement.services.is_none() => Device {
+                    Some(p) if service_set.is_none() => Device {
                         online: false,
                         since,
                         last_seen: now,
@@ -297,7 +313,7 @@ impl Registry {
                             online: false,
                             ..p.announcement.clone()
                         },
-                        validators: p.validators.clone(),
+                        service_set: p.service_set.clone(),
                         generation,
                     },
                     _ => Device {
@@ -305,7 +321,7 @@ impl Registry {
                         since,
                         last_seen: now,
                         announcement,
-                        validators,
+                        service_set,
                         generation,
                     },
                 }
@@ -327,14 +343,48 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The shared set for these services: the one another device announced, or a new one
+    /// with its schemas compiled. Sets no device holds any more are swept as the map grows.
+    fn service_set(
+        &self,
+        services: std::collections::BTreeMap<String, ServiceInfo>,
+    ) -> Result<Arc<ServiceSet>, String> {
+        // serde_json's maps are sorted, so one set has one JSON text.
+        let key = serde_json::to_string(&services).unwrap_or_default();
+        if let Some(set) = self
+            .lock_sets()
+            .get(&key)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return Ok(set);
+        }
+        // Compiled outside the lock; two devices announcing a new set at once compile it twice.
+        let set = Arc::new(ServiceSet {
+            validators: compile(&services)?,
+            services,
+        });
+        let mut sets = self.lock_sets();
+        if sets.len() >= 1024 && sets.len().is_power_of_two() {
+            sets.retain(|_, set| set.strong_count() > 0);
+        }
+        sets.insert(key, Arc::downgrade(&set));
+        Ok(set)
+    }
+
+    fn lock_sets(&self) -> std::sync::MutexGuard<'_, HashMap<String, std::sync::Weak<ServiceSet>>> {
+        self.sets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Compiles every service's request schema; any that does not compile refuses the whole
 /// announcement. Patterns use the `regex` crate (linear time: a device cannot make a call's
 /// validation backtrack without end), and no `$ref` is fetched from anywhere.
 fn compile(
-    announcement: &Announcement,
+    services: &std::collections::BTreeMap<String, ServiceInfo>,
 ) -> Result<HashMap<String, Arc<jsonschema::Validator>>, String> {
     let mut validators = HashMap::new();
-    for (name, info) in announcement.services.iter().flatten() {
+    for (name, info) in services {
         let Some(schema) = &info.request_schema else {
             continue;
         };
@@ -490,6 +540,26 @@ mod tests {
     }
 
     #[test]
+    fn devices_announcing_the_same_services_share_one_compiled_set() {
+        let r = Registry::new(AnnouncementLimits::default(), 100, Duration::ZERO);
+        for id in ["a", "b", "c"] {
+            r.apply(&message(id, birth(id, 1)));
+        }
+        let (a, b) = (r.device("a").unwrap(), r.device("b").unwrap());
+        let (sa, sb) = (
+            a.service_set.as_ref().unwrap(),
+            b.service_set.as_ref().unwrap(),
+        );
+        assert!(Arc::ptr_eq(sa, sb));
+        let mut other = birth("c", 2);
+        other["services"]["extra"] = json!({});
+        r.apply(&message("c", other));
+        let c = r.device("c").unwrap();
+        assert!(!Arc::ptr_eq(sa, c.service_set.as_ref().unwrap()));
+        assert!(c.offers("extra") && !a.offers("extra"));
+    }
+
+    #[test]
     fn bad_announcements_change_nothing() {
         let r = registry();
         r.apply(&message("d", birth("d", 1)));
@@ -507,6 +577,7 @@ mod tests {
         assert_eq!(r.counters.rejected.load(Ordering::Relaxed), 4);
         let d = r.device("d").unwrap();
         assert_eq!(d.announcement.seq, 1, "the entry is the last good one");
+        assert!(d.offers("move"));
         // A full registry takes no new devices, but still updates the ones it has.
         for id in ["e", "f", "g"] {
             r.apply(&message(id, birth(id, 1)));
