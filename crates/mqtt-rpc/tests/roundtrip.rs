@@ -162,3 +162,57 @@ fn example(name: &str) -> std::path::PathBuf {
     }
     path
 }
+
+/// A Rust caller follows presence through its own connection: the feed says when it is
+/// subscribed, hands over the device's birth, asks again on `discover()`, and carries the
+/// death the host publishes on shutdown.
+#[tokio::test]
+async fn a_caller_follows_presence_and_asks_for_it() {
+    use mqtt_rpc::presence::PresenceWatch;
+    let broker = broker();
+    let device = device(&broker).await;
+    let (mut watch, mut feed) = PresenceWatch::new(Default::default());
+    watch.discovery_window = Duration::from_millis(100);
+    let mut options = CallerOptions::new(broker.mqtt_options("watcher"), "callers/watcher/replies");
+    options.presence = Some(watch);
+    let (caller, _task) = Caller::start(options);
+    let d1 = DeviceId::parse("d1").unwrap();
+    let birth = next_announcement(&mut feed, &d1).await;
+    assert!(birth.online);
+    let services: Vec<&String> = birth.services.as_ref().unwrap().keys().collect();
+    assert_eq!(services, ["echo", "teapot"]);
+    // Retained, then (once more) the answer to the discovery request sent after subscribing.
+    tokio::time::timeout(Duration::from_secs(10), caller.wait_ready())
+        .await
+        .unwrap();
+    let again = next_announcement(&mut feed, &d1).await;
+    assert_eq!(again.seq, birth.seq, "the same connection");
+    // Past the device's one-second floor, ask again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(caller.discover());
+    let asked = next_announcement(&mut feed, &d1).await;
+    assert!(asked.online && asked.seq == birth.seq);
+    device.shutdown().await;
+    let death = next_announcement(&mut feed, &d1).await;
+    assert!(!death.online);
+    assert_eq!(death.seq, birth.seq);
+}
+
+/// The next announcement on the feed (subscription events skipped), parsed.
+async fn next_announcement(
+    feed: &mut mqtt_rpc::presence::PresenceFeed,
+    device: &DeviceId,
+) -> mqtt_rpc::Announcement {
+    use mqtt_rpc::presence::{Announcement, AnnouncementLimits, PresenceEvent};
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the feed is open");
+        if let PresenceEvent::Message(m) = event {
+            assert_eq!(&m.device, device);
+            return Announcement::parse(device, &m.payload, AnnouncementLimits::default())
+                .expect("the host's announcement parses");
+        }
+    }
+}
