@@ -174,7 +174,8 @@ impl App {
             settings.registry.limits,
             settings.registry.max_devices,
             settings.registry.discovery_window,
-        );
+        )
+        .requiring_announcement(settings.registry.require_announcement);
         let (mut watch, feed) = PresenceWatch::new(settings.registry.topics.clone());
         watch.discovery_window = settings.registry.discovery_window;
         watch.max_bytes = settings.registry.limits.max_bytes;

@@ -199,6 +199,14 @@ pub struct RegistryArgs {
     /// counted), and their calls go out as for a device that never announced.
     #[arg(long, env = "GATEWAY_MAX_DEVICES", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_devices: u32,
+
+    /// Answer a call to a device that never announced itself with 404 `unknown-device` at once
+    /// instead of publishing it: for fleets where every device announces, so that a call to a
+    /// mistyped or retired device id fails fast on every broker, 0x10 or not. Not within the
+    /// discovery window after the gateway (re)subscribes to presence, while announcements are
+    /// still arriving.
+    #[arg(long, env = "GATEWAY_REQUIRE_ANNOUNCEMENT")]
+    pub require_announcement: bool,
 }
 
 fn parse_presence_prefix(raw: &str) -> Result<mqtt_rpc::PresenceTopics, String> {

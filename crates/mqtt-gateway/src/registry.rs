@@ -81,6 +81,8 @@ pub(crate) enum Check {
     Offline { since: SystemTime },
     /// Answer 404 `unknown-service` at once; the names it does offer (cut to a few).
     UnknownService { offered: Vec<String> },
+    /// Answer 404 `unknown-device` at once: it never announced, and announcements are required.
+    NotAnnounced,
 }
 
 /// Counters `/metrics` shows.
@@ -108,6 +110,8 @@ pub(crate) struct Registry {
     epoch: Mutex<(u64, Option<Instant>)>,
     /// Service sets by their JSON, so devices announcing the same one share it.
     sets: Mutex<HashMap<String, std::sync::Weak<ServiceSet>>>,
+    /// Calls to devices that never announced are refused (`--require-announcement`).
+    require_announcement: bool,
 }
 
 /// A page of devices, in id order.
@@ -132,7 +136,29 @@ impl Registry {
             settle: discovery_window + Duration::from_secs(1),
             epoch: Mutex::new((0, None)),
             sets: Mutex::new(HashMap::new()),
+            require_announcement: false,
         })
+    }
+
+    /// Refuses calls to devices that never announced (see [`Check::NotAnnounced`]).
+    pub(crate) fn requiring_announcement(self: Arc<Self>, required: bool) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut registry) => {
+                registry.require_announcement = required;
+                Arc::new(registry)
+            }
+            // Only ever called on a registry just made, which nothing else holds yet.
+            Err(shared) => shared,
+        }
+    }
+
+    /// Whether the announcements of the current presence subscription may still be arriving
+    /// (or there is none yet).
+    fn settling(&self) -> bool {
+        match self.epoch() {
+            (0, _) => true,
+            (_, until) => until.is_some_and(|t| Instant::now() < t),
+        }
     }
 
     fn epoch(&self) -> (u64, Option<Instant>) {
@@ -162,6 +188,9 @@ impl Registry {
     pub(crate) fn check(&self, device: &str, service: &str) -> Check {
         let devices = self.read();
         let Some(entry) = devices.get(device) else {
+            if self.require_announcement && !self.settling() {
+                return Check::NotAnnounced;
+            }
             return Check::Send;
         };
         let (generation, settling_until) = self.epoch();
@@ -557,6 +586,28 @@ mod tests {
         let c = r.device("c").unwrap();
         assert!(!Arc::ptr_eq(sa, c.service_set.as_ref().unwrap()));
         assert!(c.offers("extra") && !a.offers("extra"));
+    }
+
+    #[test]
+    fn with_announcements_required_an_unknown_device_is_refused_once_settled() {
+        let r = Registry::new(AnnouncementLimits::default(), 10, Duration::ZERO)
+            .requiring_announcement(true);
+        assert!(
+            matches!(r.check("ghost", "echo"), Check::Send),
+            "not subscribed yet"
+        );
+        r.subscribed();
+        assert!(
+            matches!(r.check("ghost", "echo"), Check::Send),
+            "announcements arriving"
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(matches!(r.check("ghost", "echo"), Check::NotAnnounced));
+        r.apply(&message("ghost", birth("ghost", 1)));
+        assert!(matches!(r.check("ghost", "echo"), Check::Send));
+        let lenient = registry();
+        lenient.subscribed();
+        assert!(matches!(lenient.check("ghost", "echo"), Check::Send));
     }
 
     #[test]

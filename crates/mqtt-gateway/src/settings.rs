@@ -214,6 +214,8 @@ pub struct RegistrySettings {
     pub limits: mqtt_rpc::presence::AnnouncementLimits,
     /// The most devices held.
     pub max_devices: usize,
+    /// Calls to devices that never announced are refused (404 `unknown-device`).
+    pub require_announcement: bool,
 }
 
 /// [`CallerOptions`] without the MQTT options.
@@ -321,6 +323,7 @@ impl Settings {
                     max_services: args.registry.max_services_per_device as usize,
                 },
                 max_devices: args.registry.max_devices as usize,
+                require_announcement: args.registry.require_announcement,
             },
         })
     }

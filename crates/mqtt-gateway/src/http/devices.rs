@@ -87,7 +87,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
             headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 403, description = "The caller's scopes do not cover this device and service (code `insufficient-scope`), or the broker refused the request (PUBACK 0x87, code `not-authorized`), or, on a gateway without authentication, the request came from another web origin (code `origin-not-allowed`) or named a host that is not the gateway's (code `host-not-allowed`).", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:not-authorized", "title": "The broker refused the request", "status": 403, "detail": "the MQTT broker does not allow this gateway to publish to this device's topic (reason 0x87)", "code": "not-authorized"})),
-        (status = 404, description = "Answered at once, nothing published: the device announced that it is offline, or no device listens (PUBACK 0x10, on brokers that send it) (code `device-offline`); the device announced itself online without this service (code `unknown-service`); or no such route (code `not-found`).", body = Problem, content_type = "application/problem+json",
+        (status = 404, description = "Answered at once, nothing published: the device announced that it is offline, or no device listens (PUBACK 0x10, on brokers that send it) (code `device-offline`); the device announced itself online without this service (code `unknown-service`); with `--require-announcement`, the device never announced itself (code `unknown-device`); or no such route (code `not-found`).", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:unknown-service", "title": "The device does not offer this service", "status": 404, "detail": "device \"demo-1\" is online but does not offer service \"nope\"; nothing was sent. It offers: control, delay, echo, get_config", "code": "unknown-service"})),
         (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time (10 s in all unless configured otherwise, `--http-body-timeout-ms`); the connection is closed. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
@@ -301,6 +301,11 @@ fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, P
                 device: head.device.to_string(),
                 service: head.service.to_string(),
                 offered,
+            })
+        }
+        Check::NotAnnounced => {
+            return Err(ApiError::NotAnnounced {
+                device: head.device.to_string(),
             })
         }
     }

@@ -74,6 +74,8 @@ pub(crate) enum ApiError {
     },
     #[error("no device {device:?} has announced itself to this gateway")]
     UnknownDevice { device: String },
+    #[error("no device {device:?} has announced itself to this gateway, and this gateway calls only devices that did (--require-announcement); nothing was sent")]
+    NotAnnounced { device: String },
     #[error("the body does not match the request schema service {service:?} announced ({} problem(s), see `errors`); nothing was sent", errors.len())]
     SchemaMismatch {
         service: String,
@@ -284,7 +286,7 @@ impl ApiError {
             ReplyHeadersTooLarge { .. } => ProblemCode::InvalidDeviceReply,
             DeviceAnnouncedOffline { .. } => ProblemCode::DeviceOffline,
             UnknownService { .. } => ProblemCode::UnknownService,
-            UnknownDevice { .. } => ProblemCode::UnknownDevice,
+            UnknownDevice { .. } | NotAnnounced { .. } => ProblemCode::UnknownDevice,
             SchemaMismatch { .. } => ProblemCode::SchemaMismatch,
             InvalidQuery { .. } => ProblemCode::InvalidQuery,
             Call(e) => match e {

@@ -583,3 +583,49 @@ async fn a_device_announces_again_when_its_metadata_changes() {
     assert_eq!(detail["online"], true);
     assert_eq!(demo.announcement().unwrap().metadata["firmware"], "2.0.0");
 }
+
+/// With `--require-announcement` a call to a device that never announced fails at once on
+/// every broker (the embedded one sends no 0x10), once the discovery window has passed; an
+/// announced device is called as usual.
+#[tokio::test]
+async fn with_announcements_required_an_unannounced_device_is_refused_at_once() {
+    let broker = TestBroker::start();
+    let _demo = demo_device(&broker, "known-1").await;
+    let _quiet = start_ready(
+        ServiceHost::new(broker.mqtt_options("quiet-2"))
+            .without_announcement()
+            .service("devices/quiet-2/ping", |_| async { Reply::new("pong") })
+            .unwrap(),
+    )
+    .await;
+    let app = TestApp::spawn_with(
+        &broker,
+        &["--require-announcement", "--discovery-window-ms", "200"],
+    )
+    .await;
+    wait_device(&app, "known-1", |d| d["online"] == true).await;
+    // Past the window (200 ms) and its second.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for device in ["ghost", "quiet-2"] {
+        let started = Instant::now();
+        let response = app
+            .http
+            .post(app.service_url(device, "ping") + "?timeout_ms=10000")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{device}");
+        let body = problem(response).await;
+        assert_eq!(body["code"], "unknown-device", "{device}");
+        assert!(body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--require-announcement"));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(app.call("known-1", "echo", "hi").await.status(), 200);
+}
