@@ -18,7 +18,7 @@ use crate::http::auth::CallerSlots;
 use crate::http::metrics::Metrics;
 use crate::http::server::{ServerLimits, ServerStats};
 use crate::http::{self, AppState, Limits};
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistryOptions};
 use crate::settings::{Settings, SettingsError, DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS};
 use mqtt_rpc::responder::RunningHost;
 use mqtt_rpc::{BrokerUrl, PresenceWatch};
@@ -170,12 +170,13 @@ impl App {
             }
             None => None,
         };
-        let registry = Registry::new(
-            settings.registry.limits,
-            settings.registry.max_devices,
-            settings.registry.discovery_window,
-        )
-        .requiring_announcement(settings.registry.require_announcement);
+        let registry = Registry::new(RegistryOptions {
+            announcement: settings.registry.limits,
+            max_devices: settings.registry.max_devices,
+            max_bytes: settings.registry.max_bytes,
+            discovery_window: settings.registry.discovery_window,
+            require_announcement: settings.registry.require_announcement,
+        });
         let (mut watch, feed) = PresenceWatch::new(settings.registry.topics.clone());
         watch.discovery_window = settings.registry.discovery_window;
         watch.max_bytes = settings.registry.limits.max_bytes;
@@ -308,9 +309,13 @@ fn print_banner(listen: &str, broker: &BrokerChoice, demo: Option<&str>) {
         text += &format!(
             "  demo device {id:?} offers echo, get_config, control and delay. Try:\n\n    \
              curl -X POST {listen}/api/v1/devices/{id}/services/echo \
-             -H 'content-type: application/json' -d '{{\"hello\":\"world\"}}'\n"
+             -H 'content-type: application/json' -d '{{\"hello\":\"world\"}}'\n    \
+             curl {listen}/api/v1/devices    # the devices that announced themselves\n"
         );
+    } else {
+        text += &format!("  devices that announced themselves: curl {listen}/api/v1/devices\n");
     }
+    text += &format!("  docs and a page to try calls: http://{listen}/docs\n");
     text.push('\n');
     crate::logging::print(&text);
 }

@@ -207,6 +207,15 @@ pub struct RegistryArgs {
     /// still arriving.
     #[arg(long, env = "GATEWAY_REQUIRE_ANNOUNCEMENT")]
     pub require_announcement: bool,
+
+    /// The most bytes of announcements the registry holds (default: 256 MiB), each device
+    /// counted with the size of its last announcement and 512 bytes more; past it announcements
+    /// of further devices, or ones that would grow a device past it, are ignored and counted.
+    /// About what the registry's memory is when devices share their services (a fleet of one
+    /// model); compiled request schemas a device alone announces may take a few times their
+    /// JSON's size on top.
+    #[arg(long, env = "GATEWAY_MAX_REGISTRY_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_registry_bytes: u64,
 }
 
 fn parse_presence_prefix(raw: &str) -> Result<mqtt_rpc::PresenceTopics, String> {

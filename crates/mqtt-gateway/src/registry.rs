@@ -45,6 +45,8 @@ pub(crate) struct Device {
     service_set: Option<Arc<ServiceSet>>,
     /// The presence subscription this was learned on (see [`Registry::subscribed`]).
     generation: u64,
+    /// What it counts for in the registry's byte limit.
+    weight: usize,
 }
 
 /// A set of services with their request schemas compiled, shared by every device that
@@ -94,12 +96,47 @@ pub(crate) struct Counters {
     pub(crate) stale: AtomicU64,
 }
 
+/// What a registry takes and holds.
+#[derive(Debug, Clone)]
+pub(crate) struct RegistryOptions {
+    /// Bounds on one announcement.
+    pub(crate) announcement: AnnouncementLimits,
+    /// The most devices held (`--max-devices`).
+    pub(crate) max_devices: usize,
+    /// The most bytes of announcements held, each device counted with the size of its last
+    /// announcement and [`DEVICE_OVERHEAD`] more (`--max-registry-bytes`).
+    pub(crate) max_bytes: usize,
+    /// The discovery window the caller asks for.
+    pub(crate) discovery_window: Duration,
+    /// Calls to devices that never announced are refused (`--require-announcement`).
+    pub(crate) require_announcement: bool,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            announcement: AnnouncementLimits::default(),
+            max_devices: 100_000,
+            max_bytes: 256 * 1024 * 1024,
+            discovery_window: Duration::from_secs(5),
+            require_announcement: false,
+        }
+    }
+}
+
+/// What a device costs beyond its announcement's bytes, in the registry's byte count: its
+/// entry, its id twice, the map's node (about what the benchmark measures per device).
+pub(crate) const DEVICE_OVERHEAD: usize = 512;
+
 /// The devices this gateway has heard announce.
 #[derive(Debug)]
 pub(crate) struct Registry {
     devices: RwLock<BTreeMap<String, Arc<Device>>>,
     limits: AnnouncementLimits,
     max_devices: usize,
+    max_bytes: usize,
+    /// The bytes the entries count for (changed under the devices' write lock).
+    bytes: std::sync::atomic::AtomicUsize,
     pub(crate) counters: Counters,
     logged: Mutex<HashSet<String>>,
     /// How long after a new presence subscription what was learned on an earlier one is not
@@ -122,34 +159,25 @@ pub(crate) struct Page {
 }
 
 impl Registry {
-    pub(crate) fn new(
-        limits: AnnouncementLimits,
-        max_devices: usize,
-        discovery_window: Duration,
-    ) -> Arc<Self> {
+    pub(crate) fn new(options: RegistryOptions) -> Arc<Self> {
         Arc::new(Self {
             devices: RwLock::new(BTreeMap::new()),
-            limits,
-            max_devices,
+            limits: options.announcement,
+            max_devices: options.max_devices,
+            max_bytes: options.max_bytes,
+            bytes: std::sync::atomic::AtomicUsize::new(0),
             counters: Counters::default(),
             logged: Mutex::new(HashSet::new()),
-            settle: discovery_window + Duration::from_secs(1),
+            settle: options.discovery_window + Duration::from_secs(1),
             epoch: Mutex::new((0, None)),
             sets: Mutex::new(HashMap::new()),
-            require_announcement: false,
+            require_announcement: options.require_announcement,
         })
     }
 
-    /// Refuses calls to devices that never announced (see [`Check::NotAnnounced`]).
-    pub(crate) fn requiring_announcement(self: Arc<Self>, required: bool) -> Arc<Self> {
-        match Arc::try_unwrap(self) {
-            Ok(mut registry) => {
-                registry.require_announcement = required;
-                Arc::new(registry)
-            }
-            // Only ever called on a registry just made, which nothing else holds yet.
-            Err(shared) => shared,
-        }
+    /// The bytes the entries count for now (see [`RegistryOptions::max_bytes`]).
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// Whether the announcements of the current presence subscription may still be arriving
@@ -266,7 +294,10 @@ impl Registry {
         let id = message.device.as_str();
         if message.payload.is_empty() {
             // The retained announcement was cleared: the device is forgotten.
-            if self.write().remove(id).is_some() {
+            let removed = self.write().remove(id).inspect(|gone| {
+                self.bytes.fetch_sub(gone.weight, Ordering::Relaxed);
+            });
+            if removed.is_some() {
                 info!(device = %id, "device forgotten: its retained announcement was cleared");
             }
             return;
@@ -285,6 +316,7 @@ impl Registry {
         };
         let now = SystemTime::now();
         let generation = self.epoch().0;
+        let weight = message.payload.len() + DEVICE_OVERHEAD;
         let mut devices = self.write();
         let previous = devices.get(id).cloned();
         if previous.is_none() && devices.len() >= self.max_devices {
@@ -294,6 +326,18 @@ impl Registry {
                 &format!(
                     "the registry holds {} devices, as many as it may (--max-devices)",
                     self.max_devices
+                ),
+            );
+        }
+        let held = self.bytes() - previous.as_ref().map_or(0, |p| p.weight);
+        if held + weight > self.max_bytes {
+            drop(devices);
+            return self.reject(
+                id,
+                &format!(
+                    "the registry holds {held} bytes of announcements, and this one would take \
+                     it past {} (--max-registry-bytes)",
+                    self.max_bytes
                 ),
             );
         }
@@ -313,6 +357,7 @@ impl Registry {
                     announcement,
                     service_set,
                     generation,
+                    weight,
                 }
             }
             (Some(p), false) if p.announcement.seq != announcement.seq => {
@@ -344,6 +389,8 @@ impl Registry {
                         },
                         service_set: p.service_set.clone(),
                         generation,
+                        // What the birth brought is still held.
+                        weight: p.weight.max(weight),
                     },
                     _ => Device {
                         online: false,
@@ -352,11 +399,16 @@ impl Registry {
                         announcement,
                         service_set,
                         generation,
+                        weight,
                     },
                 }
             }
         };
-        devices.insert(id.to_owned(), Arc::new(entry));
+        let added = entry.weight;
+        if let Some(replaced) = devices.insert(id.to_owned(), Arc::new(entry)) {
+            self.bytes.fetch_sub(replaced.weight, Ordering::Relaxed);
+        }
+        self.bytes.fetch_add(added, Ordering::Relaxed);
     }
 
     fn reject(&self, id: &str, why: &str) {
@@ -503,7 +555,10 @@ mod tests {
     }
 
     fn registry() -> Arc<Registry> {
-        Registry::new(AnnouncementLimits::default(), 3, Duration::from_secs(5))
+        Registry::new(RegistryOptions {
+            max_devices: 3,
+            ..RegistryOptions::default()
+        })
     }
 
     #[test]
@@ -539,7 +594,10 @@ mod tests {
 
     #[test]
     fn what_was_learned_before_a_resubscription_waits_for_confirmation() {
-        let r = Registry::new(AnnouncementLimits::default(), 10, Duration::from_secs(60));
+        let r = Registry::new(RegistryOptions {
+            discovery_window: Duration::from_secs(60),
+            ..RegistryOptions::default()
+        });
         r.subscribed();
         r.apply(&message("a", birth("a", 1)));
         r.apply(&message("a", death("a", 1)));
@@ -560,7 +618,10 @@ mod tests {
         r.apply(&message("a", death("a", 1)));
         assert!(matches!(r.check("a", "echo"), Check::Offline { .. }));
         // Once the window has passed, what was not refreshed is trusted again.
-        let r = Registry::new(AnnouncementLimits::default(), 10, Duration::ZERO);
+        let r = Registry::new(RegistryOptions {
+            discovery_window: Duration::ZERO,
+            ..RegistryOptions::default()
+        });
         r.subscribed();
         r.apply(&message("a", death("a", 1)));
         r.subscribed();
@@ -570,7 +631,7 @@ mod tests {
 
     #[test]
     fn devices_announcing_the_same_services_share_one_compiled_set() {
-        let r = Registry::new(AnnouncementLimits::default(), 100, Duration::ZERO);
+        let r = Registry::new(RegistryOptions::default());
         for id in ["a", "b", "c"] {
             r.apply(&message(id, birth(id, 1)));
         }
@@ -590,8 +651,11 @@ mod tests {
 
     #[test]
     fn with_announcements_required_an_unknown_device_is_refused_once_settled() {
-        let r = Registry::new(AnnouncementLimits::default(), 10, Duration::ZERO)
-            .requiring_announcement(true);
+        let r = Registry::new(RegistryOptions {
+            discovery_window: Duration::ZERO,
+            require_announcement: true,
+            ..RegistryOptions::default()
+        });
         assert!(
             matches!(r.check("ghost", "echo"), Check::Send),
             "not subscribed yet"
@@ -608,6 +672,30 @@ mod tests {
         let lenient = registry();
         lenient.subscribed();
         assert!(matches!(lenient.check("ghost", "echo"), Check::Send));
+    }
+
+    #[test]
+    fn the_registry_holds_at_most_its_bytes() {
+        let one = birth("a", 1).to_string().len() + DEVICE_OVERHEAD;
+        let r = Registry::new(RegistryOptions {
+            max_bytes: 2 * one + 10,
+            ..RegistryOptions::default()
+        });
+        for id in ["a", "b", "c"] {
+            r.apply(&message(id, birth(id, 1)));
+        }
+        assert!(r.device("c").is_none(), "the third would not fit");
+        assert_eq!(r.bytes(), 2 * one);
+        // Updating a device it holds still works, and so does forgetting one.
+        r.apply(&message("a", birth("a", 2)));
+        assert_eq!(r.device("a").unwrap().announcement.seq, 2);
+        r.apply(&PresenceMessage {
+            payload: Bytes::new(),
+            ..message("b", json!(null))
+        });
+        assert_eq!(r.bytes(), one);
+        r.apply(&message("c", birth("c", 1)));
+        assert!(r.device("c").is_some());
     }
 
     #[test]
@@ -657,7 +745,7 @@ mod tests {
 
     #[test]
     fn pages_follow_id_order_and_filters() {
-        let r = Registry::new(AnnouncementLimits::default(), 100, Duration::from_secs(5));
+        let r = Registry::new(RegistryOptions::default());
         for i in 0..10 {
             let id = format!("dev-{i}");
             r.apply(&message(&id, birth(&id, 1)));

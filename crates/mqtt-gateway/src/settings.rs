@@ -216,6 +216,8 @@ pub struct RegistrySettings {
     pub max_devices: usize,
     /// Calls to devices that never announced are refused (404 `unknown-device`).
     pub require_announcement: bool,
+    /// The most bytes of announcements held.
+    pub max_bytes: usize,
 }
 
 /// [`CallerOptions`] without the MQTT options.
@@ -324,6 +326,7 @@ impl Settings {
                 },
                 max_devices: args.registry.max_devices as usize,
                 require_announcement: args.registry.require_announcement,
+                max_bytes: usize::try_from(args.registry.max_registry_bytes).unwrap_or(usize::MAX),
             },
         })
     }

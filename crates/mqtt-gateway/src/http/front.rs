@@ -244,8 +244,7 @@ mod tests {
             rumqttc::v5::MqttOptions::new("size-test", "127.0.0.1", 9),
             "gateway/size-test/replies",
         ));
-        let registry =
-            crate::registry::Registry::new(Default::default(), 10, std::time::Duration::ZERO);
+        let registry = crate::registry::Registry::new(Default::default());
         let state = AppState {
             mqtt: mqtt.clone(),
             limits: Arc::new(Limits::default()),

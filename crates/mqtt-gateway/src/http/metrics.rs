@@ -111,7 +111,12 @@ impl Collector for ConnectionCollector {
         let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
         let open = server.open.load(std::sync::atomic::Ordering::Relaxed);
         let (known, online) = self.devices.counts();
-        let gauges: [(&str, &str, i64); 6] = [
+        let gauges: [(&str, &str, i64); 7] = [
+            (
+                "registry_bytes",
+                "Bytes of announcements the registry holds, each device with 512 more (--max-registry-bytes)",
+                i64::try_from(self.devices.bytes()).unwrap_or(i64::MAX),
+            ),
             (
                 "devices_known",
                 "Devices in the registry: every device that announced itself (--max-devices)",
