@@ -161,7 +161,18 @@ struct DeviceState {
 #[derive(Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 enum Command {
-    SetPosition { position: i64 },
+    SetPosition { position: serde_json::Number },
+}
+
+/// A JSON number as a whole number, as JSON Schema's `integer` takes it (`42.0` is one): the
+/// device accepts every body its announced schema admits, so a call the gateway let through
+/// never gets a 400 from the device.
+fn whole(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+            .map(|f| f as u64)
+    })
 }
 
 fn control(state: &Mutex<DeviceState>, req: &ServiceRequest) -> Reply {
@@ -176,8 +187,12 @@ fn control(state: &Mutex<DeviceState>, req: &ServiceRequest) -> Reply {
     };
     match command {
         Command::SetPosition { position } => {
-            let Ok(position @ 0..=100) = u8::try_from(position) else {
-                return problem(422, &format!("position {position} is outside 0..100"));
+            let Some(position @ 0..=100) = whole(&position).and_then(|p| u8::try_from(p).ok())
+            else {
+                return problem(
+                    422,
+                    &format!("position {position} is not a whole number from 0 to 100"),
+                );
             };
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
             let previous = s.position;
@@ -191,11 +206,11 @@ fn delay_ms(req: &ServiceRequest) -> Option<u64> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Delay {
-        Ms(u64),
-        Object { ms: u64 },
+        Ms(serde_json::Number),
+        Object { ms: serde_json::Number },
     }
     let ms = match req.json::<Delay>().ok()? {
-        Delay::Ms(ms) | Delay::Object { ms } => ms,
+        Delay::Ms(ms) | Delay::Object { ms } => whole(&ms)?,
     };
     (ms <= MAX_DELAY_MS).then_some(ms)
 }
@@ -207,4 +222,22 @@ fn problem(status: u16, detail: &str) -> Reply {
     )
     .with_content_type("application/problem+json")
     .with_status(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What JSON Schema's `integer` admits, the device takes: 42.0 is 42.
+    #[test]
+    fn whole_numbers_are_taken_in_any_json_form() {
+        let n = |text: &str| serde_json::from_str::<serde_json::Number>(text).unwrap();
+        assert_eq!(whole(&n("42")), Some(42));
+        assert_eq!(whole(&n("42.0")), Some(42));
+        assert_eq!(whole(&n("0.0")), Some(0));
+        assert_eq!(whole(&n("4.2e1")), Some(42));
+        for not in ["42.5", "-1", "-0.5", "1e300"] {
+            assert_eq!(whole(&n(not)), None, "{not}");
+        }
+    }
 }
