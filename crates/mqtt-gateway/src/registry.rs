@@ -341,7 +341,10 @@ impl Registry {
                 ),
             );
         }
-        let entry = match (previous, announcement.online) {
+        let online = announcement.online;
+        // What the new entry holds: the announcement, its services, its weight; a bare death
+        // keeps what the birth said (and what the birth brought is still held).
+        let (announcement, service_set, weight, since) = match (previous, online) {
             (previous, true) => {
                 let since = match &previous {
                     Some(p) if p.online && p.announcement.seq == announcement.seq => p.since,
@@ -350,15 +353,7 @@ impl Registry {
                 if previous.as_ref().is_none_or(|p| !p.online) {
                     debug!(device = %id, seq = announcement.seq, retained = message.retained, "device online");
                 }
-                Device {
-                    online: true,
-                    since,
-                    last_seen: now,
-                    announcement,
-                    service_set,
-                    generation,
-                    weight,
-                }
+                (announcement, service_set, weight, since)
             }
             (Some(p), false) if p.announcement.seq != announcement.seq => {
                 // The Will of an earlier connection, delivered after the current one's birth.
@@ -372,37 +367,33 @@ impl Registry {
                 return;
             }
             (previous, false) => {
+                debug!(device = %id, seq = announcement.seq, "device offline");
                 let since = match &previous {
                     Some(p) if !p.online => p.since,
                     _ => now,
                 };
-                debug!(device = %id, seq = announcement.seq, "device offline");
                 match previous {
-                    // A bare death keeps what the birth said.
-                    Some(p) if service_set.is_none() => Device {
-                        online: false,
-                        since,
-                        last_seen: now,
-                        announcement: Announcement {
+                    Some(p) if service_set.is_none() => (
+                        Announcement {
                             online: false,
                             ..p.announcement.clone()
                         },
-                        service_set: p.service_set.clone(),
-                        generation,
-                        // What the birth brought is still held.
-                        weight: p.weight.max(weight),
-                    },
-                    _ => Device {
-                        online: false,
+                        p.service_set.clone(),
+                        p.weight.max(weight),
                         since,
-                        last_seen: now,
-                        announcement,
-                        service_set,
-                        generation,
-                        weight,
-                    },
+                    ),
+                    _ => (announcement, service_set, weight, since),
                 }
             }
+        };
+        let entry = Device {
+            online,
+            since,
+            last_seen: now,
+            announcement,
+            service_set,
+            generation,
+            weight,
         };
         let added = entry.weight;
         if let Some(replaced) = devices.insert(id.to_owned(), Arc::new(entry)) {

@@ -216,14 +216,7 @@ async fn device_openapi(
     Path(device_id): Path<String>,
     parts: Parts,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = parts.extensions.get::<ApiCaller>();
-    let device = caller
-        .is_none_or(|c| c.may_see_device(&device_id))
-        .then(|| state.registry.device(&device_id))
-        .flatten()
-        .ok_or_else(|| ApiError::UnknownDevice {
-            device: crate::logging::bounded(&device_id).into_owned(),
-        })?;
+    let device = super::registry_routes::visible_device(&state, &parts, &device_id)?;
     Ok(Json(document(&device_id, &device)))
 }
 

@@ -215,6 +215,22 @@ fn visible(caller: Option<&ApiCaller>, device: &str) -> bool {
     caller.is_none_or(|c| c.may_see_device(device))
 }
 
+/// The device, if it announced and the caller may see it; else 404 `unknown-device` (the same
+/// answer either way, so ids outside a caller's scopes do not leak).
+pub(super) fn visible_device(
+    state: &AppState,
+    parts: &Parts,
+    device_id: &str,
+) -> Result<std::sync::Arc<Device>, ApiError> {
+    let caller = parts.extensions.get::<ApiCaller>();
+    visible(caller, device_id)
+        .then(|| state.registry.device(device_id))
+        .flatten()
+        .ok_or_else(|| ApiError::UnknownDevice {
+            device: crate::logging::bounded(device_id).into_owned(),
+        })
+}
+
 /// List the devices that announced themselves.
 ///
 /// Devices appear here once they announce (a device built on `mqtt-rpc` does so on its own;
@@ -280,14 +296,7 @@ async fn get_device(
     Path(device_id): Path<String>,
     parts: Parts,
 ) -> Result<Json<DeviceDetail>, ApiError> {
-    let caller = parts.extensions.get::<ApiCaller>();
-    let unknown = || ApiError::UnknownDevice {
-        device: crate::logging::bounded(&device_id).into_owned(),
-    };
-    if !visible(caller, &device_id) {
-        return Err(unknown());
-    }
-    let device = state.registry.device(&device_id).ok_or_else(unknown)?;
+    let device = visible_device(&state, &parts, &device_id)?;
     let a = &device.announcement;
     Ok(Json(DeviceDetail {
         device_id: device_id.clone(),

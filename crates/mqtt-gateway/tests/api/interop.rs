@@ -26,20 +26,11 @@ async fn a_paho_python_device_answers_calls_through_the_gateway() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../tests/interop/paho_responder.py"
     );
-    let mut child = Command::new("python3")
-        .args([script, "127.0.0.1", &broker.port.to_string(), "py-1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let ready = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l == "ready")
-    });
-    let ready = tokio::time::timeout(Duration::from_secs(20), ready).await;
+    let (mut child, ready) = spawn_until_ready(
+        "python3",
+        &[script, "127.0.0.1", &broker.port.to_string(), "py-1"],
+    )
+    .await;
     let app = TestApp::spawn(&broker).await;
 
     let response = app
@@ -53,7 +44,7 @@ async fn a_paho_python_device_answers_calls_through_the_gateway() {
         .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(matches!(ready, Ok(Ok(true))), "paho responder subscribed");
+    assert!(ready, "paho responder subscribed");
 
     assert_eq!(response.status(), 201, "the device's status property");
     assert_eq!(response.headers()["x-mqtt-library"], "paho");
@@ -146,21 +137,9 @@ async fn a_paho_python_device_announces_itself_from_the_protocol_document() {
     );
     let port = broker.port.to_string();
     let start = || async {
-        let mut child = Command::new("python3")
-            .args([script, "127.0.0.1", &port, "py-ann", "--keepalive", "2"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let ready = tokio::task::spawn_blocking(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .any(|l| l == "ready")
-        });
-        let ready = tokio::time::timeout(Duration::from_secs(20), ready).await;
-        assert!(matches!(ready, Ok(Ok(true))), "the paho device announced");
+        let args = [script, "127.0.0.1", &port, "py-ann", "--keepalive", "2"];
+        let (child, ready) = spawn_until_ready("python3", &args).await;
+        assert!(ready, "the paho device announced");
         child
     };
     let device = |want_online: bool| {
@@ -227,4 +206,24 @@ async fn a_paho_python_device_announces_itself_from_the_protocol_document() {
     let _ = child.wait();
     let dead = device(false).await;
     assert_eq!(dead["seq"], online["seq"]);
+}
+
+/// Starts a program and waits (up to 20 s) for the line `ready` on its standard output;
+/// the child, and whether the line came.
+async fn spawn_until_ready(program: &str, args: &[&str]) -> (std::process::Child, bool) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l == "ready")
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(20), ready).await;
+    (child, matches!(ready, Ok(Ok(true))))
 }
