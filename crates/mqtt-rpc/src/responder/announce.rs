@@ -51,7 +51,10 @@ fn services_of(
         if s == "+" {
             other_services = true;
         } else if crate::ServiceName::parse(s).is_ok() {
-            services.insert(s.to_owned(), info.cloned().unwrap_or_default());
+            // The first filter naming a service is the one dispatch uses: so is its description.
+            services
+                .entry(s.to_owned())
+                .or_insert_with(|| info.cloned().unwrap_or_default());
         }
     }
     (services, other_services)
@@ -406,6 +409,21 @@ mod tests {
         assert_eq!(a.device_id, "t-7");
         assert_eq!(names(&a), ["get", "set"]);
         assert!(!a.other_services && a.online);
+
+        let parsed = filters(&["devices/t-7/get", "$share/g/devices/t-7/get"]);
+        let described = ServiceInfo::new().description("first");
+        let twice = announcement(
+            &Identity::FromFilters,
+            &TopicTemplate::default(),
+            &[(&parsed[0], Some(&described)), (&parsed[1], None)],
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            twice.services.unwrap()["get"].description.as_deref(),
+            Some("first"),
+            "the first filter naming a service describes it, as it is the one dispatched to"
+        );
 
         let open = announce(Identity::FromFilters, &["devices/t-7/+", "devices/t-7/get"]).unwrap();
         assert!(open.other_services);
