@@ -352,6 +352,7 @@ impl CallerSettings {
             reconnect_settle: self.reconnect_settle,
             budget: ByteBudget::new(self.max_buffered_bytes),
             presence: None,
+            cancel_abandoned: true,
         }
     }
 }

@@ -73,7 +73,10 @@ mod topic;
 
 pub use broker_url::{BrokerUrl, BrokerUrlError, Connect, OptionsError, Scheme, Secret};
 pub use budget::{ByteBudget, Held};
-pub use caller::{Call, CallError, Caller, CallerOptions, Parked, PublishRefusal, Received, Slot};
+pub use caller::{
+    Call, CallError, Caller, CallerOptions, Parked, PublishRefusal, Received, Slot, Streaming,
+    Update,
+};
 pub use presence::{Announcement, PresenceTopics, PresenceWatch, ServiceInfo};
 pub use protocol::Reply;
 pub use responder::{ServiceHost, ServiceRequest};

@@ -22,6 +22,21 @@ pub const TRACEPARENT_PROPERTY: &str = "traceparent";
 /// [`TRACEPARENT_PROPERTY`].
 pub const TRACESTATE_PROPERTY: &str = "tracestate";
 
+/// The user property that marks a message on the Response Topic as **progress** rather than
+/// the final reply: any number of progress messages (same Correlation Data) may come before
+/// the one final reply, which carries no such property. Its value is free (by convention a
+/// counter or `true`); the caller takes it out of the message's user properties. A caller
+/// that does not stream ignores progress and waits for the final reply.
+pub const PROGRESS_PROPERTY: &str = "rpc-progress";
+
+/// The service level of the **cancel topic**: a caller that stops waiting for a call
+/// publishes an empty message (QoS 1) to the request topic with this in place of the
+/// service (`devices/{device_id}/$cancel`), with the call's Response Topic and Correlation
+/// Data. A responder stops the handler running for that pair and sends nothing more for it.
+/// No service can be called `$cancel` (a service name never starts with `$`), and a responder
+/// never answers a message on this topic.
+pub const CANCEL_SERVICE: &str = "$cancel";
+
 /// The Correlation Data of a caller's readiness probe starts with this; 8 random bytes follow.
 /// A caller publishes the probe (QoS 0, empty payload) to its own response topic and is ready
 /// once it comes back. A call's correlation data is exactly 16 bytes, so the two never mix;

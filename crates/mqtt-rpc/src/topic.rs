@@ -161,6 +161,12 @@ impl TopicTemplate {
         self.fill(device, service)
     }
 
+    /// Where a caller cancels calls to this device: the request topic with
+    /// [`crate::protocol::CANCEL_SERVICE`] in the service level.
+    pub fn cancel_topic(&self, device: &DeviceId) -> String {
+        self.fill(device.as_str(), crate::protocol::CANCEL_SERVICE)
+    }
+
     /// The template with its placeholders filled, level by level: a name that looks like a
     /// placeholder (a device called `{service}`) stays what it is.
     fn fill(&self, device: &str, service: &str) -> String {

@@ -216,3 +216,129 @@ async fn next_announcement(
         }
     }
 }
+
+/// A handler's progress messages reach a streaming caller in order, before the final reply;
+/// a plain caller of the same service gets only the final reply.
+#[tokio::test]
+async fn progress_reaches_a_streaming_caller_in_order_then_the_reply() {
+    let broker = broker();
+    let host = ServiceHost::new(broker.mqtt_options("device-p1"))
+        .service("devices/p1/count", |request| async move {
+            let n: u32 = request.json().unwrap_or(3);
+            for i in 1..=n {
+                let update = Reply::new(i.to_string()).with_user_property("step", i.to_string());
+                assert!(request.progress(update).await, "progress {i} sent");
+            }
+            Reply::new("done").with_status(201)
+        })
+        .unwrap();
+    let running = host.start();
+    running.wait_ready().await.unwrap();
+    let caller = caller(&broker, "streaming-caller").await;
+
+    let slot = caller.reserve().unwrap();
+    let mut streaming = caller
+        .send_streaming(slot, call("p1", "count", "200"))
+        .unwrap();
+    let mut seen = Vec::new();
+    let done = loop {
+        match streaming.next().await.expect("an update until the outcome") {
+            mqtt_rpc::Update::Progress(p) => {
+                assert!(
+                    !p.reply
+                        .user_properties
+                        .iter()
+                        .any(|(k, _)| k == mqtt_rpc::protocol::PROGRESS_PROPERTY),
+                    "the marker is taken out"
+                );
+                seen.push(String::from_utf8(p.reply.payload.to_vec()).unwrap());
+            }
+            mqtt_rpc::Update::Done(done) => break done.expect("the final reply"),
+        }
+    };
+    assert!(streaming.next().await.is_none(), "nothing after the outcome");
+    let expected: Vec<String> = (1..=200).map(|i| i.to_string()).collect();
+    assert_eq!(seen, expected, "every progress message, in order");
+    assert_eq!(&done.reply.payload[..], b"done");
+    assert_eq!(done.reply.status, Some(201));
+
+    let plain = caller.call(call("p1", "count", "5")).await.unwrap();
+    assert_eq!(&plain.payload[..], b"done", "a plain call skips the progress");
+    assert_eq!(caller.stats().parked, 0);
+}
+
+/// A handler that runs until stopped, and a channel that says when its future was dropped.
+fn endless_device(
+    broker: &TestBroker,
+    id: &str,
+) -> (
+    mqtt_rpc::responder::RunningHost,
+    tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+) {
+    struct OnDrop(tokio::sync::mpsc::UnboundedSender<&'static str>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send("dropped");
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let host = ServiceHost::new(broker.mqtt_options(&format!("device-{id}")))
+        .service(&format!("devices/{id}/forever"), move |request| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send("started");
+                let _guard = OnDrop(tx);
+                loop {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    request.progress(Reply::new("tick")).await;
+                }
+            }
+        })
+        .unwrap();
+    (host.start(), rx)
+}
+
+async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> &'static str {
+    tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the device reports within 5 s")
+        .unwrap()
+}
+
+/// A caller that drops its call, or whose call times out, cancels it: the device's handler
+/// future is dropped, and nothing more comes from it.
+#[tokio::test]
+async fn an_abandoned_call_is_cancelled_on_the_device() {
+    let broker = broker();
+    let (running, mut events) = endless_device(&broker, "c1");
+    running.wait_ready().await.unwrap();
+    let caller = caller(&broker, "cancelling-caller").await;
+
+    // Dropped by whoever waited.
+    let slot = caller.reserve().unwrap();
+    let mut streaming = caller
+        .send_streaming(slot, call("c1", "forever", ""))
+        .unwrap();
+    assert_eq!(next(&mut events).await, "started");
+    assert!(matches!(
+        streaming.next().await,
+        Some(mqtt_rpc::Update::Progress(_))
+    ));
+    drop(streaming);
+    assert_eq!(next(&mut events).await, "dropped", "the handler stopped");
+    assert_eq!(caller.stats().cancels_sent, 1);
+
+    // Timed out.
+    let timed_out = caller
+        .call(call("c1", "forever", "").with_timeout(Duration::from_millis(300)))
+        .await;
+    assert!(matches!(timed_out, Err(CallError::Timeout(_))));
+    assert_eq!(next(&mut events).await, "started");
+    assert_eq!(next(&mut events).await, "dropped", "the handler stopped");
+    assert_eq!(caller.stats().cancels_sent, 2);
+    // No more progress comes for it: nothing unmatched after a pause.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unmatched = caller.stats().unmatched_replies;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(caller.stats().unmatched_replies, unmatched, "the device went quiet");
+}

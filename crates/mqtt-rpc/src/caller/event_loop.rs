@@ -237,6 +237,13 @@ impl Inner {
             debug!("ignoring a reply without 16 bytes of correlation data");
             return;
         };
+        if let Some(at) = properties
+            .user_properties
+            .iter()
+            .position(|(key, _)| key == protocol::PROGRESS_PROPERTY)
+        {
+            return self.route_progress(id, publish.payload, properties, at);
+        }
         let outcome = match protocol::split_status(properties.user_properties) {
             Ok((status, user_properties)) => {
                 // What the reply holds until whoever receives it lets go (the gateway: until
@@ -272,6 +279,49 @@ impl Inner {
             self.counters
                 .invalid_replies
                 .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Inner {
+    /// A progress message: handed to its call, which stays parked. It holds its bytes in the
+    /// budget like a reply; when the budget is full it is dropped (and counted), never queued
+    /// beyond it.
+    fn route_progress(
+        &self,
+        id: CorrelationId,
+        payload: bytes::Bytes,
+        properties: rumqttc::v5::mqttbytes::v5::PublishProperties,
+        marker: usize,
+    ) {
+        let mut user_properties = properties.user_properties;
+        user_properties.remove(marker);
+        let bytes = payload.len()
+            + user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let Some(held) = self.budget.try_hold(bytes) else {
+            self.counters
+                .progress_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("dropping a progress message: the budget is full");
+            return;
+        };
+        let received = Received {
+            reply: Reply {
+                payload,
+                content_type: properties.content_type,
+                status: None,
+                user_properties,
+            },
+            held: Some(held),
+        };
+        if !self.parked.progress(&id, received) {
+            self.counters
+                .unmatched_replies
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("ignoring a progress message that matches no waiting call");
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::budget::{ByteBudget, Held};
 use crate::presence::PresenceWatch;
 use crate::protocol::Reply;
 use crate::topic::TopicTemplate;
-use pending::{ParkedCalls, Ticket};
+use pending::{Message, ParkedCalls, Ticket};
 use publish_order::PublishOrder;
 use readiness::Readiness;
 
@@ -184,6 +184,10 @@ pub struct CallerOptions {
     /// to every presence topic with each response topic subscription, ask for announcements
     /// after it, and hand each message to the watch's feed. None: presence is not followed.
     pub presence: Option<PresenceWatch>,
+    /// Cancel every call given up on before its outcome came (timed out, or its [`Parked`]
+    /// or [`Streaming`] dropped): publish to the device's cancel topic
+    /// ([`crate::protocol::CANCEL_SERVICE`]) so its handler stops. On by default.
+    pub cancel_abandoned: bool,
 }
 
 impl CallerOptions {
@@ -200,6 +204,7 @@ impl CallerOptions {
             reconnect_settle: Duration::from_secs(2),
             budget: ByteBudget::new(64 * 1024 * 1024),
             presence: None,
+            cancel_abandoned: true,
         }
     }
 }
@@ -218,6 +223,10 @@ struct Counters {
     shed: AtomicU64,
     /// Presence messages not handed on (too large, or too many waiting).
     presence_dropped: AtomicU64,
+    /// Progress messages dropped: the budget was full.
+    progress_dropped: AtomicU64,
+    /// Cancel messages published for calls given up on.
+    cancels_sent: AtomicU64,
 }
 
 /// A snapshot of the connection's counters.
@@ -242,6 +251,10 @@ pub struct CallerStats {
     /// Presence messages not handed on: larger than [`PresenceWatch::max_bytes`], or over
     /// its budget.
     pub presence_dropped: u64,
+    /// Progress messages dropped because the budget was full.
+    pub progress_dropped: u64,
+    /// Cancel messages published for calls given up on (timed out or dropped).
+    pub cancels_sent: u64,
 }
 
 /// The handle to call responders with. Cheap to clone; all clones share one connection.
@@ -279,6 +292,7 @@ struct Inner {
     /// Subscribed and probed; see [`readiness`].
     readiness: Mutex<Readiness>,
     presence: Option<PresenceWatch>,
+    cancel_abandoned: bool,
 }
 
 /// What must change together, under one lock: whether requests may be sent, and the order
@@ -340,6 +354,7 @@ impl Caller {
             client_id,
             readiness: Mutex::new(Readiness::default()),
             presence: options.presence,
+            cancel_abandoned: options.cancel_abandoned,
         });
         let task = tokio::spawn(event_loop::run(eventloop, inner.clone()));
         tokio::spawn(event_loop::watch_readiness(inner.clone()));
@@ -370,14 +385,37 @@ impl Caller {
 
     /// Parks the call and hands its request to the connection, without waiting: what the sender
     /// holds while the responder works is only the [`Parked`], not the request it came from.
-    pub fn send(&self, slot: Slot, mut call: Call) -> Result<Parked, CallError> {
+    pub fn send(&self, slot: Slot, call: Call) -> Result<Parked, CallError> {
+        self.park_and_publish(slot, call, false)
+    }
+
+    /// Like [`Caller::send`], for a call whose progress messages
+    /// ([`crate::protocol::PROGRESS_PROPERTY`]) the sender wants too: await
+    /// [`Streaming::next`] for each, then the outcome.
+    pub fn send_streaming(&self, slot: Slot, call: Call) -> Result<Streaming, CallError> {
+        let parked = self.park_and_publish(slot, call, true)?;
+        Ok(Streaming {
+            deadline: tokio::time::Instant::now() + parked.timeout,
+            parked: Some(parked),
+        })
+    }
+
+    fn park_and_publish(
+        &self,
+        slot: Slot,
+        mut call: Call,
+        stream: bool,
+    ) -> Result<Parked, CallError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(CallError::ShuttingDown);
         }
-        let parked = inner.parked.park();
+        let parked = inner.parked.park(stream);
         let timeout = call.timeout;
         let held = call.held.take();
+        let cancel = inner
+            .cancel_abandoned
+            .then(|| inner.topics.cancel_topic(&call.device).into_boxed_str());
         let publish = call.into_publish(&inner.topics, &inner.response_topic, parked.id());
 
         let size = publish.size();
@@ -423,6 +461,7 @@ impl Caller {
             timeout,
             _slot: slot,
             caller: self.inner.clone(),
+            cancel,
         })
     }
 
@@ -483,6 +522,8 @@ impl Caller {
             shed: c.shed.load(Ordering::Relaxed),
             buffered_bytes: self.inner.budget.used(),
             presence_dropped: c.presence_dropped.load(Ordering::Relaxed),
+            progress_dropped: c.progress_dropped.load(Ordering::Relaxed),
+            cancels_sent: c.cancels_sent.load(Ordering::Relaxed),
         }
     }
 
@@ -511,12 +552,15 @@ impl Caller {
 }
 
 /// A parked call: its request has been handed to the connection; await [`Parked::reply`].
-/// Dropping it un-parks the call (whoever waited went away) and frees its in-flight slot.
+/// Dropping it un-parks the call (whoever waited went away), frees its in-flight slot, and,
+/// unless an outcome had come, cancels it on the device ([`CallerOptions::cancel_abandoned`]).
 pub struct Parked {
     parked: Ticket,
     timeout: Duration,
     _slot: Slot,
     caller: Arc<Inner>,
+    /// The device's cancel topic, when abandoned calls are cancelled.
+    cancel: Option<Box<str>>,
 }
 
 impl Parked {
@@ -531,21 +575,103 @@ impl Parked {
             // below and drop the in-flight slot as soon as `reply` returns.
             let _slot = &self._slot;
             match tokio::time::timeout(self.timeout, self.parked.outcome()).await {
-                Ok(CallOutcome::Reply(reply)) => Ok(reply),
-                Ok(CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers))
-                    if self.caller.settling() =>
-                {
-                    Err(CallError::DevicesReconnecting)
-                }
-                Ok(CallOutcome::Refused(refusal)) => Err(CallError::Refused(refusal)),
-                Ok(CallOutcome::BufferFull) => Err(CallError::BufferFull {
-                    limit: self.caller.budget.limit(),
-                }),
-                Ok(CallOutcome::InvalidStatus(why)) => Err(CallError::InvalidStatus(why)),
-                Ok(CallOutcome::ConnectionLost) => Err(CallError::ConnectionLost),
-                Ok(CallOutcome::ShuttingDown) => Err(CallError::ShuttingDown),
+                Ok(outcome) => self.caller.result(outcome),
                 Err(_) => Err(CallError::Timeout(self.timeout)),
             }
+        }
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if self.parked.leave() {
+            if let Some(topic) = &self.cancel {
+                self.caller.cancel(topic, self.parked.id());
+            }
+        }
+    }
+}
+
+/// What a streaming call ([`Caller::send_streaming`]) receives next.
+#[derive(Debug)]
+pub enum Update {
+    /// A progress message; more may follow.
+    Progress(Received),
+    /// The end: the final reply, or why there is none (the timeout included).
+    Done(Result<Received, CallError>),
+}
+
+/// A streaming call: progress messages in the order the responder sent them, then the
+/// outcome. Dropping it before the outcome cancels the call, as for [`Parked`].
+pub struct Streaming {
+    parked: Option<Parked>,
+    deadline: tokio::time::Instant,
+}
+
+impl Streaming {
+    /// The next progress message or the outcome; None after the outcome.
+    pub async fn next(&mut self) -> Option<Update> {
+        let parked = self.parked.as_mut()?;
+        let message = tokio::time::timeout_at(self.deadline, parked.parked.next()).await;
+        let done = match message {
+            Ok(Message::Progress(received)) => return Some(Update::Progress(received)),
+            Ok(Message::Outcome(outcome)) => parked.caller.result(outcome),
+            Err(_) => Err(CallError::Timeout(parked.timeout)),
+        };
+        // Dropped here, after the outcome: a timed-out call is cancelled now.
+        self.parked = None;
+        Some(Update::Done(done))
+    }
+
+    /// When the call's timeout ends.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+}
+
+impl Inner {
+    /// A call's outcome as the caller reports it.
+    fn result(&self, outcome: CallOutcome) -> Result<Received, CallError> {
+        match outcome {
+            CallOutcome::Reply(reply) => Ok(reply),
+            CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers) if self.settling() => {
+                Err(CallError::DevicesReconnecting)
+            }
+            CallOutcome::Refused(refusal) => Err(CallError::Refused(refusal)),
+            CallOutcome::BufferFull => Err(CallError::BufferFull {
+                limit: self.budget.limit(),
+            }),
+            CallOutcome::InvalidStatus(why) => Err(CallError::InvalidStatus(why)),
+            CallOutcome::ConnectionLost => Err(CallError::ConnectionLost),
+            CallOutcome::ShuttingDown => Err(CallError::ShuttingDown),
+        }
+    }
+
+    /// Publishes a call's cancel message (QoS 1: a device's persistent session keeps it, in
+    /// order after the request), when connected. Its PUBACK reaches no call: the id is no
+    /// longer parked.
+    fn cancel(&self, topic: &str, id: CorrelationId) {
+        let mut link = self.lock_link();
+        if !link.ready {
+            return;
+        }
+        let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            response_topic: Some(self.response_topic.clone()),
+            correlation_data: Some(bytes::Bytes::copy_from_slice(id.as_bytes())),
+            ..Default::default()
+        };
+        let sent = self.client.try_publish_with_properties(
+            topic.to_owned(),
+            QoS::AtLeastOnce,
+            false,
+            bytes::Bytes::new(),
+            properties,
+        );
+        if sent.is_ok() {
+            link.order.queued(id, None);
+            self.counters.cancels_sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::debug!("could not queue a cancel message: the request channel is full");
         }
     }
 }

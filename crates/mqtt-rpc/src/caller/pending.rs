@@ -8,22 +8,58 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use super::{CallOutcome, CorrelationId};
+use super::{CallOutcome, CorrelationId, Received};
+
+/// Who waits for a call: a plain call waits for its outcome only (progress messages are
+/// dropped); a streaming call takes its progress messages too, in order, then the outcome.
+pub(crate) enum Waiter {
+    Once(oneshot::Sender<CallOutcome>),
+    Stream(mpsc::UnboundedSender<Message>),
+}
+
+/// What a streaming call receives. The channel is unbounded in count but not in bytes: every
+/// progress message holds its bytes in the caller's budget until it is taken and dropped.
+#[derive(Debug)]
+pub(crate) enum Message {
+    Progress(Received),
+    Outcome(CallOutcome),
+}
+
+impl Waiter {
+    fn finish(self, outcome: CallOutcome) -> bool {
+        match self {
+            Waiter::Once(tx) => tx.send(outcome).is_ok(),
+            Waiter::Stream(tx) => tx.send(Message::Outcome(outcome)).is_ok(),
+        }
+    }
+}
 
 /// Calls waiting for a reply. Cheap to clone; all clones share one map.
 #[derive(Clone, Default)]
 pub(crate) struct ParkedCalls {
     // A plain mutex: every critical section is a single hash map operation, never held across
     // an await, so contention stays far below the cost of the network round trip.
-    calls: Arc<Mutex<HashMap<CorrelationId, oneshot::Sender<CallOutcome>>>>,
+    calls: Arc<Mutex<HashMap<CorrelationId, Waiter>>>,
+}
+
+/// The receiving end a [`Ticket`] holds.
+enum Receiver {
+    Once(oneshot::Receiver<CallOutcome>),
+    Stream(mpsc::UnboundedReceiver<Message>),
 }
 
 impl ParkedCalls {
     /// Parks a call under a fresh random correlation id.
-    pub(crate) fn park(&self) -> Ticket {
-        let (tx, rx) = oneshot::channel();
+    pub(crate) fn park(&self, stream: bool) -> Ticket {
+        let (waiter, rx) = if stream {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Waiter::Stream(tx), Receiver::Stream(rx))
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Waiter::Once(tx), Receiver::Once(rx))
+        };
         let mut calls = self.lock();
         // 128 random bits: a collision with a live call is astronomically unlikely, but the
         // loop makes it impossible rather than unlikely.
@@ -33,12 +69,13 @@ impl ParkedCalls {
                 break id;
             }
         };
-        calls.insert(id, tx);
+        calls.insert(id, waiter);
         drop(calls);
         Ticket {
             id,
             rx,
             calls: self.clone(),
+            left: false,
         }
     }
 
@@ -47,7 +84,21 @@ impl ParkedCalls {
     pub(crate) fn resolve(&self, id: &CorrelationId, outcome: CallOutcome) -> bool {
         let waiter = self.lock().remove(id);
         match waiter {
-            Some(tx) => tx.send(outcome).is_ok(),
+            Some(waiter) => waiter.finish(outcome),
+            None => false,
+        }
+    }
+
+    /// Hands a progress message to the call parked under `id`, which stays parked. Returns
+    /// false when no such call waits; a plain call that waits drops it (true).
+    pub(crate) fn progress(&self, id: &CorrelationId, received: Received) -> bool {
+        let calls = self.lock();
+        match calls.get(id) {
+            Some(Waiter::Stream(tx)) => {
+                let _ = tx.send(Message::Progress(received));
+                true
+            }
+            Some(Waiter::Once(_)) => true,
             None => false,
         }
     }
@@ -57,8 +108,8 @@ impl ParkedCalls {
     pub(crate) fn fail_all(&self, outcome: impl Fn() -> CallOutcome) -> usize {
         let drained: Vec<_> = self.lock().drain().collect();
         let n = drained.len();
-        for (_, tx) in drained {
-            let _ = tx.send(outcome());
+        for (_, waiter) in drained {
+            waiter.finish(outcome());
         }
         n
     }
@@ -73,20 +124,21 @@ impl ParkedCalls {
         self.len() == 0
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<CorrelationId, oneshot::Sender<CallOutcome>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CorrelationId, Waiter>> {
         // A panic while holding this lock cannot leave the map inconsistent (each operation is a
         // single insert or remove), so a poisoned lock is still safe to use.
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// One parked call's place in the map. Await [`Ticket::outcome`]; dropping it un-parks the call.
+/// One parked call's place in the map. Await [`Ticket::outcome`] (or [`Ticket::next`] for a
+/// streaming call); dropping it un-parks the call.
 pub(crate) struct Ticket {
     id: CorrelationId,
-    rx: oneshot::Receiver<CallOutcome>,
+    rx: Receiver,
     calls: ParkedCalls,
+    /// Already taken out of the map by [`Ticket::leave`].
+    left: bool,
 }
 
 impl Ticket {
@@ -96,13 +148,38 @@ impl Ticket {
 
     /// Waits for the outcome. A call removed without an outcome counts as a lost connection.
     pub(crate) async fn outcome(&mut self) -> CallOutcome {
-        (&mut self.rx).await.unwrap_or(CallOutcome::ConnectionLost)
+        loop {
+            match self.next().await {
+                Message::Outcome(outcome) => return outcome,
+                Message::Progress(_) => continue,
+            }
+        }
+    }
+
+    /// The next message of a streaming call (a plain call's only one is its outcome). After
+    /// the outcome, or if the call was removed without one, a lost connection.
+    pub(crate) async fn next(&mut self) -> Message {
+        let lost = || Message::Outcome(CallOutcome::ConnectionLost);
+        match &mut self.rx {
+            Receiver::Once(rx) => rx.await.map(Message::Outcome).unwrap_or_else(|_| lost()),
+            Receiver::Stream(rx) => rx.recv().await.unwrap_or_else(lost),
+        }
+    }
+
+    /// Leaves the map now; true when the call was still parked, so no outcome had reached it
+    /// (whoever waited gave up: the caller cancels it).
+    pub(crate) fn leave(&mut self) -> bool {
+        if self.left {
+            return false;
+        }
+        self.left = true;
+        self.calls.lock().remove(&self.id).is_some()
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.calls.lock().remove(&self.id);
+        self.leave();
     }
 }
 
@@ -113,8 +190,8 @@ mod tests {
     #[tokio::test]
     async fn dropping_a_parked_call_removes_it() {
         let pending = ParkedCalls::default();
-        let a = pending.park();
-        let b = pending.park();
+        let a = pending.park(false);
+        let b = pending.park(false);
         assert_ne!(a.id(), b.id());
         assert_eq!(pending.len(), 2);
         drop(a);
@@ -126,8 +203,8 @@ mod tests {
     #[tokio::test]
     async fn resolve_reaches_only_the_named_call() {
         let pending = ParkedCalls::default();
-        let mut a = pending.park();
-        let b = pending.park();
+        let mut a = pending.park(false);
+        let b = pending.park(true);
         assert!(pending.resolve(&a.id(), CallOutcome::ConnectionLost));
         assert!(
             !pending.resolve(&a.id(), CallOutcome::ConnectionLost),

@@ -371,6 +371,49 @@ pub(super) fn json_properties() -> PublishProperties {
     }
 }
 
+/// The cancel topic filters a host subscribes to: one per device level (a name or `+`) of
+/// the filters made from the template whose service level names one service (a `+` or `#`
+/// there already covers the cancel topic).
+pub(super) fn cancel_filters<'f>(
+    template: &TopicTemplate,
+    filters: impl Iterator<Item = &'f TopicFilter>,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for filter in filters {
+        let Some((device, service)) = names_in(template, filter) else {
+            continue;
+        };
+        if service == "+" {
+            continue;
+        }
+        let cancel = template.filter(device, crate::protocol::CANCEL_SERVICE);
+        if !out.contains(&cancel) {
+            out.push(cancel);
+        }
+    }
+    out
+}
+
+/// Whether a topic is a cancel topic of the template: its shape, with
+/// [`crate::protocol::CANCEL_SERVICE`] in the service level.
+pub(super) fn is_cancel_topic(template: &TopicTemplate, topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for expected in template.as_str().split('/') {
+        let Some(level) = levels.next() else {
+            return false;
+        };
+        let fits = match expected {
+            "{device_id}" => true,
+            "{service}" => level == crate::protocol::CANCEL_SERVICE,
+            literal => level == literal,
+        };
+        if !fits {
+            return false;
+        }
+    }
+    levels.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +499,30 @@ mod tests {
             next_seq(MAX_SEQ),
             1,
             "wraps before leaving JSON's exact integers"
+        );
+    }
+
+    #[test]
+    fn cancel_topics_follow_the_template() {
+        let t = TopicTemplate::default();
+        assert!(is_cancel_topic(&t, "devices/d1/$cancel"));
+        assert!(!is_cancel_topic(&t, "devices/d1/echo"));
+        assert!(!is_cancel_topic(&t, "devices/d1/$cancel/x"));
+        assert!(!is_cancel_topic(&t, "other/d1/$cancel"));
+        let filters: Vec<TopicFilter> = [
+            "devices/d1/echo",
+            "devices/d1/get",
+            "$share/g/devices/+/echo",
+            "devices/d2/+",
+            "devices/#",
+        ]
+        .iter()
+        .map(|f| TopicFilter::parse(f).unwrap())
+        .collect();
+        assert_eq!(
+            cancel_filters(&t, filters.iter()),
+            vec!["devices/d1/$cancel".to_owned(), "devices/+/$cancel".to_owned()],
+            "one per device level; `+` and `#` service levels already receive it"
         );
     }
 }

@@ -34,6 +34,14 @@
 //! # }
 //! ```
 //!
+//! Long work: a handler may send any number of progress messages before its reply with
+//! [`ServiceRequest::progress`]. When the caller gives up (it timed out, its HTTP client left,
+//! or it was cancelled), it publishes a cancel message (`docs/PROTOCOL.md`, section 12) and
+//! the host **drops the handler's future**: it stops at its next `.await`, its destructors run,
+//! and nothing more is sent for it. The host subscribes to its devices' cancel topics
+//! (`devices/{id}/$cancel`) next to its services. Work that must not stop half-way belongs in
+//! a task the handler spawns.
+//!
 //! Backpressure: at most [`ServiceHost::max_concurrent`] handlers run at once, and at most
 //! [`ServiceHost::max_queued`] more requests wait for a slot. Past that, a request is answered at
 //! once with status 503 (`device busy`) instead of queueing without bound. (Holding back the
@@ -44,11 +52,12 @@
 mod announce;
 mod filter;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -59,7 +68,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
 use rumqttc::Outgoing;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -101,6 +110,24 @@ pub struct ServiceRequest {
     pub deadline: Option<Instant>,
     /// Where the reply goes; None for a one-way request.
     pub response_topic: Option<String>,
+    /// How [`ServiceRequest::progress`] reaches the caller; None for a one-way request.
+    progress: Option<ProgressSender>,
+}
+
+/// Where a request's progress messages go: its Response Topic, with its Correlation Data.
+#[derive(Clone)]
+struct ProgressSender {
+    client: AsyncClient,
+    response_topic: String,
+    correlation: Option<Bytes>,
+}
+
+impl std::fmt::Debug for ProgressSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressSender")
+            .field("response_topic", &self.response_topic)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServiceRequest {
@@ -120,6 +147,44 @@ impl ServiceRequest {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Sends a progress message before the final reply (`docs/PROTOCOL.md`, section 12): to
+    /// the request's Response Topic, with its Correlation Data and the
+    /// [`protocol::PROGRESS_PROPERTY`] user property; the update's payload, content type and
+    /// user properties travel as a reply's do (its status does not: progress has none).
+    /// Messages arrive in the order they were sent; a caller that does not stream ignores
+    /// them. Waits while the connection's queue is full, so a handler cannot outrun it.
+    /// False, and nothing sent, for a one-way request or once the caller's deadline passed.
+    pub async fn progress(&self, update: Reply) -> bool {
+        let Some(sender) = &self.progress else {
+            return false;
+        };
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        let (payload, mut properties) = reply_properties(
+            Reply {
+                status: None,
+                ..update
+            },
+            sender.correlation.clone(),
+        );
+        properties.user_properties.insert(
+            0,
+            (protocol::PROGRESS_PROPERTY.to_owned(), "true".to_owned()),
+        );
+        sender
+            .client
+            .publish_with_properties(
+                sender.response_topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                properties,
+            )
+            .await
+            .is_ok()
     }
 }
 
@@ -336,6 +401,8 @@ impl ServiceHost {
                 None
             }
         };
+        let cancel_filters =
+            announce::cancel_filters(&self.topics, self.services.iter().map(|s| &s.filter));
         // Room for every running handler's reply plus the busy replies of a burst, so replies
         // rarely wait for the event loop.
         let (client, eventloop) = AsyncClient::new(self.options, 2 * self.max_concurrent + 64);
@@ -348,6 +415,10 @@ impl ServiceHost {
             capacity: self.max_concurrent + self.max_queued,
             ready: ready.clone(),
             presence,
+            cancel_filters,
+            topics: self.topics,
+            cancellable: Mutex::default(),
+            next_call: AtomicU64::new(0),
         });
         let task = tokio::spawn(serve(eventloop, shared.clone()));
         RunningHost {
@@ -485,6 +556,75 @@ struct Shared {
     ready: watch::Sender<Readiness>,
     /// The device's presence, when it announces.
     presence: Option<Arc<Presence>>,
+    /// The cancel topics of the services' devices, subscribed after the services.
+    cancel_filters: Vec<String>,
+    /// The request topic template, to recognise a cancel topic.
+    topics: TopicTemplate,
+    /// Requests running or waiting, by Response Topic and Correlation Data, so a cancel can
+    /// stop their handler.
+    cancellable: Mutex<HashMap<(String, Bytes), Cancellable>>,
+    next_call: AtomicU64,
+}
+
+/// A running request's way to be stopped: which dispatch registered it, and the signal.
+struct Cancellable {
+    call: u64,
+    cancel: oneshot::Sender<()>,
+}
+
+impl Shared {
+    fn lock_cancellable(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Bytes), Cancellable>> {
+        // Every critical section is one map operation: a poisoned lock is still consistent.
+        self.cancellable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a request as cancellable; the receiver fires when its caller cancels it.
+    fn register(&self, key: (String, Bytes)) -> (u64, oneshot::Receiver<()>) {
+        let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let (cancel, rx) = oneshot::channel();
+        // A duplicate (a QoS 1 redelivery) replaces the first: its sender is dropped, which
+        // does not cancel it.
+        self.lock_cancellable()
+            .insert(key, Cancellable { call, cancel });
+        (call, rx)
+    }
+
+    /// A cancel message: stops the handler of the request it names, if one runs.
+    fn cancel(&self, topic: &str, properties: Option<PublishProperties>) {
+        let properties = properties.unwrap_or_default();
+        let (Some(response_topic), Some(correlation)) =
+            (properties.response_topic, properties.correlation_data)
+        else {
+            debug!(%topic, "ignoring a cancel without Response Topic and Correlation Data");
+            return;
+        };
+        let entry = self
+            .lock_cancellable()
+            .remove(&(response_topic, correlation));
+        match entry {
+            Some(entry) => {
+                let _ = entry.cancel.send(());
+                info!(%topic, "a request was cancelled by its caller; its handler is stopped");
+            }
+            None => debug!(%topic, "a cancel for no running request (it had finished)"),
+        }
+    }
+}
+
+/// Takes a request out of [`Shared::cancellable`] when its task ends, however it ends.
+struct Registered<'a> {
+    shared: &'a Shared,
+    key: (String, Bytes),
+    call: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut map = self.shared.lock_cancellable();
+        if map.get(&self.key).is_some_and(|c| c.call == self.call) {
+            map.remove(&self.key);
+        }
+    }
 }
 
 async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
@@ -506,12 +646,19 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
                         retain_forward_rule: RetainForwardRule::Never,
                         ..Filter::new(s.filter.subscription(), QoS::AtLeastOnce)
                     });
-                    // Presence's own filters come last, so the reason codes of the services'
-                    // are the first ones.
+                    // The cancel topics next, then presence's own filters, so the reason codes of
+                    // the services' are the first ones.
+                    let cancels = shared.cancel_filters.iter().map(|f| Filter {
+                        retain_forward_rule: RetainForwardRule::Never,
+                        ..Filter::new(f.clone(), QoS::AtLeastOnce)
+                    });
                     let presence = shared.presence.iter().flat_map(|p| p.filters());
                     event_loop_access::send_next(
                         &mut eventloop,
-                        MqttRequest::Subscribe(Subscribe::new_many(filters.chain(presence), None)),
+                        MqttRequest::Subscribe(Subscribe::new_many(
+                            filters.chain(cancels).chain(presence),
+                            None,
+                        )),
                     );
                 }
             }
@@ -523,11 +670,27 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
                     .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
                     .map(|(code, s)| format!("{} ({code:?})", s.filter.subscription()))
                     .collect();
-                let presence_refused = ack
+                let granted =
+                    |code: &SubscribeReasonCode| matches!(code, SubscribeReasonCode::Success(_));
+                let cancels = shared.cancel_filters.len();
+                let cancels_refused = ack
                     .return_codes
                     .iter()
                     .skip(shared.services.len())
-                    .any(|code| !matches!(code, SubscribeReasonCode::Success(_)));
+                    .take(cancels)
+                    .any(|code| !granted(code));
+                if cancels_refused {
+                    warn!(
+                        filters = ?shared.cancel_filters,
+                        "the broker refused the cancel topic subscriptions (its ACL?): callers \
+                         cannot stop this device's handlers"
+                    );
+                }
+                let presence_refused = ack
+                    .return_codes
+                    .iter()
+                    .skip(shared.services.len() + cancels)
+                    .any(|code| !granted(code));
                 if presence_refused {
                     warn!(
                         "the broker refused the presence subscriptions (its ACL?): the device \
@@ -598,6 +761,9 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
         debug!(%topic, "dropping a retained message: requests are never retained");
         return;
     }
+    if announce::is_cancel_topic(&shared.topics, &topic) {
+        return shared.cancel(&topic, publish.properties);
+    }
     let Some((index, params)) = shared
         .services
         .iter()
@@ -611,6 +777,15 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
     let deadline = properties
         .message_expiry_interval
         .map(|s| received + Duration::from_secs(u64::from(s)));
+    let correlation = properties.correlation_data;
+    let progress = properties
+        .response_topic
+        .as_ref()
+        .map(|response_topic| ProgressSender {
+            client: shared.client.clone(),
+            response_topic: response_topic.clone(),
+            correlation: correlation.clone(),
+        });
     let request = ServiceRequest {
         topic,
         params,
@@ -619,8 +794,8 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
         user_properties: properties.user_properties,
         deadline,
         response_topic: properties.response_topic,
+        progress,
     };
-    let correlation = properties.correlation_data;
     if let Some(why) = request
         .response_topic
         .as_deref()
@@ -654,53 +829,74 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
         return;
     }
 
+    // Cancellable when the caller can name it: by its Response Topic and Correlation Data.
+    let key = request.response_topic.clone().zip(correlation.clone());
+    let registered = key.map(|key| (shared.register(key.clone()), key));
     let shared = shared.clone();
     tokio::spawn(async move {
         let _admitted = Admitted(&shared.admitted);
-        // The semaphore is never closed, so acquiring cannot fail.
-        let Ok(_permit) = shared.running.clone().acquire_owned().await else {
-            return;
+        let Some(((call, cancelled), key)) = registered else {
+            return serve_request(&shared, index, request, correlation, deadline).await;
         };
-        let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| Instant::now() >= d);
-        if expired(deadline) {
-            debug!(topic = %request.topic, "dropping an expired request");
-            return;
-        }
+        let _registered = Registered {
+            shared: &shared,
+            key,
+            call,
+        };
         let topic = request.topic.clone();
-        let response_topic = request.response_topic.clone();
-        let handler = shared.services[index].handler.clone();
-        let reply = match AssertUnwindSafe(handler(request)).catch_unwind().await {
-            Ok(reply) => reply,
-            Err(_) => {
-                error!(%topic, "service handler panicked");
-                Reply::new("the device's handler failed")
-                    .with_content_type("text/plain")
-                    .with_status(500)
-            }
-        };
-        match response_topic {
-            Some(_) if expired(deadline) => {
-                debug!(%topic, "the caller's deadline passed; reply dropped")
-            }
-            Some(response_topic) => {
-                let (payload, props) = reply_properties(reply, correlation);
-                if let Err(e) = shared
-                    .client
-                    .publish_with_properties(
-                        response_topic,
-                        QoS::AtLeastOnce,
-                        false,
-                        payload,
-                        props,
-                    )
-                    .await
-                {
-                    warn!(error = %e, "could not queue the reply");
-                }
-            }
-            None => {}
+        tokio::select! {
+            () = serve_request(&shared, index, request, correlation, deadline) => {}
+            // A dropped sender (a duplicate took its place) is no cancel: that branch waits on.
+            Ok(()) = cancelled => debug!(%topic, "handler stopped: the caller cancelled"),
         }
     });
+}
+
+/// Runs one request's handler when a slot is free, and publishes its reply.
+async fn serve_request(
+    shared: &Shared,
+    index: usize,
+    request: ServiceRequest,
+    correlation: Option<Bytes>,
+    deadline: Option<Instant>,
+) {
+    // The semaphore is never closed, so acquiring cannot fail.
+    let Ok(_permit) = shared.running.clone().acquire_owned().await else {
+        return;
+    };
+    let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| Instant::now() >= d);
+    if expired(deadline) {
+        debug!(topic = %request.topic, "dropping an expired request");
+        return;
+    }
+    let topic = request.topic.clone();
+    let response_topic = request.response_topic.clone();
+    let handler = shared.services[index].handler.clone();
+    let reply = match AssertUnwindSafe(handler(request)).catch_unwind().await {
+        Ok(reply) => reply,
+        Err(_) => {
+            error!(%topic, "service handler panicked");
+            Reply::new("the device's handler failed")
+                .with_content_type("text/plain")
+                .with_status(500)
+        }
+    };
+    match response_topic {
+        Some(_) if expired(deadline) => {
+            debug!(%topic, "the caller's deadline passed; reply dropped")
+        }
+        Some(response_topic) => {
+            let (payload, props) = reply_properties(reply, correlation);
+            if let Err(e) = shared
+                .client
+                .publish_with_properties(response_topic, QoS::AtLeastOnce, false, payload, props)
+                .await
+            {
+                warn!(error = %e, "could not queue the reply");
+            }
+        }
+        None => {}
+    }
 }
 
 /// Counts a request as admitted until dropped, whatever way its task ends.
