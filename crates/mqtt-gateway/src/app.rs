@@ -139,6 +139,7 @@ pub struct App {
     cors_origins: Arc<Vec<String>>,
     caller_slots: Arc<CallerSlots>,
     registry: Arc<Registry>,
+    calls: Arc<crate::calls::Calls>,
 }
 
 impl App {
@@ -184,6 +185,13 @@ impl App {
         options.presence = Some(watch);
         let (mqtt, mqtt_task) = mqtt_rpc::Caller::start(options);
         tokio::spawn(crate::registry::run(feed, registry.clone()));
+        let calls = crate::calls::Calls::new(crate::calls::CallsOptions {
+            retention: settings.calls.retention,
+            max_calls: settings.calls.max_calls,
+            max_bytes: settings.calls.max_bytes,
+            max_events: settings.calls.max_events,
+        });
+        tokio::spawn(crate::calls::sweep(Arc::downgrade(&calls)));
         Ok(App {
             mqtt,
             mqtt_task,
@@ -197,6 +205,7 @@ impl App {
             server_limits: settings.server,
             limits: settings.limits,
             registry,
+            calls,
         })
     }
 
@@ -229,11 +238,13 @@ impl App {
                 self.mqtt.clone(),
                 server_stats.clone(),
                 self.registry.clone(),
+                self.calls.clone(),
             )),
             access: self.access.clone(),
             cors_origins: self.cors_origins,
             caller_slots: self.caller_slots,
             registry: self.registry.clone(),
+            calls: self.calls.clone(),
         };
         // The rate limiter keeps a bucket per caller seen; forget the idle ones now and then.
         let sweeper = self.access.rate_limits.is_some().then(|| {

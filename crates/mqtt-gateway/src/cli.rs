@@ -171,6 +171,43 @@ pub struct ServeArgs {
     /// What the gateway learns from devices' announcements.
     #[command(flatten)]
     pub registry: RegistryArgs,
+
+    /// Calls kept as records: async and streamed calls.
+    #[command(flatten)]
+    pub calls: CallsArgs,
+}
+
+/// Calls that outlive one HTTP request (`Prefer: respond-async`, or `Accept:
+/// text/event-stream`): how long they may run and what the gateway keeps of them.
+#[derive(Debug, Clone, Args)]
+pub struct CallsArgs {
+    /// The largest `timeout_ms` of an async or streamed call (default: one hour; at most a
+    /// week). It is also the request's MQTT Message Expiry, as for a sync call.
+    #[arg(long, env = "GATEWAY_MAX_ASYNC_TIMEOUT_MS", default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(100..=604_800_000))]
+    pub max_async_timeout_ms: u64,
+
+    /// How long a finished async or streamed call is kept (its state, result and events),
+    /// from when it finished (default: ten minutes); then `GET` answers 404.
+    #[arg(long, env = "GATEWAY_CALL_RETENTION_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1_000..=604_800_000))]
+    pub call_retention_ms: u64,
+
+    /// The most async and streamed calls kept at once, running or finished. A new call makes
+    /// room by forgetting the oldest finished ones; when all of them still run it gets 503
+    /// `too-many-calls`.
+    #[arg(long, env = "GATEWAY_MAX_CALLS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_calls: u32,
+
+    /// The most bytes the kept calls may hold, progress events and results together, each
+    /// call counted with 1 KiB more (default: 64 MiB). A call that would pass it gets 503
+    /// `too-many-calls`; a progress message that would is not kept (and counted in the call's
+    /// `progress_dropped`); a result that would ends the call with 507 `result-too-large`.
+    #[arg(long, env = "GATEWAY_MAX_CALL_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..))]
+    pub max_call_bytes: u64,
+
+    /// The most progress events one call keeps, the latest; `Last-Event-ID` resumes from
+    /// those.
+    #[arg(long, env = "GATEWAY_MAX_PROGRESS_EVENTS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_progress_events: u32,
 }
 
 /// The registry of devices that announce themselves (docs/PROTOCOL.md, section 11).

@@ -5,6 +5,8 @@
 //! - `control`: `{"command": "set_position", "position": 0..=100}` moves the actuator.
 //! - `delay`: waits the milliseconds given in the payload (`250` or `{"ms": 250}`), then answers;
 //!   for trying timeouts.
+//! - `count`: counts to `to` (`{"to": 5, "every_ms": 1000}`), sending each number as a progress
+//!   message, then answers; for trying async calls, event streams and cancellation.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -150,7 +152,60 @@ pub fn host(
             .request_example(json!({"ms": 250})),
     );
 
+    host = host.service(&topics.filter(device_id, "count"), |req: ServiceRequest| async move {
+        let Ok(CountArgs { to, every_ms }) = req.json::<CountArgs>() else {
+            return problem(400, &format!(
+                "count expects {{\"to\": 1..={MAX_COUNT}, \"every_ms\": 0..={MAX_DELAY_MS}}}"
+            ));
+        };
+        let (Some(to), Some(every_ms)) = (
+            whole(&to).filter(|n| (1..=MAX_COUNT).contains(n)),
+            whole(&every_ms).filter(|n| *n <= MAX_DELAY_MS),
+        ) else {
+            return problem(400, "count: `to` is 1 to 10000 and `every_ms` 0 to 60000");
+        };
+        for n in 1..=to {
+            if every_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(every_ms)).await;
+            }
+            req.progress(Reply::json(&json!({ "count": n, "of": to }))).await;
+        }
+        Reply::json(&json!({ "counted": to }))
+    })?
+    .describe(
+        ServiceInfo::new()
+            .description("Counts to `to`, one progress message every `every_ms`, then answers: for trying async calls (`Prefer: respond-async`), event streams (`Accept: text/event-stream`) and cancellation.")
+            .request_schema(json!({
+                "type": "object",
+                "required": ["to"],
+                "properties": {
+                    "to": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
+                    "every_ms": {"type": "integer", "minimum": 0, "maximum": MAX_DELAY_MS, "default": 1000}
+                }
+            }))
+            .response_schema(json!({
+                "type": "object",
+                "properties": {"counted": {"type": "integer"}}
+            }))
+            .request_example(json!({"to": 5, "every_ms": 1000}))
+            .streams(),
+    );
+
     Ok(host)
+}
+
+/// The most a `count` counts to.
+pub const MAX_COUNT: u64 = 10_000;
+
+#[derive(Deserialize)]
+struct CountArgs {
+    to: serde_json::Number,
+    #[serde(default = "one_second")]
+    every_ms: serde_json::Number,
+}
+
+fn one_second() -> serde_json::Number {
+    1000.into()
 }
 
 struct DeviceState {

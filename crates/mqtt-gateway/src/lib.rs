@@ -28,6 +28,7 @@
 pub mod app;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+mod calls;
 pub mod cli;
 pub mod demo;
 pub mod http;

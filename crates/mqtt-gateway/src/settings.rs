@@ -201,6 +201,21 @@ pub struct Settings {
     pub per_caller_in_flight: u32,
     /// The registry of announcing devices.
     pub registry: RegistrySettings,
+    /// What is kept of async and streamed calls.
+    pub calls: CallsSettings,
+}
+
+/// What is kept of async and streamed calls, and for how long.
+#[derive(Debug, Clone)]
+pub struct CallsSettings {
+    /// How long a finished call is kept.
+    pub retention: Duration,
+    /// The most calls kept.
+    pub max_calls: usize,
+    /// The most bytes they hold.
+    pub max_bytes: usize,
+    /// The most progress events one call keeps.
+    pub max_events: usize,
 }
 
 /// What the registry follows and how much it holds.
@@ -306,6 +321,7 @@ impl Settings {
             limits: Limits {
                 default_timeout_ms: args.default_timeout_ms,
                 max_timeout_ms: args.max_timeout_ms,
+                max_async_timeout_ms: args.calls.max_async_timeout_ms,
                 max_body_bytes: args.max_body_bytes,
                 body_timeout: Duration::from_millis(args.http.http_body_timeout_ms),
                 max_reply_header_bytes: args.max_reply_header_bytes,
@@ -327,6 +343,12 @@ impl Settings {
                 max_devices: args.registry.max_devices as usize,
                 require_announcement: args.registry.require_announcement,
                 max_bytes: usize::try_from(args.registry.max_registry_bytes).unwrap_or(usize::MAX),
+            },
+            calls: CallsSettings {
+                retention: Duration::from_millis(args.calls.call_retention_ms),
+                max_calls: args.calls.max_calls as usize,
+                max_bytes: usize::try_from(args.calls.max_call_bytes).unwrap_or(usize::MAX),
+                max_events: args.calls.max_progress_events as usize,
             },
         })
     }

@@ -225,6 +225,13 @@ impl ServiceInfo {
         self
     }
 
+    /// Says the service sends progress messages before its final reply
+    /// ([`crate::ServiceRequest::progress`]), so callers know to stream it.
+    pub fn streams(mut self) -> Self {
+        self.streams = true;
+        self
+    }
+
     /// The content type requests should have.
     pub fn request_content_type(mut self, content_type: impl Into<String>) -> Self {
         self.request_content_type = Some(content_type.into());

@@ -256,14 +256,21 @@ async fn progress_reaches_a_streaming_caller_in_order_then_the_reply() {
             mqtt_rpc::Update::Done(done) => break done.expect("the final reply"),
         }
     };
-    assert!(streaming.next().await.is_none(), "nothing after the outcome");
+    assert!(
+        streaming.next().await.is_none(),
+        "nothing after the outcome"
+    );
     let expected: Vec<String> = (1..=200).map(|i| i.to_string()).collect();
     assert_eq!(seen, expected, "every progress message, in order");
     assert_eq!(&done.reply.payload[..], b"done");
     assert_eq!(done.reply.status, Some(201));
 
     let plain = caller.call(call("p1", "count", "5")).await.unwrap();
-    assert_eq!(&plain.payload[..], b"done", "a plain call skips the progress");
+    assert_eq!(
+        &plain.payload[..],
+        b"done",
+        "a plain call skips the progress"
+    );
     assert_eq!(caller.stats().parked, 0);
 }
 
@@ -340,5 +347,9 @@ async fn an_abandoned_call_is_cancelled_on_the_device() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let unmatched = caller.stats().unmatched_replies;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(caller.stats().unmatched_replies, unmatched, "the device went quiet");
+    assert_eq!(
+        caller.stats().unmatched_replies,
+        unmatched,
+        "the device went quiet"
+    );
 }

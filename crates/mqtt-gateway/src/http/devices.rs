@@ -16,6 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{ApiCaller, CallerSlot};
+use super::calls_routes::{self, Mode};
 use super::docs::AnyBytes;
 use super::error::{ApiError, Problem};
 use super::routes::{classify, Route, CALL_ROUTE};
@@ -172,6 +173,11 @@ impl HttpCall {
             }
         }
         let Places { slot, caller } = places;
+        if call.mode.is_kept() {
+            let (mode, owner) = (call.mode, call.owner.clone());
+            let call = call.with_payload(payload, held);
+            return Err(calls_routes::start(state, mode, owner, call, slot, caller).await);
+        }
         let pending = state
             .mqtt
             .send(slot, call.with_payload(payload, held))
@@ -255,6 +261,10 @@ struct CallHead {
     timeout: Duration,
     /// The request schema the device announced for the service, if any.
     validator: Option<std::sync::Arc<jsonschema::Validator>>,
+    /// Answered in the response, or kept as a call record.
+    mode: Mode,
+    /// Who makes it (API key name or JWT subject), for a kept call's owner.
+    owner: Option<std::sync::Arc<str>>,
 }
 
 impl CallHead {
@@ -422,11 +432,19 @@ fn call_head(
             });
         }
     }
+    let headers = &parts.headers;
+    let mode = Mode::of(headers, Duration::from_millis(limits.max_timeout_ms));
+    // A call kept as a record may run as long as async calls may; a sync one no longer than
+    // an HTTP request should wait.
+    let gateway_max = if mode.is_kept() {
+        limits.max_async_timeout_ms
+    } else {
+        limits.max_timeout_ms
+    };
     let max_timeout_ms = caller
         .and_then(|c| c.max_timeout_ms)
-        .map_or(limits.max_timeout_ms, |own| own.min(limits.max_timeout_ms));
+        .map_or(gateway_max, |own| own.min(gateway_max));
     let timeout = parse_timeout(parts.uri.query(), limits, max_timeout_ms)?;
-    let headers = &parts.headers;
     let content_type = match headers.get(header::CONTENT_TYPE) {
         Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v)?.to_owned()),
         None => None,
@@ -444,6 +462,8 @@ fn call_head(
         user_properties,
         timeout,
         validator: None,
+        mode,
+        owner: caller.map(|c| c.name.clone()),
     })
 }
 
@@ -518,7 +538,7 @@ fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiErr
 /// The payload is the device's, not the gateway's, yet it is served from the gateway's origin
 /// (the one of `/docs`): `nosniff` and a sandboxing CSP keep a device's HTML or script from
 /// running there. 204, 205 and 304 have no body, whatever the device sent.
-fn reply_response(received: Received, limits: &super::Limits) -> Response {
+pub(super) fn reply_response(received: Received, limits: &super::Limits) -> Response {
     let Received { reply, held } = received;
     let header_bytes: usize = reply
         .user_properties

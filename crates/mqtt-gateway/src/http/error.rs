@@ -83,6 +83,18 @@ pub(crate) enum ApiError {
     },
     #[error("invalid query parameter {name}: {reason}")]
     InvalidQuery { name: &'static str, reason: String },
+    #[error("no call {id:?} is kept for this caller: it never existed, belongs to another caller, or its retention is over")]
+    UnknownCall { id: String },
+    #[error("the call was cancelled; the device was told to stop")]
+    Cancelled,
+    #[error("the call is {state}; its result is not there yet. Poll GET /api/v1/calls/{id} or stream GET /api/v1/calls/{id}/events")]
+    CallNotFinished { id: String, state: &'static str },
+    #[error("{limit} calls are kept and all of them are still running (--max-calls); retry when some have finished")]
+    TooManyCalls { limit: usize },
+    #[error("the calls kept hold as many bytes as they may ({limit} bytes, --max-call-bytes); retry when some have finished or expired")]
+    CallStoreFull { limit: usize },
+    #[error("the device's reply did not fit in the bytes kept for calls ({limit} bytes, --max-call-bytes), so it could not be kept")]
+    ResultTooLarge { limit: usize },
 }
 
 /// Whether a caller may simply retry, as the `Retry-After` header says.
@@ -195,6 +207,16 @@ problem_codes! {
     SchemaMismatch = "schema-mismatch", UNPROCESSABLE_ENTITY, "The body does not match the service's request schema", No;
     /// A query parameter with a value it cannot take.
     InvalidQuery = "invalid-query", BAD_REQUEST, "Invalid query parameter", No;
+    /// No such call is kept for this caller.
+    UnknownCall = "unknown-call", NOT_FOUND, "No such call", No;
+    /// The call was cancelled (`DELETE`, or the client of a streamed call left).
+    CallCancelled = "call-cancelled", CONFLICT, "The call was cancelled", No;
+    /// The call's result was asked for before it finished.
+    CallNotFinished = "call-not-finished", CONFLICT, "The call has not finished", No;
+    /// As many calls are kept as may be, and all still run; or their bytes are spent.
+    TooManyCalls = "too-many-calls", SERVICE_UNAVAILABLE, "Too many calls kept", Soon;
+    /// The device's reply could not be kept: the store's bytes were spent.
+    ResultTooLarge = "result-too-large", INSUFFICIENT_STORAGE, "The result could not be kept", No;
     /// No such route.
     NotFound = "not-found", NOT_FOUND, "No such route", No;
     /// Wrong method for this route.
@@ -222,7 +244,7 @@ problem_codes! {
 }
 
 /// An RFC 9457 problem: what went wrong and what to fix.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(example = json!({
     "type": "urn:mqtt-gateway:problem:device-offline",
     "title": "No device is listening",
@@ -289,6 +311,11 @@ impl ApiError {
             UnknownDevice { .. } | NotAnnounced { .. } => ProblemCode::UnknownDevice,
             SchemaMismatch { .. } => ProblemCode::SchemaMismatch,
             InvalidQuery { .. } => ProblemCode::InvalidQuery,
+            UnknownCall { .. } => ProblemCode::UnknownCall,
+            Cancelled => ProblemCode::CallCancelled,
+            CallNotFinished { .. } => ProblemCode::CallNotFinished,
+            TooManyCalls { .. } | CallStoreFull { .. } => ProblemCode::TooManyCalls,
+            ResultTooLarge { .. } => ProblemCode::ResultTooLarge,
             Call(e) => match e {
                 C::NotConnected => ProblemCode::BrokerUnavailable,
                 C::Overloaded | C::BufferFull { .. } => ProblemCode::Overloaded,
@@ -350,6 +377,14 @@ impl ApiError {
         }
     }
 
+    /// The problem as a call record keeps it, to answer with later.
+    pub(crate) fn stored(&self) -> StoredProblem {
+        StoredProblem {
+            problem: self.problem(),
+            retry_after: self.retry_after(),
+        }
+    }
+
     /// The problem+json body.
     pub(crate) fn problem(&self) -> Problem {
         let code = self.code();
@@ -367,6 +402,39 @@ impl ApiError {
     }
 }
 
+/// A problem kept with a call record: its body and `Retry-After`, answered as often as asked.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredProblem {
+    pub(crate) problem: Problem,
+    pub(crate) retry_after: Option<String>,
+}
+
+impl StoredProblem {
+    /// The problem+json response.
+    pub(crate) fn response(&self) -> Response {
+        problem_response(&self.problem, self.retry_after.as_deref())
+    }
+}
+
+/// A problem+json response with its status, code (for the log line and metrics) and
+/// `Retry-After`.
+fn problem_response(problem: &Problem, retry_after: Option<&str>) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // Serializing a struct of strings and integers cannot fail.
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut response = (status, body).into_response();
+    response.extensions_mut().insert(problem.code);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(value) = retry_after.and_then(|s| HeaderValue::from_str(s).ok()) {
+        headers.insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();
@@ -380,16 +448,9 @@ impl IntoResponse for ApiError {
             tracing::debug!(code = problem.code.as_str(), detail = %detail, "call refused");
         }
         let retry_after = self.retry_after();
-        // Serializing a struct of strings and integers cannot fail.
-        let body = serde_json::to_vec(&problem).unwrap_or_default();
-        let mut response = (status, body).into_response();
-        // For the per-call log line and metrics (see `front`).
-        response.extensions_mut().insert(problem.code);
+        // The code rides in the extensions for the per-call log line and metrics (`front`).
+        let mut response = problem_response(&problem, retry_after.as_deref());
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
         if let ApiError::MethodNotAllowed { allowed, .. } = &self {
             headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
         }
@@ -399,9 +460,6 @@ impl IntoResponse for ApiError {
         if let ApiError::BodyTimeout { .. } = &self {
             // The rest of the body may still come: this connection cannot carry another request.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if let Some(value) = retry_after.and_then(|s| HeaderValue::from_str(&s).ok()) {
-            headers.insert(header::RETRY_AFTER, value);
         }
         response
     }

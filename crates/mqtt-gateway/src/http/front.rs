@@ -245,14 +245,21 @@ mod tests {
             "gateway/size-test/replies",
         ));
         let registry = crate::registry::Registry::new(Default::default());
+        let calls = crate::calls::Calls::new(Default::default());
         let state = AppState {
             mqtt: mqtt.clone(),
             limits: Arc::new(Limits::default()),
-            metrics: Arc::new(Metrics::new(mqtt, Default::default(), registry.clone())),
+            metrics: Arc::new(Metrics::new(
+                mqtt,
+                Default::default(),
+                registry.clone(),
+                calls.clone(),
+            )),
             access: AccessPolicy::open(),
             cors_origins: Arc::new(vec![]),
             caller_slots: crate::http::auth::CallerSlots::new(8),
             registry,
+            calls,
         };
         let front = Arc::new(Front {
             router: Router::new(),

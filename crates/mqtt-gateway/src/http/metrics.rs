@@ -46,6 +46,7 @@ impl Metrics {
         mqtt: mqtt_rpc::Caller,
         server: std::sync::Arc<ServerStats>,
         registry: std::sync::Arc<crate::registry::Registry>,
+        kept_calls: std::sync::Arc<crate::calls::Calls>,
     ) -> Self {
         let registry_of_devices = registry;
         let mut registry = Registry::with_prefix("mqtt_gateway");
@@ -66,6 +67,7 @@ impl Metrics {
             mqtt,
             server,
             devices: registry_of_devices,
+            calls: kept_calls,
         }));
         Self {
             registry,
@@ -102,6 +104,7 @@ struct ConnectionCollector {
     mqtt: mqtt_rpc::Caller,
     server: std::sync::Arc<ServerStats>,
     devices: std::sync::Arc<crate::registry::Registry>,
+    calls: std::sync::Arc<crate::calls::Calls>,
 }
 
 impl Collector for ConnectionCollector {
@@ -111,7 +114,18 @@ impl Collector for ConnectionCollector {
         let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
         let open = server.open.load(std::sync::atomic::Ordering::Relaxed);
         let (known, online) = self.devices.counts();
-        let gauges: [(&str, &str, i64); 7] = [
+        let calls = self.calls.stats();
+        let gauges: [(&str, &str, i64); 9] = [
+            (
+                "calls_kept",
+                "Async and streamed calls kept now, running or finished (--max-calls)",
+                i64::try_from(calls.kept).unwrap_or(i64::MAX),
+            ),
+            (
+                "call_store_bytes",
+                "Bytes the kept calls hold: progress events and results, each call with 1 KiB more (--max-call-bytes)",
+                i64::try_from(calls.bytes).unwrap_or(i64::MAX),
+            ),
             (
                 "registry_bytes",
                 "Bytes of announcements the registry holds, each device with 512 more (--max-registry-bytes)",
@@ -153,7 +167,22 @@ impl Collector for ConnectionCollector {
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
         let registry = &self.devices.counters;
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 14] = [
+            (
+                "calls_evicted",
+                "Finished calls forgotten before their retention ended, to make room for new ones (--max-calls)",
+                calls.evicted,
+            ),
+            (
+                "cancels_sent",
+                "Cancel messages sent to devices: calls given up on (timed out, client gone, DELETE)",
+                s.cancels_sent,
+            ),
+            (
+                "progress_dropped",
+                "Progress messages dropped because --max-buffered-bytes were held",
+                s.progress_dropped,
+            ),
             (
                 "announcements_received",
                 "Messages on presence topics taken from the broker",

@@ -5,10 +5,11 @@
 
 pub(crate) mod access;
 pub(crate) mod auth;
+mod calls_routes;
 mod device_docs;
 mod devices;
 mod docs;
-mod error;
+pub(crate) mod error;
 mod front;
 mod health;
 pub(crate) mod metrics;
@@ -49,6 +50,9 @@ pub struct Limits {
     pub default_timeout_ms: u64,
     /// The largest `timeout_ms` a caller may ask for.
     pub max_timeout_ms: u64,
+    /// The largest `timeout_ms` of a call kept as a record (`Prefer: respond-async`, or
+    /// streamed as server-sent events).
+    pub max_async_timeout_ms: u64,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive, in all.
@@ -62,6 +66,7 @@ impl Default for Limits {
         Self {
             default_timeout_ms: 10_000,
             max_timeout_ms: 300_000,
+            max_async_timeout_ms: 3_600_000,
             max_body_bytes: 256 * 1024,
             body_timeout: Duration::from_secs(10),
             max_reply_header_bytes: 8 * 1024,
@@ -87,6 +92,8 @@ pub(crate) struct AppState {
     pub(crate) caller_slots: Arc<auth::CallerSlots>,
     /// The devices that announced themselves.
     pub(crate) registry: Arc<crate::registry::Registry>,
+    /// Calls kept as records: async and streamed calls.
+    pub(crate) calls: Arc<crate::calls::Calls>,
 }
 
 /// The documented routes, with the OpenAPI document generated from their handlers.
@@ -94,6 +101,7 @@ fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
     utoipa_axum::router::OpenApiRouter::with_openapi(<docs::ApiDoc as utoipa::OpenApi>::openapi())
         .merge(devices::router())
         .merge(registry_routes::router())
+        .merge(calls_routes::router())
         .merge(device_docs::router())
         .merge(health::router())
         .merge(metrics::router())

@@ -521,7 +521,10 @@ mod tests {
         .collect();
         assert_eq!(
             cancel_filters(&t, filters.iter()),
-            vec!["devices/d1/$cancel".to_owned(), "devices/+/$cancel".to_owned()],
+            vec![
+                "devices/d1/$cancel".to_owned(),
+                "devices/+/$cancel".to_owned()
+            ],
             "one per device level; `+` and `#` service levels already receive it"
         );
     }

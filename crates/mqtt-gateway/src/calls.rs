@@ -1,0 +1,472 @@
+//! Call records: calls that outlive one HTTP request (`Prefer: respond-async`, or streamed as
+//! server-sent events). Each record is fed by one task that owns the call's
+//! [`mqtt_rpc::Streaming`] waiter; readers (`GET /api/v1/calls/{id}`, its `/result` and
+//! `/events`) see its state, its progress and, once it has finished, its outcome.
+//!
+//! Everything is bounded: the calls kept ([`CallsOptions::max_calls`]; finished ones are
+//! evicted oldest first to make room, and only when every kept call still runs is a new one
+//! refused), the bytes of their progress messages and results ([`CallsOptions::max_bytes`],
+//! one [`ByteBudget`]), and the progress events each keeps ([`CallsOptions::max_events`], the
+//! latest). A finished call is kept for [`CallsOptions::retention`], then forgotten (404).
+//!
+//! The store is in this process's memory: a call can be read on the gateway instance that
+//! accepted it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use mqtt_rpc::{ByteBudget, CallError, Held, Received, Streaming, Update};
+use serde::Serialize;
+use tokio::sync::{oneshot, watch};
+use utoipa::ToSchema;
+
+use crate::http::error::StoredProblem;
+use crate::http::ApiError;
+
+/// Bytes counted for every kept message beyond its payload and properties.
+const MESSAGE_OVERHEAD: usize = 128;
+/// Bytes counted for every record, whatever it holds.
+pub(crate) const RECORD_OVERHEAD: usize = 1024;
+
+/// The limits of the store, from the command line.
+#[derive(Debug, Clone)]
+pub(crate) struct CallsOptions {
+    /// How long a finished call is kept.
+    pub(crate) retention: Duration,
+    /// The most calls kept at once, running or finished.
+    pub(crate) max_calls: usize,
+    /// The most bytes of progress messages and results kept, for all calls together.
+    pub(crate) max_bytes: usize,
+    /// The most progress events one call keeps (the latest).
+    pub(crate) max_events: usize,
+}
+
+impl Default for CallsOptions {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(600),
+            max_calls: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            max_events: 1000,
+        }
+    }
+}
+
+/// Where a call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CallState {
+    /// Published to the device; nothing back yet.
+    Sent,
+    /// The device has sent progress; its final reply has not come.
+    Running,
+    /// The device replied with a 2xx status.
+    Succeeded,
+    /// The device replied with another status, or the call failed before any reply (see
+    /// `problem`).
+    Failed,
+    /// No reply within the call's timeout.
+    Expired,
+    /// Cancelled (`DELETE`, or the client of a streamed call left); the device was told.
+    Cancelled,
+}
+
+impl CallState {
+    /// Finished: nothing more will change.
+    pub(crate) fn is_final(self) -> bool {
+        !matches!(self, CallState::Sent | CallState::Running)
+    }
+}
+
+/// A message from the device, as kept: a progress message or the final reply.
+#[derive(Debug)]
+pub(crate) struct Message {
+    /// The reply's status (None for progress, and for a reply without one: 200).
+    pub(crate) status: Option<u16>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) user_properties: Vec<(String, String)>,
+    pub(crate) payload: Bytes,
+    _held: Held,
+}
+
+/// How a call ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The device's reply.
+    Reply(Message),
+    /// Why there is none.
+    Problem(StoredProblem),
+}
+
+/// One progress event, numbered from 1 in arrival order.
+#[derive(Debug)]
+pub(crate) struct ProgressEvent {
+    pub(crate) id: u64,
+    pub(crate) at: SystemTime,
+    pub(crate) message: Arc<Message>,
+}
+
+/// What changes while a call runs.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    pub(crate) state: CallState,
+    pub(crate) updated_at: SystemTime,
+    pub(crate) finished_at: Option<SystemTime>,
+    /// The latest progress events, oldest first.
+    pub(crate) events: VecDeque<ProgressEvent>,
+    /// Progress messages received in all (kept or not).
+    pub(crate) progress_count: u64,
+    /// Progress messages not kept: the store's bytes were spent.
+    pub(crate) progress_dropped: u64,
+    pub(crate) outcome: Option<Arc<Outcome>>,
+}
+
+/// One call.
+#[derive(Debug)]
+pub(crate) struct Record {
+    pub(crate) id: String,
+    /// The API key name or JWT subject that made it; None on an open gateway.
+    pub(crate) owner: Option<Arc<str>>,
+    pub(crate) device: String,
+    pub(crate) service: String,
+    pub(crate) created_at: SystemTime,
+    /// When the call's timeout ends.
+    pub(crate) deadline: SystemTime,
+    progress: Mutex<Progress>,
+    /// The id of the latest event (the final one is `progress_count + 1`); bumped on every
+    /// change, so readers wake.
+    changed: watch::Sender<u64>,
+    /// Fires the cancel; taken once.
+    cancel: Mutex<Option<oneshot::Sender<()>>>,
+    _held: Held,
+}
+
+impl Record {
+    /// The state and what came so far, under the record's lock (held briefly).
+    pub(crate) fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        // Every critical section leaves the record consistent: a poisoned lock is usable.
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A receiver that wakes on every change.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Asks the call's task to cancel it; false when it had finished (or was cancelled).
+    pub(crate) fn cancel(&self) -> bool {
+        let sender = self.cancel.lock().unwrap_or_else(|e| e.into_inner()).take();
+        sender.is_some_and(|tx| tx.send(()).is_ok())
+    }
+
+    /// The final event's id, once finished.
+    pub(crate) fn final_event_id(progress: &Progress) -> u64 {
+        progress.progress_count + 1
+    }
+}
+
+/// Why a call could not be kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Full {
+    /// As many calls as may be kept are running.
+    Calls(usize),
+    /// The store's bytes are spent.
+    Bytes(usize),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CallsStats {
+    pub(crate) kept: usize,
+    pub(crate) bytes: usize,
+    pub(crate) evicted: u64,
+}
+
+/// Every call kept by this gateway.
+#[derive(Debug)]
+pub(crate) struct Calls {
+    options: CallsOptions,
+    budget: Arc<ByteBudget>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    records: HashMap<String, Arc<Record>>,
+    /// Finished calls in the order they finished (so in retention order), with when.
+    finished: VecDeque<(Instant, String)>,
+    evicted: u64,
+}
+
+impl Calls {
+    pub(crate) fn new(options: CallsOptions) -> Arc<Self> {
+        Arc::new(Self {
+            budget: ByteBudget::new(options.max_bytes),
+            options,
+            inner: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every critical section leaves the maps consistent: a poisoned lock is usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn options(&self) -> &CallsOptions {
+        &self.options
+    }
+
+    /// Keeps a new call (before it is published), making room by forgetting the oldest
+    /// finished calls when the store is full; the receiver fires when it is to be cancelled.
+    pub(crate) fn create(
+        &self,
+        owner: Option<Arc<str>>,
+        device: &str,
+        service: &str,
+        timeout: Duration,
+    ) -> Result<(Arc<Record>, oneshot::Receiver<()>), Full> {
+        let mut inner = self.lock();
+        self.expire(&mut inner, Instant::now());
+        while inner.records.len() >= self.options.max_calls {
+            let Some((_, id)) = inner.finished.pop_front() else {
+                return Err(Full::Calls(self.options.max_calls));
+            };
+            if inner.records.remove(&id).is_some() {
+                inner.evicted += 1;
+            }
+        }
+        let held = self
+            .budget
+            .try_hold(RECORD_OVERHEAD + device.len() + service.len())
+            .ok_or(Full::Bytes(self.options.max_bytes))?;
+        let now = SystemTime::now();
+        let (cancel, cancelled) = oneshot::channel();
+        let record = Arc::new(Record {
+            id: uuid::Uuid::new_v4().to_string(),
+            owner,
+            device: device.to_owned(),
+            service: service.to_owned(),
+            created_at: now,
+            deadline: now + timeout,
+            progress: Mutex::new(Progress {
+                state: CallState::Sent,
+                updated_at: now,
+                finished_at: None,
+                events: VecDeque::new(),
+                progress_count: 0,
+                progress_dropped: 0,
+                outcome: None,
+            }),
+            changed: watch::Sender::new(0),
+            cancel: Mutex::new(Some(cancel)),
+            _held: held,
+        });
+        inner.records.insert(record.id.clone(), record.clone());
+        Ok((record, cancelled))
+    }
+
+    /// The call with this id, if the caller may see it: its owner's (an open gateway's calls
+    /// are anyone's who knows the id). Another caller's call does not exist for it.
+    pub(crate) fn get(&self, id: &str, caller: Option<&str>) -> Option<Arc<Record>> {
+        let mut inner = self.lock();
+        self.expire(&mut inner, Instant::now());
+        let record = inner.records.get(id)?;
+        (record.owner.as_deref() == caller).then(|| record.clone())
+    }
+
+    /// Forgets a call now (a finished call's `DELETE`).
+    pub(crate) fn remove(&self, id: &str) {
+        self.lock().records.remove(id);
+    }
+
+    /// Forgets the finished calls whose retention is over; called on every lookup and by the
+    /// sweeper, so memory is given back even when nobody asks.
+    pub(crate) fn sweep(&self) {
+        let mut inner = self.lock();
+        self.expire(&mut inner, Instant::now());
+    }
+
+    fn expire(&self, inner: &mut Inner, now: Instant) {
+        while let Some((at, _)) = inner.finished.front() {
+            if now.duration_since(*at) < self.options.retention {
+                break;
+            }
+            if let Some((_, id)) = inner.finished.pop_front() {
+                inner.records.remove(&id);
+            }
+        }
+    }
+
+    pub(crate) fn stats(&self) -> CallsStats {
+        let inner = self.lock();
+        CallsStats {
+            kept: inner.records.len(),
+            bytes: self.budget.used(),
+            evicted: inner.evicted,
+        }
+    }
+
+    fn message(&self, received: Received) -> Option<Message> {
+        let Received { reply, held } = received;
+        let bytes = MESSAGE_OVERHEAD
+            + reply.payload.len()
+            + reply.content_type.as_ref().map_or(0, String::len)
+            + reply
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let kept = self.budget.try_hold(bytes)?;
+        // The caller's budget is given back: the store's now holds the bytes.
+        drop(held);
+        Some(Message {
+            status: reply.status,
+            content_type: reply.content_type,
+            user_properties: reply.user_properties,
+            payload: reply.payload,
+            _held: kept,
+        })
+    }
+
+    /// A progress message arrived.
+    fn on_progress(&self, record: &Record, received: Received) {
+        let message = self.message(received);
+        let mut p = record.progress();
+        if p.state.is_final() {
+            return;
+        }
+        p.progress_count += 1;
+        p.state = CallState::Running;
+        p.updated_at = SystemTime::now();
+        match message {
+            Some(message) => {
+                if p.events.len() >= self.options.max_events {
+                    p.events.pop_front();
+                }
+                let (id, at) = (p.progress_count, p.updated_at);
+                p.events.push_back(ProgressEvent {
+                    id,
+                    at,
+                    message: Arc::new(message),
+                });
+            }
+            None => p.progress_dropped += 1,
+        }
+        let id = p.progress_count;
+        drop(p);
+        record.changed.send_replace(id);
+    }
+
+    /// The call ended: keeps its outcome and starts its retention.
+    fn finish(&self, record: &Record, state: CallState, outcome: Outcome) {
+        let mut p = record.progress();
+        if p.state.is_final() {
+            return;
+        }
+        let now = SystemTime::now();
+        p.state = state;
+        p.updated_at = now;
+        p.finished_at = Some(now);
+        p.outcome = Some(Arc::new(outcome));
+        let id = Record::final_event_id(&p);
+        drop(p);
+        record
+            .cancel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.lock()
+            .finished
+            .push_back((Instant::now(), record.id.clone()));
+        record.changed.send_replace(id);
+    }
+
+    /// A reply or an error, as the record keeps it.
+    fn finish_with(&self, record: &Record, result: Result<Received, CallError>) {
+        let (state, outcome) = match result {
+            Ok(received) => match self.message(received) {
+                Some(message) => {
+                    let ok = (200..300).contains(&message.status.unwrap_or(200));
+                    let state = if ok {
+                        CallState::Succeeded
+                    } else {
+                        CallState::Failed
+                    };
+                    (state, Outcome::Reply(message))
+                }
+                None => (
+                    CallState::Failed,
+                    Outcome::Problem(
+                        ApiError::ResultTooLarge {
+                            limit: self.options.max_bytes,
+                        }
+                        .stored(),
+                    ),
+                ),
+            },
+            Err(error) => {
+                let state = match error {
+                    CallError::Timeout(_) => CallState::Expired,
+                    _ => CallState::Failed,
+                };
+                (state, Outcome::Problem(ApiError::Call(error).stored()))
+            }
+        };
+        self.finish(record, state, outcome);
+    }
+
+    /// Runs a call to its end: feeds the record from the waiter until the outcome, or cancels
+    /// it (dropping the waiter sends the device its cancel message). `hold` is kept until the
+    /// end: the call's places among the calls in flight.
+    pub(crate) async fn run<H: Send>(
+        self: Arc<Self>,
+        record: Arc<Record>,
+        mut streaming: Streaming,
+        mut cancelled: oneshot::Receiver<()>,
+        hold: H,
+    ) {
+        let _hold = hold;
+        // The sender goes only with the outcome (or is used): then there is nothing to wait for.
+        let mut cancel_open = true;
+        loop {
+            tokio::select! {
+                update = streaming.next() => match update {
+                    Some(Update::Progress(received)) => self.on_progress(&record, received),
+                    Some(Update::Done(result)) => {
+                        self.finish_with(&record, result);
+                        return;
+                    }
+                    None => return,
+                },
+                cancel = &mut cancelled, if cancel_open => {
+                    if cancel.is_err() {
+                        cancel_open = false;
+                        continue;
+                    }
+                    drop(streaming);
+                    self.finish(
+                        &record,
+                        CallState::Cancelled,
+                        Outcome::Problem(ApiError::Cancelled.stored()),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Forgets expired calls once a second, until the store is dropped.
+pub(crate) async fn sweep(calls: std::sync::Weak<Calls>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match calls.upgrade() {
+            Some(calls) => calls.sweep(),
+            None => return,
+        }
+    }
+}

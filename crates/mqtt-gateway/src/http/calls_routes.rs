@@ -1,0 +1,749 @@
+//! Calls that outlive one HTTP request: `POST ...` with `Prefer: respond-async` (202 and a call
+//! resource) or `Accept: text/event-stream` (progress as server-sent events), and the call
+//! resource: `GET /api/v1/calls/{call_id}`, its `/result` and `/events`, and `DELETE`.
+//!
+//! A call's record ([`crate::calls`]) is fed by its own task; these routes only read it. A call
+//! belongs to the caller that made it (API key name or JWT subject): to any other caller it does
+//! not exist (404 `unknown-call`, the same answer as for an id never issued).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{ApiCaller, CallerSlot};
+use super::devices::reply_response;
+use super::error::{ApiError, Problem};
+use super::AppState;
+use crate::calls::{CallState, Full, Message, Outcome, Record};
+
+/// Where call resources live.
+pub(crate) const CALLS_PREFIX: &str = "/api/v1/calls/";
+
+/// How often an idle event stream sends a comment, so proxies do not cut it.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_call, delete_call))
+        .routes(super::only("GET", routes!(get_result)))
+        .routes(super::only("GET", routes!(get_events)))
+}
+
+/// How a caller asked for a call to be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The reply as the response (no preference).
+    Sync,
+    /// `Prefer: respond-async`: 202 and a call resource, after waiting up to `wait` for the
+    /// reply (`wait=N`, clamped to the gateway's maximum), when given.
+    Async { wait: Option<Duration> },
+    /// `Accept: text/event-stream`: progress and the outcome as server-sent events.
+    Stream,
+}
+
+impl Mode {
+    /// From the request's `Prefer` and `Accept` headers. RFC 7240: preferences are
+    /// case-insensitive tokens, several per header or in several headers, the first of a name
+    /// counts, and what cannot be understood is ignored. `wait` is at most `max_wait`.
+    pub(crate) fn of(headers: &HeaderMap, max_wait: Duration) -> Self {
+        let mut respond_async = false;
+        let mut wait = None;
+        let preferences = headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','));
+        for preference in preferences {
+            // Parameters after `;` do not matter to either preference.
+            let token = preference.split(';').next().unwrap_or("").trim();
+            let (name, value) = match token.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                None => (token, None),
+            };
+            if name.eq_ignore_ascii_case("respond-async") && value.is_none() {
+                respond_async = true;
+            } else if name.eq_ignore_ascii_case("wait") && wait.is_none() {
+                // Malformed values are ignored, as RFC 7240 asks.
+                wait = value
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s).min(max_wait));
+            }
+        }
+        if respond_async {
+            return Mode::Async { wait };
+        }
+        let streams = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|media| {
+                media
+                    .split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+            });
+        if streams {
+            Mode::Stream
+        } else {
+            Mode::Sync
+        }
+    }
+
+    /// Kept as a call record (not a plain sync call).
+    pub(crate) fn is_kept(self) -> bool {
+        self != Mode::Sync
+    }
+}
+
+/// A message from the device, as JSON: in `GET`'s `latest_progress`, and in every event.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MessageDoc {
+    /// The event id (progress events count from 1 in arrival order; the final event follows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    /// When the gateway received it (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<String>,
+    /// The device's status (final replies only; 200 when it sent none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    /// The message's Content Type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    /// Its user properties, in order, as `[key, value]` pairs.
+    #[schema(value_type = Vec<Vec<String>>)]
+    user_properties: Vec<(String, String)>,
+    /// Its payload: one of `json` (JSON content, or none declared, that parses), `text` (other
+    /// UTF-8) or `base64`.
+    #[serde(flatten)]
+    body: BodyDoc,
+}
+
+/// A payload in JSON.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BodyDoc {
+    /// The payload, parsed.
+    #[schema(value_type = Object)]
+    Json(serde_json::Value),
+    /// The payload as text.
+    Text(String),
+    /// The payload's bytes, base64 (standard alphabet, padded).
+    Base64(String),
+}
+
+impl BodyDoc {
+    fn of(content_type: Option<&str>, payload: &[u8]) -> Self {
+        let json_declared = content_type.is_none_or(|ct| {
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
+        });
+        if json_declared && !payload.is_empty() {
+            if let Ok(value) = serde_json::from_slice(payload) {
+                return BodyDoc::Json(value);
+            }
+        }
+        match std::str::from_utf8(payload) {
+            Ok(text) => BodyDoc::Text(text.to_owned()),
+            Err(_) => BodyDoc::Base64(base64::engine::general_purpose::STANDARD.encode(payload)),
+        }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl MessageDoc {
+    fn of(message: &Message, id: Option<u64>, at: Option<SystemTime>, final_reply: bool) -> Self {
+        Self {
+            id,
+            at: at.map(rfc3339),
+            status: final_reply.then(|| message.status.unwrap_or(200)),
+            content_type: message.content_type.clone(),
+            user_properties: message.user_properties.clone(),
+            body: BodyDoc::of(message.content_type.as_deref(), &message.payload),
+        }
+    }
+}
+
+/// The device's final reply, in a call's status document (its bytes are at `/result`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ResultSummary {
+    /// The device's status (200 when it sent none).
+    status: u16,
+    /// Its Content Type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    /// Its user properties, in order, as `[key, value]` pairs.
+    #[schema(value_type = Vec<Vec<String>>)]
+    user_properties: Vec<(String, String)>,
+    /// The payload's size in bytes.
+    size: usize,
+}
+
+/// Where to find a call's parts.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CallLinks {
+    /// This document.
+    #[serde(rename = "self")]
+    this: String,
+    /// The reply, exactly as a sync call answers it, once finished.
+    result: String,
+    /// Progress and the outcome as server-sent events.
+    events: String,
+}
+
+/// A call that outlives its HTTP request.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CallStatus {
+    /// The call's id.
+    #[schema(example = "0b6f4f33-8d0c-4c1e-9d55-0e7f8c5b2a11")]
+    id: String,
+    /// Where it is.
+    state: CallState,
+    /// The device called.
+    #[schema(example = "demo-1")]
+    device_id: String,
+    /// The service called.
+    #[schema(example = "delay")]
+    service: String,
+    /// When the gateway accepted it (RFC 3339).
+    created_at: String,
+    /// When its state or progress last changed.
+    updated_at: String,
+    /// When it finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finished_at: Option<String>,
+    /// When its timeout ends (also the request's MQTT Message Expiry).
+    expires_at: String,
+    /// Until when it is kept once finished (`--call-retention-ms`); then 404.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kept_until: Option<String>,
+    /// Progress messages received so far.
+    progress_count: u64,
+    /// Progress messages not kept, because the gateway's bytes for calls were spent.
+    progress_dropped: u64,
+    /// The latest progress message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latest_progress: Option<MessageDoc>,
+    /// The device's reply, once it came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<ResultSummary>,
+    /// Why there is no reply (timeout, cancelled, offline, ...), once finished without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<Problem>,
+    /// Where to find its parts.
+    links: CallLinks,
+}
+
+fn location(record: &Record) -> String {
+    format!("{CALLS_PREFIX}{}", record.id)
+}
+
+fn status_of(record: &Record, retention: Duration) -> CallStatus {
+    let p = record.progress();
+    let (result, problem) = match p.outcome.as_deref() {
+        Some(Outcome::Reply(m)) => (
+            Some(ResultSummary {
+                status: m.status.unwrap_or(200),
+                content_type: m.content_type.clone(),
+                user_properties: m.user_properties.clone(),
+                size: m.payload.len(),
+            }),
+            None,
+        ),
+        Some(Outcome::Problem(stored)) => (None, Some(stored.problem.clone())),
+        None => (None, None),
+    };
+    let this = location(record);
+    CallStatus {
+        id: record.id.clone(),
+        state: p.state,
+        device_id: record.device.clone(),
+        service: record.service.clone(),
+        created_at: rfc3339(record.created_at),
+        updated_at: rfc3339(p.updated_at),
+        finished_at: p.finished_at.map(rfc3339),
+        expires_at: rfc3339(record.deadline),
+        kept_until: p.finished_at.map(|t| rfc3339(t + retention)),
+        progress_count: p.progress_count,
+        progress_dropped: p.progress_dropped,
+        latest_progress: p
+            .events
+            .back()
+            .map(|e| MessageDoc::of(&e.message, Some(e.id), Some(e.at), false)),
+        result,
+        problem,
+        links: CallLinks {
+            result: format!("{this}/result"),
+            events: format!("{this}/events"),
+            this,
+        },
+    }
+}
+
+/// The status document, with the headers every answer about a call carries.
+fn status_response(state: &AppState, record: &Record, status: StatusCode) -> Response {
+    let doc = status_of(record, state.calls.options().retention);
+    let mut response = (status, Json(doc)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    // Our own paths and preference strings: always valid header values.
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The call's outcome as a sync call answers it: the reply byte for byte, or its problem.
+fn result_response(state: &AppState, record: &Record) -> Result<Response, ApiError> {
+    let p = record.progress();
+    let Some(outcome) = p.outcome.clone() else {
+        return Err(ApiError::CallNotFinished {
+            id: record.id.clone(),
+            state: state_name(p.state),
+        });
+    };
+    drop(p);
+    Ok(match &*outcome {
+        Outcome::Reply(m) => reply_response(
+            mqtt_rpc::Received {
+                reply: mqtt_rpc::Reply {
+                    payload: m.payload.clone(),
+                    content_type: m.content_type.clone(),
+                    status: m.status,
+                    user_properties: m.user_properties.clone(),
+                },
+                held: None,
+            },
+            &state.limits,
+        ),
+        Outcome::Problem(stored) => stored.response(),
+    })
+}
+
+fn state_name(state: CallState) -> &'static str {
+    match state {
+        CallState::Sent => "sent",
+        CallState::Running => "running",
+        CallState::Succeeded => "succeeded",
+        CallState::Failed => "failed",
+        CallState::Expired => "expired",
+        CallState::Cancelled => "cancelled",
+    }
+}
+
+/// Starts a kept call (its body read and checked, its places taken): creates its record,
+/// publishes it, hands the waiter to the record's task, and answers as the mode asks.
+pub(super) async fn start(
+    state: &AppState,
+    mode: Mode,
+    owner: Option<Arc<str>>,
+    call: mqtt_rpc::Call,
+    slot: mqtt_rpc::Slot,
+    caller_slot: Option<CallerSlot>,
+) -> Response {
+    let (record, cancelled) = match state.calls.create(
+        owner,
+        call.device.as_str(),
+        call.service.as_str(),
+        call.timeout,
+    ) {
+        Ok(created) => created,
+        Err(Full::Calls(limit)) => return ApiError::TooManyCalls { limit }.into_response(),
+        Err(Full::Bytes(limit)) => return ApiError::CallStoreFull { limit }.into_response(),
+    };
+    let streaming = match state.mqtt.send_streaming(slot, call) {
+        Ok(streaming) => streaming,
+        Err(error) => {
+            state.calls.remove(&record.id);
+            return ApiError::from(error).into_response();
+        }
+    };
+    tokio::spawn(
+        state
+            .calls
+            .clone()
+            .run(record.clone(), streaming, cancelled, caller_slot),
+    );
+    let location = header_value(&location(&record));
+    let mut response = match mode {
+        Mode::Stream => {
+            // The client leaving before the outcome cancels the call, as for a sync call.
+            let guard = CancelOnDrop(Some(record.clone()));
+            event_stream(record.clone(), 0, Some(guard)).into_response()
+        }
+        Mode::Async { wait } => {
+            let finished = match wait {
+                Some(wait) => wait_for_outcome(&record, wait).await,
+                None => false,
+            };
+            let wait_applied = wait.map(|w| format!("wait={}", w.as_secs()));
+            if finished {
+                let mut response =
+                    result_response(state, &record).unwrap_or_else(IntoResponse::into_response);
+                if let Some(applied) = wait_applied {
+                    response
+                        .headers_mut()
+                        .insert("preference-applied", header_value(&applied));
+                }
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LOCATION, location.clone());
+                response
+            } else {
+                let mut response = status_response(state, &record, StatusCode::ACCEPTED);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                let applied = match wait_applied {
+                    Some(wait) => format!("respond-async, {wait}"),
+                    None => "respond-async".to_owned(),
+                };
+                response
+                    .headers_mut()
+                    .insert("preference-applied", header_value(&applied));
+                response
+            }
+        }
+        // Not kept: the caller answers these itself.
+        Mode::Sync => ApiError::InvalidPath("not a kept call".into()).into_response(),
+    };
+    response.headers_mut().insert(header::LOCATION, location);
+    response
+}
+
+/// Waits until the call has finished, at most `wait`; true if it has.
+async fn wait_for_outcome(record: &Record, wait: Duration) -> bool {
+    let mut changes = record.subscribe();
+    let finished = async {
+        loop {
+            if record.progress().state.is_final() {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(wait, finished).await.is_ok() && record.progress().state.is_final()
+}
+
+/// Cancels its call when dropped (the client of a streamed call left); nothing once the call
+/// has finished.
+struct CancelOnDrop(Option<Arc<Record>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take() {
+            if record.cancel() {
+                tracing::info!(call = %record.id, "the client of a streamed call left: cancelled");
+            }
+        }
+    }
+}
+
+/// A call's events after `after`, as server-sent events: `progress` events (those still kept),
+/// then one `result` (the device's reply) or `problem` event, then the end.
+fn event_stream(
+    record: Arc<Record>,
+    after: u64,
+    guard: Option<CancelOnDrop>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    struct Cursor {
+        record: Arc<Record>,
+        after: u64,
+        changes: tokio::sync::watch::Receiver<u64>,
+        done: bool,
+        _guard: Option<CancelOnDrop>,
+    }
+    let cursor = Cursor {
+        changes: record.subscribe(),
+        record,
+        after,
+        done: false,
+        _guard: guard,
+    };
+    let stream = futures::stream::unfold(cursor, |mut c| async move {
+        loop {
+            if c.done {
+                return None;
+            }
+            if let Some(event) = next_event(&c.record, c.after) {
+                let (id, event, last) = event;
+                c.after = id;
+                c.done = last;
+                return Some((Ok(event), c));
+            }
+            if c.changes.changed().await.is_err() {
+                return None;
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// The first event after `after` that is there now: (its id, the event, whether it is the
+/// last one).
+fn next_event(record: &Record, after: u64) -> Option<(u64, Event, bool)> {
+    let p = record.progress();
+    if let Some(e) = p.events.iter().find(|e| e.id > after) {
+        let doc = MessageDoc::of(&e.message, Some(e.id), Some(e.at), false);
+        return Some((e.id, sse_event("progress", e.id, &doc), false));
+    }
+    let outcome = p.outcome.clone()?;
+    let id = Record::final_event_id(&p);
+    if after >= id {
+        return None;
+    }
+    let at = p.finished_at;
+    drop(p);
+    let event = match &*outcome {
+        Outcome::Reply(m) => sse_event("result", id, &MessageDoc::of(m, Some(id), at, true)),
+        Outcome::Problem(stored) => sse_event("problem", id, &stored.problem),
+    };
+    Some((id, event, true))
+}
+
+fn sse_event(name: &str, id: u64, data: &impl Serialize) -> Event {
+    // JSON has no raw newlines, so each event's data is one `data:` line.
+    let json = serde_json::to_string(data).unwrap_or_else(|_| "null".to_owned());
+    Event::default().event(name).id(id.to_string()).data(json)
+}
+
+/// The call, if this caller may see it; else 404 `unknown-call`.
+fn find(state: &AppState, parts: &Parts, id: &str) -> Result<Arc<Record>, ApiError> {
+    let caller = parts.extensions.get::<ApiCaller>().map(|c| &*c.name);
+    state
+        .calls
+        .get(id, caller)
+        .ok_or_else(|| ApiError::UnknownCall {
+            id: crate::logging::bounded(id).into_owned(),
+        })
+}
+
+/// Get a call.
+///
+/// Its state, timestamps, device and service, its latest progress, and once finished a
+/// summary of the device's reply (its bytes are at `/result`) or the problem that ended it.
+#[utoipa::path(
+    get,
+    path = "/api/v1/calls/{call_id}",
+    operation_id = "getCall",
+    tag = "calls",
+    security((), ("bearer" = [])),
+    params(("call_id" = String, Path, description = "The id from the `Location` of the call's 202 (or of its event stream).")),
+    responses(
+        (status = 200, description = "The call.", body = CallStatus),
+        (status = 404, description = "No such call for this caller: never issued, another caller's, or its retention is over. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn get_call(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    parts: Parts,
+) -> Result<Response, ApiError> {
+    let record = find(&state, &parts, &call_id)?;
+    Ok(status_response(&state, &record, StatusCode::OK))
+}
+
+/// Cancel a call, or forget a finished one.
+///
+/// A call still running is cancelled: the device is sent the cancel message for its
+/// correlation data (`docs/PROTOCOL.md`, section 12) and its handler stops; the call ends as
+/// `cancelled` and is kept like any finished call. A finished call is forgotten at once (204).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/calls/{call_id}",
+    operation_id = "cancelCall",
+    tag = "calls",
+    security((), ("bearer" = [])),
+    params(("call_id" = String, Path, description = "The call's id.")),
+    responses(
+        (status = 200, description = "Cancelled; the call as it is now (`cancelled`, or the state it reached first if its reply came just before).", body = CallStatus),
+        (status = 204, description = "The call had finished; it is forgotten."),
+        (status = 404, description = "No such call for this caller. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn delete_call(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    parts: Parts,
+) -> Result<Response, ApiError> {
+    let record = find(&state, &parts, &call_id)?;
+    if !record.cancel() {
+        state.calls.remove(&record.id);
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    // The record's task marks it cancelled at once; wait for that (bounded) so the answer
+    // shows it.
+    wait_for_outcome(&record, Duration::from_secs(1)).await;
+    Ok(status_response(&state, &record, StatusCode::OK))
+}
+
+/// Get a call's result.
+///
+/// Once the call has finished: the device's reply exactly as a sync call answers it (payload
+/// byte for byte, its status, content type and `x-mqtt-*` headers), or the problem that ended
+/// the call (`device-timeout`, `call-cancelled`, ...) as problem+json with its status.
+#[utoipa::path(
+    get,
+    path = "/api/v1/calls/{call_id}/result",
+    operation_id = "getCallResult",
+    tag = "calls",
+    security((), ("bearer" = [])),
+    params(("call_id" = String, Path, description = "The call's id.")),
+    responses(
+        (status = 200, description = "The device's reply (or the status it chose), as a sync call returns it.", content((super::docs::AnyBytes = "*/*"))),
+        (status = 404, description = "No such call for this caller (`unknown-call`); or the call ended as the device being offline (`device-offline`).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The call has not finished (`call-not-finished`), or it was cancelled (`call-cancelled`).", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The device did not answer within the call's timeout. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn get_result(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    parts: Parts,
+) -> Result<Response, ApiError> {
+    let record = find(&state, &parts, &call_id)?;
+    result_response(&state, &record)
+}
+
+/// Stream a call's events.
+///
+/// Server-sent events: `progress` events (the device's progress messages, in order; ids from
+/// 1), then one final event, `result` (the device's reply) or `problem` (why there is none),
+/// then the stream ends. Each event's data is one JSON document. With `Last-Event-ID` (sent by
+/// `EventSource` on reconnecting) the stream resumes after that event, from the events still
+/// kept (`--max-progress-events` per call). Leaving this stream does not cancel the call.
+#[utoipa::path(
+    get,
+    path = "/api/v1/calls/{call_id}/events",
+    operation_id = "streamCallEvents",
+    tag = "calls",
+    security((), ("bearer" = [])),
+    params(
+        ("call_id" = String, Path, description = "The call's id."),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event."),
+    ),
+    responses(
+        (status = 200, description = "The events.", content_type = "text/event-stream", body = String,
+            example = "event: progress\nid: 1\ndata: {\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"user_properties\":[],\"json\":{\"percent\":50}}\n\nevent: result\nid: 2\ndata: {\"id\":2,\"status\":200,\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"done\":true}}\n\n"),
+        (status = 404, description = "No such call for this caller. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn get_events(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    parts: Parts,
+) -> Result<Response, ApiError> {
+    let record = find(&state, &parts, &call_id)?;
+    let after = parts
+        .headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(event_stream(record, after, None).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(prefer: &[&str], accept: Option<&str>) -> Mode {
+        let mut headers = HeaderMap::new();
+        for p in prefer {
+            headers.append("prefer", HeaderValue::from_str(p).unwrap());
+        }
+        if let Some(a) = accept {
+            headers.insert(header::ACCEPT, HeaderValue::from_str(a).unwrap());
+        }
+        Mode::of(&headers, Duration::from_secs(300))
+    }
+
+    #[test]
+    fn preferences_follow_rfc_7240() {
+        assert_eq!(mode(&[], None), Mode::Sync);
+        assert_eq!(mode(&["respond-async"], None), Mode::Async { wait: None });
+        assert_eq!(
+            mode(&["Respond-Async, wait=10"], None),
+            Mode::Async {
+                wait: Some(Duration::from_secs(10))
+            }
+        );
+        assert_eq!(
+            mode(&["wait=5", "respond-async"], None),
+            Mode::Async {
+                wait: Some(Duration::from_secs(5))
+            },
+            "across headers"
+        );
+        assert_eq!(
+            mode(&["respond-async; foo=bar, wait=99999"], None),
+            Mode::Async {
+                wait: Some(Duration::from_secs(300))
+            },
+            "clamped to the maximum"
+        );
+        assert_eq!(
+            mode(&["respond-async, wait=soon"], None),
+            Mode::Async { wait: None },
+            "a malformed wait is ignored"
+        );
+        assert_eq!(
+            mode(&["wait=3"], None),
+            Mode::Sync,
+            "wait alone changes nothing"
+        );
+        assert_eq!(
+            mode(&["respond-async=yes"], None),
+            Mode::Sync,
+            "not the token"
+        );
+        assert_eq!(mode(&["return=minimal"], None), Mode::Sync);
+        assert_eq!(
+            mode(&[], Some("application/json, text/event-stream;q=0.9")),
+            Mode::Stream
+        );
+        assert_eq!(
+            mode(&["respond-async"], Some("text/event-stream")),
+            Mode::Async { wait: None },
+            "respond-async wins"
+        );
+    }
+
+    #[test]
+    fn bodies_become_json_text_or_base64() {
+        assert!(matches!(BodyDoc::of(None, b"{\"a\":1}"), BodyDoc::Json(_)));
+        assert!(matches!(
+            BodyDoc::of(Some("application/json"), b"[1]"),
+            BodyDoc::Json(_)
+        ));
+        assert!(matches!(
+            BodyDoc::of(Some("text/plain"), b"123"),
+            BodyDoc::Text(t) if t == "123"
+        ));
+        assert!(matches!(BodyDoc::of(None, b"hi"), BodyDoc::Text(_)));
+        assert!(matches!(
+            BodyDoc::of(None, b"\xff\x00"),
+            BodyDoc::Base64(b) if b == "/wA="
+        ));
+    }
+}
