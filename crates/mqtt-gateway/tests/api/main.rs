@@ -5,6 +5,7 @@
 // A test binary is no library: its `pub` items are for its own modules.
 #![allow(unreachable_pub)]
 
+mod async_calls;
 mod calls;
 mod cli;
 mod device_library;
