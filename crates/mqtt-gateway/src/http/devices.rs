@@ -51,7 +51,17 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 /// service (404 `unknown-service`), or the body does not match the service's request schema
 /// (422 `schema-mismatch`).
 ///
-/// Try it with the demo device: `demo-1`, service `echo`.
+/// **Calls that outlive this request.** With `Prefer: respond-async` the gateway answers 202
+/// at once with `Location: /api/v1/calls/{call_id}` and the call's status document; with
+/// `Prefer: respond-async, wait=N` it answers with the reply when it comes within N seconds
+/// (at most `--max-timeout-ms`), else 202 (`Preference-Applied` says which). With `Accept:
+/// text/event-stream` it streams the device's progress messages and then the outcome as
+/// server-sent events (see `GET /api/v1/calls/{call_id}/events`); the client leaving cancels
+/// the call. Both may run up to `--max-async-timeout-ms` (one hour). A sync caller that leaves
+/// before the answer cancels the call too: the device is sent a cancel message and its handler
+/// stops (`docs/PROTOCOL.md`, section 12).
+///
+/// Try it with the demo device: `demo-1`, service `echo`; `count` streams progress.
 #[utoipa::path(
     post,
     path = "/api/v1/devices/{device_id}/services/{service}",
@@ -62,8 +72,10 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     params(
         ("device_id" = String, Path, description = "The device to call: 1 to 256 bytes, without `/`, `+`, `#`, control characters or a leading `$`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "demo-1"),
         ("service" = String, Path, description = "The service to call, with the same rules as `device_id`. The demo device offers `echo`, `get_config`, `control` and `delay`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "echo"),
-        ("timeout_ms" = Option<u64>, Query, description = "How long to wait for the device, in milliseconds; also sent as the MQTT Message Expiry Interval. From 100; default 10000; the maximum is 300000 unless the gateway is configured otherwise (`--max-timeout-ms`).", minimum = 100, maximum = 300000, example = 5000),
+        ("timeout_ms" = Option<u64>, Query, description = "How long to wait for the device, in milliseconds; also sent as the MQTT Message Expiry Interval. From 100; default 10000; the maximum is 300000 unless the gateway is configured otherwise (`--max-timeout-ms`), and 3600000 for async and streamed calls (`--max-async-timeout-ms`).", minimum = 100, maximum = 3600000, example = 5000),
         ("traceparent" = Option<String>, Header, description = "W3C trace context; travels to the device as a user property."),
+        ("Prefer" = Option<String>, Header, description = "RFC 7240: `respond-async` for a 202 and a call resource, with `wait=N` (seconds) to get the reply itself when it comes within N. Anything else is ignored.", example = "respond-async, wait=5"),
+        ("Accept" = Option<String>, Header, description = "`text/event-stream` streams the device's progress messages and the outcome as server-sent events."),
     ),
     request_body(
         description = "Sent to the device unchanged, as the MQTT payload. Any content type; `x-mqtt-<key>` headers become user properties. At most 256 KiB unless configured otherwise (`--max-body-bytes`).",
@@ -80,8 +92,18 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
                 (String = "text/plain"),
                 (AnyBytes = "application/octet-stream"),
                 (AnyBytes = "*/*"),
+                (String = "text/event-stream", example = "event: progress\nid: 1\ndata: {\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"count\":1,\"of\":2}}\n\nevent: result\nid: 3\ndata: {\"id\":3,\"status\":200,\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"counted\":2}}\n\n"),
+            ),
+            headers(
+                ("Location" = String, description = "For a streamed call, or one answered within `wait`: the call resource."),
+                ("Preference-Applied" = String, description = "`wait=N` when the reply came within the wait."),
             ),
         ),
+        (status = 202, description = "`Prefer: respond-async`: the call is running; follow `Location`. The body is the call's status document.", body = super::calls_routes::CallStatus,
+            headers(
+                ("Location" = String, description = "`/api/v1/calls/{call_id}`"),
+                ("Preference-Applied" = String, description = "`respond-async`, with the `wait` applied"),
+            )),
         (status = 400, description = "Bad input. Codes: `invalid-device-id`, `invalid-service`, `invalid-path`, `invalid-timeout`, `unknown-query-parameter`, `invalid-header`, `invalid-body`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:invalid-device-id", "title": "Invalid device id", "status": 400, "detail": "invalid device id: must not contain '/': it is a topic separator or an MQTT wildcard", "code": "invalid-device-id"})),
         (status = 401, description = "Authentication is configured and the call has no valid `Authorization: Bearer` API key or JWT. Code: `unauthorized`.", body = Problem, content_type = "application/problem+json",
@@ -92,6 +114,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
             example = json!({"type": "urn:mqtt-gateway:problem:unknown-service", "title": "The device does not offer this service", "status": 404, "detail": "device \"demo-1\" is online but does not offer service \"nope\"; nothing was sent. It offers: control, delay, echo, get_config", "code": "unknown-service"})),
         (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time (10 s in all unless configured otherwise, `--http-body-timeout-ms`); the connection is closed. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Answered within `wait`: the call was cancelled meanwhile (`DELETE`). Code: `call-cancelled`.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over the limit, or the MQTT packet is over the broker's or the gateway's maximum packet size. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
         (status = 422, description = "The device announced a request schema for this service and the body does not match it (an empty body is checked as `null`); nothing was published. `errors` says where and what. Code: `schema-mismatch`.", body = Problem, content_type = "application/problem+json",
@@ -99,9 +122,10 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         (status = 429, description = "The caller is over its rate limit (code `rate-limited`, see `Retry-After`), or already has as many calls in flight as it may (code `too-many-in-flight`, `--max-in-flight-per-caller`), or the broker's quota is exceeded (PUBACK 0x97, code `quota-exceeded`).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
         (status = 502, description = "The broker refused the request for another reason, or the device's reply is invalid: its `status` property is not a final HTTP status (200 to 599), or its user properties would make more than 8 KiB of `x-mqtt-*` headers (`--max-reply-header-bytes`). Codes: `broker-refused`, `invalid-device-reply`.", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or the gateway is full: too many calls in flight (`--max-in-flight`) or too many bytes held for calls (`--max-buffered-bytes`). Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting` (no subscriber yet, within a few seconds of the gateway reconnecting to the broker).", body = Problem, content_type = "application/problem+json",
+        (status = 503, description = "Not connected to the broker (answered at once), the connection dropped while the call waited, or the gateway is full: too many calls in flight (`--max-in-flight`) or too many bytes held for calls (`--max-buffered-bytes`). Retry after the `Retry-After` seconds. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting` (no subscriber yet, within a few seconds of the gateway reconnecting to the broker), `too-many-calls` (an async or streamed call when `--max-calls` calls are kept and all still run, or `--max-call-bytes` are held).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying.")),
             example = json!({"type": "urn:mqtt-gateway:problem:broker-unavailable", "title": "Not connected to the MQTT broker", "status": 503, "detail": "the gateway is not connected to the MQTT broker", "code": "broker-unavailable"})),
+        (status = 507, description = "Answered within `wait`: the device's reply did not fit in `--max-call-bytes`. Code: `result-too-large`.", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "The device did not answer within `timeout_ms`. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:device-timeout", "title": "The device did not answer in time", "status": 504, "detail": "no reply within 10000 ms; raise timeout_ms if the device needs longer", "code": "device-timeout"})),
     ),

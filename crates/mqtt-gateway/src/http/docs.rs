@@ -23,6 +23,7 @@ service `echo`.",
     ),
     tags(
         (name = "devices", description = "Calling device services"),
+        (name = "calls", description = "Calls that outlive one HTTP request: async calls, their progress and results, cancellation"),
         (name = "health", description = "Liveness and readiness"),
     ),
     modifiers(&BearerAuth),
