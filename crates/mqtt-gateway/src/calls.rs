@@ -123,10 +123,35 @@ pub(crate) struct Progress {
     pub(crate) outcome: Option<Arc<Outcome>>,
 }
 
+/// An `Idempotency-Key` as the store indexes it: the caller's own (API key name or JWT
+/// subject; None on an open gateway, where all callers share one space of keys) and the key.
+pub(crate) type KeyScope = (Option<Arc<str>>, String);
+
+/// What the store keeps of a request sent with an `Idempotency-Key`: its fingerprint (SHA-256
+/// of what makes it the same request) and the call it made.
+#[derive(Debug)]
+struct Keyed {
+    fingerprint: [u8; 32],
+    call: String,
+}
+
+/// What a new call with an `Idempotency-Key` found.
+#[derive(Debug)]
+pub(crate) enum Created {
+    /// A new call: publish it.
+    New(Arc<Record>, oneshot::Receiver<()>),
+    /// The same request was made before with this key: its call (nothing is published).
+    Repeat(Arc<Record>),
+    /// The key was used before for another request.
+    Mismatch,
+}
+
 /// One call.
 #[derive(Debug)]
 pub(crate) struct Record {
     pub(crate) id: String,
+    /// The `Idempotency-Key` it was made with, if any.
+    key: Option<KeyScope>,
     /// The API key name or JWT subject that made it; None on an open gateway.
     pub(crate) owner: Option<Arc<str>>,
     pub(crate) device: String,
@@ -195,9 +220,26 @@ pub(crate) struct Calls {
 #[derive(Debug, Default)]
 struct Inner {
     records: HashMap<String, Arc<Record>>,
+    /// Idempotency keys of the calls kept, forgotten with them.
+    keys: HashMap<KeyScope, Keyed>,
     /// Finished calls in the order they finished (so in retention order), with when.
     finished: VecDeque<(Instant, String)>,
     evicted: u64,
+}
+
+impl Inner {
+    /// Forgets a call and its idempotency key; false if it was not kept.
+    fn forget(&mut self, id: &str) -> bool {
+        let Some(record) = self.records.remove(id) else {
+            return false;
+        };
+        if let Some(scope) = &record.key {
+            if self.keys.get(scope).is_some_and(|k| k.call == id) {
+                self.keys.remove(scope);
+            }
+        }
+        true
+    }
 }
 
 impl Calls {
@@ -220,20 +262,35 @@ impl Calls {
 
     /// Keeps a new call (before it is published), making room by forgetting the oldest
     /// finished calls when the store is full; the receiver fires when it is to be cancelled.
+    /// With an idempotency key (and the request's fingerprint), the call made before with the
+    /// same key, if any, is found instead, under the same lock: two requests with one key
+    /// never both publish.
     pub(crate) fn create(
         &self,
         owner: Option<Arc<str>>,
         device: &str,
         service: &str,
         timeout: Duration,
-    ) -> Result<(Arc<Record>, oneshot::Receiver<()>), Full> {
+        key: Option<(String, [u8; 32])>,
+    ) -> Result<Created, Full> {
         let mut inner = self.lock();
         self.expire(&mut inner, Instant::now());
+        let key = key.map(|(key, fingerprint)| ((owner.clone(), key), fingerprint));
+        if let Some((scope, fingerprint)) = &key {
+            if let Some(keyed) = inner.keys.get(scope) {
+                if keyed.fingerprint != *fingerprint {
+                    return Ok(Created::Mismatch);
+                }
+                if let Some(record) = inner.records.get(&keyed.call) {
+                    return Ok(Created::Repeat(record.clone()));
+                }
+            }
+        }
         while inner.records.len() >= self.options.max_calls {
             let Some((_, id)) = inner.finished.pop_front() else {
                 return Err(Full::Calls(self.options.max_calls));
             };
-            if inner.records.remove(&id).is_some() {
+            if inner.forget(&id) {
                 inner.evicted += 1;
             }
         }
@@ -243,8 +300,17 @@ impl Calls {
             .ok_or(Full::Bytes(self.options.max_bytes))?;
         let now = SystemTime::now();
         let (cancel, cancelled) = oneshot::channel();
+        let id = uuid::Uuid::new_v4().to_string();
+        let (scope, fingerprint) = key.unzip();
+        if let (Some(scope), Some(fingerprint)) = (&scope, fingerprint) {
+            let call = id.clone();
+            inner
+                .keys
+                .insert(scope.clone(), Keyed { fingerprint, call });
+        }
         let record = Arc::new(Record {
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
+            key: scope,
             owner,
             device: device.to_owned(),
             service: service.to_owned(),
@@ -264,7 +330,7 @@ impl Calls {
             _held: held,
         });
         inner.records.insert(record.id.clone(), record.clone());
-        Ok((record, cancelled))
+        Ok(Created::New(record, cancelled))
     }
 
     /// The call with this id, if the caller may see it: its owner's (an open gateway's calls
@@ -276,9 +342,10 @@ impl Calls {
         (record.owner.as_deref() == caller).then(|| record.clone())
     }
 
-    /// Forgets a call now (a finished call's `DELETE`).
+    /// Forgets a call now (a finished call's `DELETE`, or one that could not be published),
+    /// and its idempotency key.
     pub(crate) fn remove(&self, id: &str) {
-        self.lock().records.remove(id);
+        self.lock().forget(id);
     }
 
     /// Forgets the finished calls whose retention is over; called on every lookup and by the
@@ -294,7 +361,7 @@ impl Calls {
                 break;
             }
             if let Some((_, id)) = inner.finished.pop_front() {
-                inner.records.remove(&id);
+                inner.forget(&id);
             }
         }
     }

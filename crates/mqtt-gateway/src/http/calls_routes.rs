@@ -26,7 +26,7 @@ use super::auth::{ApiCaller, CallerSlot};
 use super::devices::reply_response;
 use super::error::{ApiError, Problem};
 use super::AppState;
-use crate::calls::{CallState, Full, Message, Outcome, Record};
+use crate::calls::{CallState, Created, Full, Message, Outcome, Record};
 
 /// Where call resources live.
 pub(crate) const CALLS_PREFIX: &str = "/api/v1/calls/";
@@ -130,6 +130,22 @@ pub(crate) struct MessageDoc {
     /// UTF-8) or `base64`.
     #[serde(flatten)]
     body: BodyDoc,
+}
+
+/// One server-sent event of a call, as a client's SSE parser hands it over.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SseEventDoc {
+    /// `progress`, then one `result` (the device's reply) or `problem` (why there is none).
+    #[schema(example = "progress")]
+    event: String,
+    /// The event's id: progress events count from 1; the final event follows. Send it back as
+    /// `Last-Event-ID` to resume after it.
+    #[schema(example = "1")]
+    id: String,
+    /// One JSON document: a `MessageDoc` for `progress` and `result`, a `Problem` for
+    /// `problem`.
+    #[schema(example = "{\"id\":1,\"user_properties\":[],\"json\":{\"count\":1,\"of\":5}}")]
+    data: String,
 }
 
 /// A payload in JSON.
@@ -350,25 +366,40 @@ fn state_name(state: CallState) -> &'static str {
 }
 
 /// Starts a kept call (its body read and checked, its places taken): creates its record,
-/// publishes it, hands the waiter to the record's task, and answers as the mode asks.
+/// publishes it, hands the waiter to the record's task, and answers as the mode asks. With an
+/// `Idempotency-Key` (`key`: the key and the request's fingerprint) a repeat of an earlier
+/// request publishes nothing and answers from that request's call.
 pub(super) async fn start(
     state: &AppState,
     mode: Mode,
     owner: Option<Arc<str>>,
     call: mqtt_rpc::Call,
-    slot: mqtt_rpc::Slot,
-    caller_slot: Option<CallerSlot>,
+    places: (mqtt_rpc::Slot, Option<CallerSlot>),
+    key: Option<(String, [u8; 32])>,
 ) -> Response {
-    let (record, cancelled) = match state.calls.create(
+    let created = state.calls.create(
         owner,
         call.device.as_str(),
         call.service.as_str(),
         call.timeout,
-    ) {
-        Ok(created) => created,
+        key,
+    );
+    let (record, cancelled) = match created {
+        Ok(Created::New(record, cancelled)) => (record, cancelled),
+        Ok(Created::Repeat(record)) => {
+            drop(places);
+            let mut response = answer(state, &record, mode, Answer::Repeat).await;
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return response;
+        }
+        Ok(Created::Mismatch) => return ApiError::IdempotencyKeyReused.into_response(),
         Err(Full::Calls(limit)) => return ApiError::TooManyCalls { limit }.into_response(),
         Err(Full::Bytes(limit)) => return ApiError::CallStoreFull { limit }.into_response(),
     };
+    let timeout = call.timeout;
+    let (slot, caller_slot) = places;
     let streaming = match state.mqtt.send_streaming(slot, call) {
         Ok(streaming) => streaming,
         Err(error) => {
@@ -382,22 +413,51 @@ pub(super) async fn start(
             .clone()
             .run(record.clone(), streaming, cancelled, caller_slot),
     );
-    let location = header_value(&location(&record));
+    answer(state, &record, mode, Answer::New { timeout }).await
+}
+
+/// Whose answer [`answer`] gives.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// The request that made the call, with its timeout.
+    New { timeout: Duration },
+    /// A repeat of it with the same `Idempotency-Key`.
+    Repeat,
+}
+
+/// Answers for a kept call, as the mode asks.
+async fn answer(state: &AppState, record: &Arc<Record>, mode: Mode, how: Answer) -> Response {
+    let location = header_value(&location(record));
     let mut response = match mode {
         Mode::Stream => {
-            // The client leaving before the outcome cancels the call, as for a sync call.
-            let guard = CancelOnDrop(Some(record.clone()));
-            event_stream(record.clone(), 0, Some(guard)).into_response()
+            // The client leaving before the outcome cancels the call, as for a sync call; a
+            // repeat's client is only a reader.
+            let guard =
+                matches!(how, Answer::New { .. }).then(|| CancelOnDrop(Some(record.clone())));
+            event_stream(record.clone(), 0, guard).into_response()
         }
+        // A sync call kept for its Idempotency-Key: the client leaving does not cancel it, so
+        // that its retry finds the call and its result.
+        Mode::Sync => match how {
+            // Bounded by the call's own timeout, after which its task ends it.
+            Answer::New { timeout } => {
+                wait_for_outcome(record, timeout + Duration::from_secs(1)).await;
+                result_response(state, record).unwrap_or_else(IntoResponse::into_response)
+            }
+            Answer::Repeat => match result_response(state, record) {
+                Ok(response) => response,
+                Err(_) => ApiError::RequestInProgress.into_response(),
+            },
+        },
         Mode::Async { wait } => {
             let finished = match wait {
-                Some(wait) => wait_for_outcome(&record, wait).await,
+                Some(wait) => wait_for_outcome(record, wait).await,
                 None => false,
             };
             let wait_applied = wait.map(|w| format!("wait={}", w.as_secs()));
             if finished {
                 let mut response =
-                    result_response(state, &record).unwrap_or_else(IntoResponse::into_response);
+                    result_response(state, record).unwrap_or_else(IntoResponse::into_response);
                 if let Some(applied) = wait_applied {
                     response
                         .headers_mut()
@@ -408,7 +468,7 @@ pub(super) async fn start(
                     .insert(header::CONTENT_LOCATION, location.clone());
                 response
             } else {
-                let mut response = status_response(state, &record, StatusCode::ACCEPTED);
+                let mut response = status_response(state, record, StatusCode::ACCEPTED);
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -422,8 +482,6 @@ pub(super) async fn start(
                 response
             }
         }
-        // Not kept: the caller answers these itself.
-        Mode::Sync => ApiError::InvalidPath("not a kept call".into()).into_response(),
     };
     response.headers_mut().insert(header::LOCATION, location);
     response
@@ -610,7 +668,13 @@ async fn delete_call(
     security((), ("bearer" = [])),
     params(("call_id" = String, Path, description = "The call's id.")),
     responses(
-        (status = 200, description = "The device's reply (or the status it chose), as a sync call returns it.", content((super::docs::AnyBytes = "*/*"))),
+        (status = 200, description = "The device's reply (or the status it chose), as a sync call returns it.",
+            content(
+                (serde_json::Value = "application/json"),
+                (String = "text/plain"),
+                (super::docs::AnyBytes = "application/octet-stream"),
+                (super::docs::AnyBytes = "*/*"),
+            )),
         (status = 404, description = "No such call for this caller (`unknown-call`); or the call ended as the device being offline (`device-offline`).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The call has not finished (`call-not-finished`), or it was cancelled (`call-cancelled`).", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "The device did not answer within the call's timeout. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json"),
@@ -643,8 +707,8 @@ async fn get_result(
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event."),
     ),
     responses(
-        (status = 200, description = "The events.", content_type = "text/event-stream", body = String,
-            example = "event: progress\nid: 1\ndata: {\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"user_properties\":[],\"json\":{\"percent\":50}}\n\nevent: result\nid: 2\ndata: {\"id\":2,\"status\":200,\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"done\":true}}\n\n"),
+        (status = 200, description = "The events.", content_type = "text/event-stream", body = SseEventDoc,
+            example = json!({"event": "progress", "id": "1", "data": "{\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"count\":1,\"of\":5}}"})),
         (status = 404, description = "No such call for this caller. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
     ),
 )]

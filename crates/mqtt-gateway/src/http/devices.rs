@@ -76,6 +76,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         ("traceparent" = Option<String>, Header, description = "W3C trace context; travels to the device as a user property."),
         ("Prefer" = Option<String>, Header, description = "RFC 7240: `respond-async` for a 202 and a call resource, with `wait=N` (seconds) to get the reply itself when it comes within N. Anything else is ignored.", example = "respond-async, wait=5"),
         ("Accept" = Option<String>, Header, description = "`text/event-stream` streams the device's progress messages and the outcome as server-sent events."),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters (a UUID): a repeat of the same request with the same key (from the same API key or JWT subject) publishes nothing and gets the first one's answer (`Idempotent-Replayed: true`), 409 `request-in-progress` while it still runs (or its call resource, with `Prefer: respond-async`); the key with another request gets 422 `idempotency-key-reused`. Keys live as long as their call is kept (`--call-retention-ms`). A sync caller that leaves does not cancel a call made with a key.", example = "3f0c1d5e-8a3b-4e8e-9a52-6f1c2b7d9e10"),
     ),
     request_body(
         description = "Sent to the device unchanged, as the MQTT payload. Any content type; `x-mqtt-<key>` headers become user properties. At most 256 KiB unless configured otherwise (`--max-body-bytes`).",
@@ -92,7 +93,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
                 (String = "text/plain"),
                 (AnyBytes = "application/octet-stream"),
                 (AnyBytes = "*/*"),
-                (String = "text/event-stream", example = "event: progress\nid: 1\ndata: {\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"count\":1,\"of\":2}}\n\nevent: result\nid: 3\ndata: {\"id\":3,\"status\":200,\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"counted\":2}}\n\n"),
+                (super::calls_routes::SseEventDoc = "text/event-stream", example = json!({"event": "progress", "id": "1", "data": "{\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"count\":1,\"of\":5}}"})),
             ),
             headers(
                 ("Location" = String, description = "For a streamed call, or one answered within `wait`: the call resource."),
@@ -114,10 +115,10 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
             example = json!({"type": "urn:mqtt-gateway:problem:unknown-service", "title": "The device does not offer this service", "status": 404, "detail": "device \"demo-1\" is online but does not offer service \"nope\"; nothing was sent. It offers: control, delay, echo, get_config", "code": "unknown-service"})),
         (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time (10 s in all unless configured otherwise, `--http-body-timeout-ms`); the connection is closed. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Answered within `wait`: the call was cancelled meanwhile (`DELETE`). Code: `call-cancelled`.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with the same `Idempotency-Key` is still in progress (code `request-in-progress`); or, answered within `wait`, the call was cancelled meanwhile (code `call-cancelled`).", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over the limit, or the MQTT packet is over the broker's or the gateway's maximum packet size. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:payload-too-large", "title": "Payload too large", "status": 413, "detail": "the request body is larger than the limit of 262144 bytes", "code": "payload-too-large"})),
-        (status = 422, description = "The device announced a request schema for this service and the body does not match it (an empty body is checked as `null`); nothing was published. `errors` says where and what. Code: `schema-mismatch`.", body = Problem, content_type = "application/problem+json",
+        (status = 422, description = "The device announced a request schema for this service and the body does not match it (an empty body is checked as `null`); nothing was published. `errors` says where and what. Code: `schema-mismatch`. Or the `Idempotency-Key` was used for a different request (code `idempotency-key-reused`).", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:schema-mismatch", "title": "The body does not match the service's request schema", "status": 422, "detail": "the body does not match the request schema service \"control\" announced (1 problem(s), see `errors`); nothing was sent", "code": "schema-mismatch", "errors": [{"instance_path": "/position", "message": "101 is greater than the maximum of 100"}]})),
         (status = 429, description = "The caller is over its rate limit (code `rate-limited`, see `Retry-After`), or already has as many calls in flight as it may (code `too-many-in-flight`, `--max-in-flight-per-caller`), or the broker's quota is exceeded (PUBACK 0x97, code `quota-exceeded`).", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before retrying."))),
@@ -197,10 +198,15 @@ impl HttpCall {
             }
         }
         let Places { slot, caller } = places;
-        if call.mode.is_kept() {
+        if call.mode.is_kept() || call.idempotency_key.is_some() {
+            let key = call
+                .idempotency_key
+                .clone()
+                .map(|key| (key, call.fingerprint(&payload)));
             let (mode, owner) = (call.mode, call.owner.clone());
             let call = call.with_payload(payload, held);
-            return Err(calls_routes::start(state, mode, owner, call, slot, caller).await);
+            let places = (slot, caller);
+            return Err(calls_routes::start(state, mode, owner, call, places, key).await);
         }
         let pending = state
             .mqtt
@@ -289,9 +295,37 @@ struct CallHead {
     mode: Mode,
     /// Who makes it (API key name or JWT subject), for a kept call's owner.
     owner: Option<std::sync::Arc<str>>,
+    /// The `Idempotency-Key` header, checked.
+    idempotency_key: Option<String>,
 }
 
 impl CallHead {
+    /// What makes a request the same request for its `Idempotency-Key`: device, service,
+    /// timeout, content type, the user properties from `x-mqtt-*` headers (not the request id
+    /// or trace context, which a retry changes) and the body. Not how it asks to be answered:
+    /// a retry may switch to `Prefer: respond-async` and follow the same call.
+    fn fingerprint(&self, payload: &[u8]) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_be_bytes());
+            hash.update(bytes);
+        };
+        field(self.device.as_str().as_bytes());
+        field(self.service.as_str().as_bytes());
+        field(&(self.timeout.as_millis() as u64).to_be_bytes());
+        field(self.content_type.as_deref().unwrap_or("").as_bytes());
+        for (key, value) in &self.user_properties {
+            if [REQUEST_ID_PROPERTY, TRACEPARENT_PROPERTY, "tracestate"].contains(&key.as_str()) {
+                continue;
+            }
+            field(key.as_bytes());
+            field(value.as_bytes());
+        }
+        field(payload);
+        hash.finalize().into()
+    }
+
     fn with_payload(self, payload: Bytes, held: Held) -> mqtt_rpc::Call {
         mqtt_rpc::Call {
             device: self.device,
@@ -488,7 +522,36 @@ fn call_head(
         validator: None,
         mode,
         owner: caller.map(|c| c.name.clone()),
+        idempotency_key: idempotency_key(headers)?,
     })
+}
+
+/// The most bytes of an `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters (a UUID, usually), with the
+/// quotes of the draft's structured-field string taken off.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let raw = value.as_bytes();
+    let key = raw
+        .strip_prefix(b"\"")
+        .and_then(|k| k.strip_suffix(b"\""))
+        .unwrap_or(raw);
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY_BYTES
+        || !key.iter().all(|b| (0x21..=0x7e).contains(b))
+    {
+        return Err(ApiError::InvalidHeader {
+            name: "idempotency-key".into(),
+            reason: format!(
+                "must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters, such as a UUID"
+            ),
+        });
+    }
+    Ok(Some(String::from_utf8_lossy(key).into_owned()))
 }
 
 /// `timeout_ms`: whole milliseconds, from the minimum up to `max_timeout_ms` (the configured

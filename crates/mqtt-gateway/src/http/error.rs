@@ -93,6 +93,10 @@ pub(crate) enum ApiError {
     TooManyCalls { limit: usize },
     #[error("the calls kept hold as many bytes as they may ({limit} bytes, --max-call-bytes); retry when some have finished or expired")]
     CallStoreFull { limit: usize },
+    #[error("a request with this Idempotency-Key is still in progress; retry it once it has finished, or send it with Prefer: respond-async to follow the same call")]
+    RequestInProgress,
+    #[error("this Idempotency-Key was used for a different request (device, service, timeout, content type, x-mqtt-* headers or body); use a new key for a new request")]
+    IdempotencyKeyReused,
     #[error("the device's reply did not fit in the bytes kept for calls ({limit} bytes, --max-call-bytes), so it could not be kept")]
     ResultTooLarge { limit: usize },
 }
@@ -211,6 +215,10 @@ problem_codes! {
     UnknownCall = "unknown-call", NOT_FOUND, "No such call", No;
     /// The call was cancelled (`DELETE`, or the client of a streamed call left).
     CallCancelled = "call-cancelled", CONFLICT, "The call was cancelled", No;
+    /// A sync request with this `Idempotency-Key` is still in progress.
+    RequestInProgress = "request-in-progress", CONFLICT, "A request with this Idempotency-Key is in progress", No;
+    /// The `Idempotency-Key` was used for a different request.
+    IdempotencyKeyReused = "idempotency-key-reused", UNPROCESSABLE_ENTITY, "Idempotency-Key reused for another request", No;
     /// The call's result was asked for before it finished.
     CallNotFinished = "call-not-finished", CONFLICT, "The call has not finished", No;
     /// As many calls are kept as may be, and all still run; or their bytes are spent.
@@ -316,6 +324,8 @@ impl ApiError {
             CallNotFinished { .. } => ProblemCode::CallNotFinished,
             TooManyCalls { .. } | CallStoreFull { .. } => ProblemCode::TooManyCalls,
             ResultTooLarge { .. } => ProblemCode::ResultTooLarge,
+            RequestInProgress => ProblemCode::RequestInProgress,
+            IdempotencyKeyReused => ProblemCode::IdempotencyKeyReused,
             Call(e) => match e {
                 C::NotConnected => ProblemCode::BrokerUnavailable,
                 C::Overloaded | C::BufferFull { .. } => ProblemCode::Overloaded,

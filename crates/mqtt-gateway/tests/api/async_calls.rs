@@ -655,3 +655,98 @@ async fn the_calls_kept_are_bounded_and_finished_ones_make_room() {
     assert_eq!(problem(refused).await["code"], "too-many-calls");
     assert_eq!(status_of(&app, &running).await["state"], "running");
 }
+
+/// Every request the gateway published to a device, by topic, within `wait`.
+async fn published(spy: &mut RawClient, wait: Duration) -> Vec<String> {
+    let mut topics = Vec::new();
+    while let Some(p) = spy.next(wait).await {
+        topics.push(String::from_utf8_lossy(&p.topic).into_owned());
+    }
+    topics
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_repeat_the_same_call_and_never_a_second_publish() {
+    let broker = TestBroker::start();
+    let _demo = demo_device(&broker, "i1").await;
+    let mut spy = RawClient::connect(&broker, "idem-spy", &["devices/i1/#"]).await;
+    let (_dir, path, keys) = crate::security::keys_file(&[
+        ("app-a", &["devices/*/services/*"]),
+        ("app-b", &["devices/*/services/*"]),
+    ]);
+    let app = TestApp::spawn_with(
+        &broker,
+        &["--api-keys-file", &path, "--call-retention-ms", "1500"],
+    )
+    .await;
+    let call = |key: &str, idem: &str, service: &str, body: &str, prefer: &str| {
+        let mut request = app
+            .http
+            .post(app.service_url("i1", service))
+            .bearer_auth(key.to_owned())
+            .header("idempotency-key", idem.to_owned())
+            .body(body.to_owned());
+        if !prefer.is_empty() {
+            request = request.header("prefer", prefer.to_owned());
+        }
+        request.send()
+    };
+
+    // Sync: the first answers, the repeat gets the same answer from the kept call.
+    let first = call(&keys[0], "key-1", "echo", "once", "").await.unwrap();
+    assert_eq!(first.status(), 200);
+    let at = location(&first);
+    assert_eq!(first.text().await.unwrap(), "once");
+    let repeat = call(&keys[0], "key-1", "echo", "once", "").await.unwrap();
+    assert_eq!(repeat.status(), 200);
+    assert_eq!(repeat.headers()["idempotent-replayed"], "true");
+    assert_eq!(location(&repeat), at, "the same call");
+    assert_eq!(repeat.text().await.unwrap(), "once");
+    // Async with the same key and request: the same call resource.
+    let follow = call(&keys[0], "key-1", "echo", "once", "respond-async")
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 202);
+    assert_eq!(location(&follow), at);
+    // The same key for another request: 422, nothing published.
+    let other = call(&keys[0], "key-1", "echo", "twice", "").await.unwrap();
+    assert_eq!(other.status(), 422);
+    assert_eq!(problem(other).await["code"], "idempotency-key-reused");
+    assert_eq!(
+        published(&mut spy, Duration::from_millis(500)).await,
+        vec!["devices/i1/echo"],
+        "one publish for three requests"
+    );
+
+    // Another caller's key of the same name is its own.
+    let theirs = call(&keys[1], "key-1", "echo", "theirs", "").await.unwrap();
+    assert_eq!(theirs.status(), 200);
+    assert_eq!(theirs.text().await.unwrap(), "theirs");
+
+    // A repeat while the first still runs: 409 on the sync path, the call on the async one.
+    let slow = tokio::spawn(call(&keys[0], "key-2", "delay", "1000", ""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy = call(&keys[0], "key-2", "delay", "1000", "").await.unwrap();
+    assert_eq!(busy.status(), 409);
+    assert_eq!(problem(busy).await["code"], "request-in-progress");
+    let same = call(&keys[0], "key-2", "delay", "1000", "respond-async")
+        .await
+        .unwrap();
+    assert_eq!(same.status(), 202);
+    let slow = slow.await.unwrap().unwrap();
+    assert_eq!(slow.status(), 200);
+    assert_eq!(location(&same), location(&slow));
+
+    // Keys expire with their call's retention: then the key is free again.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let reused = call(&keys[0], "key-1", "echo", "new", "").await.unwrap();
+    assert_eq!(reused.status(), 200);
+    assert_ne!(location(&reused), at, "a new call");
+    assert_eq!(reused.text().await.unwrap(), "new");
+
+    let invalid = call(&keys[0], "bad key with spaces", "echo", "x", "")
+        .await
+        .unwrap();
+    assert_eq!(invalid.status(), 400);
+    assert_eq!(problem(invalid).await["code"], "invalid-header");
+}
