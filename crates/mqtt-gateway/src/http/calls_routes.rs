@@ -695,7 +695,8 @@ async fn get_result(
 /// 1), then one final event, `result` (the device's reply) or `problem` (why there is none),
 /// then the stream ends. Each event's data is one JSON document. With `Last-Event-ID` (sent by
 /// `EventSource` on reconnecting) the stream resumes after that event, from the events still
-/// kept (`--max-progress-events` per call). Leaving this stream does not cancel the call.
+/// kept (`--max-progress-events` per call); after the final event, 204 (an `EventSource`
+/// stops reconnecting). Leaving this stream does not cancel the call.
 #[utoipa::path(
     get,
     path = "/api/v1/calls/{call_id}/events",
@@ -709,6 +710,7 @@ async fn get_result(
     responses(
         (status = 200, description = "The events.", content_type = "text/event-stream", body = SseEventDoc,
             example = json!({"event": "progress", "id": "1", "data": "{\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"count\":1,\"of\":5}}"})),
+        (status = 204, description = "`Last-Event-ID` names the final event: nothing is left to send."),
         (status = 404, description = "No such call for this caller. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -724,6 +726,15 @@ async fn get_events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
+    // Nothing left to send: 204 tells an EventSource to stop reconnecting (it reconnects with
+    // the last id it saw once a stream ends).
+    let finished = {
+        let p = record.progress();
+        p.outcome.is_some() && after >= Record::final_event_id(&p)
+    };
+    if finished {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     Ok(event_stream(record, after, None).into_response())
 }
 

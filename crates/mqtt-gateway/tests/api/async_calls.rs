@@ -750,3 +750,65 @@ async fn an_idempotency_key_makes_a_repeat_the_same_call_and_never_a_second_publ
     assert_eq!(invalid.status(), 400);
     assert_eq!(problem(invalid).await["code"], "invalid-header");
 }
+
+/// A web page on its own origin follows an async call with the browser's own `EventSource`:
+/// every progress event in order, then the result; the browser's reconnect with
+/// `Last-Event-ID` after the end gets 204, which closes it.
+#[tokio::test]
+async fn a_browser_page_follows_an_async_call_with_event_source() {
+    use std::path::Path;
+    let browser_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let ready = Path::new(&chromium).exists()
+        && Path::new(browser_dir)
+            .join("node_modules/playwright-core")
+            .exists();
+    if !tool_available(
+        "a_browser_page_follows_an_async_call_with_event_source",
+        "Debian chromium and playwright-core (npm ci --prefix tests/browser)",
+        std::process::Command::new("sh")
+            .args(["-c", if ready { "command -v node" } else { "false" }]),
+    ) {
+        return;
+    }
+    let broker = TestBroker::start();
+    let _demo = demo_device(&broker, "web-1").await;
+    let page_port = free_port();
+    let origin = format!("http://127.0.0.1:{page_port}");
+    let app = TestApp::spawn_with(&broker, &["--cors-origins", &origin]).await;
+    let output = tokio::process::Command::new("node")
+        .arg(Path::new(browser_dir).join("events.mjs"))
+        .arg(format!("http://{}", app.addr))
+        .arg(page_port.to_string())
+        .arg("web-1")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout).expect("the script's JSON");
+    assert_eq!(seen["status"], 202);
+    assert!(seen["location"]
+        .as_str()
+        .unwrap()
+        .starts_with("/api/v1/calls/"));
+    let events = seen["events"].as_array().unwrap();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["progress", "progress", "progress", "progress", "progress", "result"]
+    );
+    for (i, event) in events[..5].iter().enumerate() {
+        assert_eq!(event["id"], (i + 1).to_string());
+        assert_eq!(event["data"]["json"]["count"], i + 1);
+    }
+    assert_eq!(events[5]["data"]["json"]["counted"], 5);
+    assert_eq!(seen["closed"], true, "the reconnect after the end got 204");
+}
