@@ -51,6 +51,8 @@ pub(crate) enum Mode {
     Async { wait: Option<Duration> },
     /// `Accept: text/event-stream`: progress and the outcome as server-sent events.
     Stream,
+    /// `POST .../messages/{service}`: a one-way message, answered 202 once the broker has it.
+    OneWay,
 }
 
 impl Mode {
@@ -102,9 +104,9 @@ impl Mode {
         }
     }
 
-    /// Kept as a call record (not a plain sync call).
+    /// Kept as a call record (not a plain sync call, nor a one-way message).
     pub(crate) fn is_kept(self) -> bool {
-        self != Mode::Sync
+        matches!(self, Mode::Async { .. } | Mode::Stream)
     }
 }
 
@@ -436,6 +438,8 @@ async fn answer(state: &AppState, record: &Arc<Record>, mode: Mode, how: Answer)
                 matches!(how, Answer::New { .. }).then(|| CancelOnDrop(Some(record.clone())));
             event_stream(record.clone(), 0, guard).into_response()
         }
+        // Never kept (the route answers it itself).
+        Mode::OneWay => ApiError::InvalidPath("a message is not kept".into()).into_response(),
         // A sync call kept for its Idempotency-Key: the client leaving does not cancel it, so
         // that its retry finds the call and its result.
         Mode::Sync => match how {

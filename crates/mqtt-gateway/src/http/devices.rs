@@ -32,7 +32,9 @@ use mqtt_rpc::{DeviceId, ServiceName};
 pub(super) const USER_PROPERTY_HEADER_PREFIX: &str = "x-mqtt-";
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(super::only("POST", routes!(call_service)))
+    OpenApiRouter::new()
+        .routes(super::only("POST", routes!(call_service)))
+        .routes(super::only("POST", routes!(send_message)))
 }
 
 /// Call a device service.
@@ -139,6 +141,58 @@ async fn call_service() -> Response {
     StatusCode::INTERNAL_SERVER_ERROR.into_response()
 }
 
+/// Send a one-way message to a device service.
+///
+/// Like a call, but the device is not asked to reply: the MQTT 5 request has no Response Topic
+/// and no Correlation Data. The gateway answers **202** once the broker has accepted it
+/// (PUBACK 0x00), and **404** `device-offline` where nobody listens, as a call does (at once
+/// from the registry, or from PUBACK 0x10 on brokers that send it; on brokers that never send
+/// 0x10, such as the embedded one, a message to an unknown device is accepted). `timeout_ms` is
+/// the message's MQTT Message Expiry: a device with a persistent session that comes back before
+/// then still gets it. The same checks as a call apply first (names, scopes, body size, the
+/// announced request schema).
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{device_id}/messages/{service}",
+    operation_id = "sendMessage",
+    tag = "devices",
+    security((), ("bearer" = [])),
+    params(
+        ("device_id" = String, Path, description = "The device, as for a call.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "demo-1"),
+        ("service" = String, Path, description = "The service, as for a call.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "echo"),
+        ("timeout_ms" = Option<u64>, Query, description = "How long the message is valid for (its MQTT Message Expiry), and how long the gateway waits for the broker's PUBACK. From 100 to `--max-timeout-ms`; default 10000.", minimum = 100, maximum = 300000),
+    ),
+    request_body(
+        description = "Sent to the device unchanged, as the MQTT payload; `x-mqtt-<key>` headers become user properties.",
+        content(
+            (serde_json::Value = "application/json", example = json!({"hello": "world"})),
+            (String = "text/plain"),
+            (AnyBytes = "application/octet-stream"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "The broker accepted the message.", body = Object,
+            example = json!({"device_id": "demo-1", "service": "echo", "expires_at": "2026-12-01T12:00:10.000Z"})),
+        (status = 400, description = "Bad input, as for a call. Codes: `invalid-device-id`, `invalid-service`, `invalid-path`, `invalid-timeout`, `unknown-query-parameter`, `invalid-header`, `invalid-body`.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Authentication is configured and the request has no valid bearer token. Code: `unauthorized`.", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not within the caller's scopes (`insufficient-scope`), refused by the broker (`not-authorized`), or, on an open gateway, from another origin or host (`origin-not-allowed`, `host-not-allowed`).", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Nobody listens: the device announced it is offline, or PUBACK 0x10 (`device-offline`); it does not offer the service (`unknown-service`); it never announced itself, with `--require-announcement` (`unknown-device`).", body = Problem, content_type = "application/problem+json"),
+        (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive in time. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large. Code: `payload-too-large`.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The body does not match the service's announced request schema. Code: `schema-mismatch`.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the caller's limits, or the broker's quota. Codes: `rate-limited`, `too-many-in-flight`, `quota-exceeded`.", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The broker refused it for another reason. Code: `broker-refused`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not connected, the connection dropped before the PUBACK, or the gateway is full. Codes: `broker-unavailable`, `connection-lost`, `overloaded`, `shutting-down`, `devices-reconnecting`.", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "No PUBACK within `timeout_ms`. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+async fn send_message() -> Response {
+    // Never reached, as for `call_service`: the front answers every POST on this path.
+    tracing::error!("the message route's axum handler was reached; messages go through the front");
+    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+}
+
 /// A POST whose path is the call route's: the front sends these straight to [`HttpCall`];
 /// other methods on this path are the router's (405).
 pub(super) fn is_call(request: &Request) -> bool {
@@ -198,6 +252,11 @@ impl HttpCall {
             }
         }
         let Places { slot, caller } = places;
+        if call.mode == Mode::OneWay {
+            let sent = send_one_way(state, call.with_payload(payload, held), slot).await;
+            drop(caller);
+            return Err(sent);
+        }
         if call.mode.is_kept() || call.idempotency_key.is_some() {
             let key = call
                 .idempotency_key
@@ -213,6 +272,28 @@ impl HttpCall {
             .send(slot, call.with_payload(payload, held))
             .map_err(|e| ApiError::from(e).into_response())?;
         Ok((pending, caller))
+    }
+}
+
+/// Publishes a one-way message and answers once the broker has taken it: 202, or the refusal
+/// as a sync call gets it (404 `device-offline` for PUBACK 0x10).
+async fn send_one_way(state: &AppState, call: mqtt_rpc::Call, slot: Slot) -> Response {
+    let (device, service) = (call.device.to_string(), call.service.to_string());
+    let expires_at = std::time::SystemTime::now() + call.timeout;
+    let accepted = match state.mqtt.send_one_way(slot, call) {
+        Ok(sent) => sent.accepted().await,
+        Err(error) => Err(error),
+    };
+    match accepted {
+        Ok(()) => {
+            let body = serde_json::json!({
+                "device_id": device,
+                "service": service,
+                "expires_at": humantime::format_rfc3339_millis(expires_at).to_string(),
+            });
+            (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+        }
+        Err(error) => ApiError::from(error).into_response(),
     }
 }
 
@@ -473,7 +554,12 @@ fn call_head(
     parts: &Parts,
     caller: Option<&ApiCaller>,
 ) -> Result<CallHead, ApiError> {
-    let Route::Call { device, service } = classify(parts.uri.path()) else {
+    let Route::Call {
+        device,
+        service,
+        one_way,
+    } = classify(parts.uri.path())
+    else {
         return Err(ApiError::InvalidPath(format!("not {}", CALL_ROUTE)));
     };
     let device =
@@ -491,7 +577,11 @@ fn call_head(
         }
     }
     let headers = &parts.headers;
-    let mode = Mode::of(headers, Duration::from_millis(limits.max_timeout_ms));
+    let mode = if one_way {
+        Mode::OneWay
+    } else {
+        Mode::of(headers, Duration::from_millis(limits.max_timeout_ms))
+    };
     // A call kept as a record may run as long as async calls may; a sync one no longer than
     // an HTTP request should wait.
     let gateway_max = if mode.is_kept() {

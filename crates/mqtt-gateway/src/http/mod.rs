@@ -182,7 +182,10 @@ async fn not_found(method: Method, request: Request) -> ApiError {
     let path = request.uri().path();
     // The router cannot match an empty path segment; name the empty part instead of saying
     // the route does not exist.
-    if let routes::Route::Call { device, service } = routes::classify(path) {
+    if let routes::Route::Call {
+        device, service, ..
+    } = routes::classify(path)
+    {
         if device.is_empty() {
             return ApiError::InvalidDeviceId(mqtt_rpc::NameError::Empty);
         }

@@ -20,17 +20,21 @@ pub(crate) const METRICS: &str = "/metrics";
 const API_PREFIX: &str = "/api/";
 const DEVICES_PREFIX: &str = "/api/v1/devices/";
 const SERVICES_INFIX: &str = "/services/";
+const MESSAGES_INFIX: &str = "/messages/";
 
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route<'a> {
-    /// `/api/v1/devices/{device_id}/services/{service}`, with the two segments still
-    /// percent-encoded (either may be empty: the call's own parsing names it).
+    /// `/api/v1/devices/{device_id}/services/{service}` (or `/messages/{service}`, one-way),
+    /// with the two segments still percent-encoded (either may be empty: the call's own
+    /// parsing names it).
     Call {
         /// The `{device_id}` segment.
         device: &'a str,
         /// The `{service}` segment.
         service: &'a str,
+        /// `/messages/`: a one-way message, which expects no reply.
+        one_way: bool,
     },
     /// Anything else under `/api/`: not a route, but the API's, so it is authenticated.
     Api,
@@ -47,9 +51,15 @@ pub(crate) enum Route<'a> {
 /// Classifies a path (without its query).
 pub(crate) fn classify(path: &str) -> Route<'_> {
     if let Some(rest) = path.strip_prefix(DEVICES_PREFIX) {
-        if let Some((device, service)) = rest.split_once(SERVICES_INFIX) {
-            if !device.contains('/') && !service.contains('/') {
-                return Route::Call { device, service };
+        for (infix, one_way) in [(SERVICES_INFIX, false), (MESSAGES_INFIX, true)] {
+            if let Some((device, service)) = rest.split_once(infix) {
+                if !device.contains('/') && !service.contains('/') {
+                    return Route::Call {
+                        device,
+                        service,
+                        one_way,
+                    };
+                }
             }
         }
     }
@@ -83,19 +93,30 @@ mod tests {
             classify("/api/v1/devices/d%2F1/services/echo"),
             Route::Call {
                 device: "d%2F1",
-                service: "echo"
+                service: "echo",
+                one_way: false,
+            }
+        );
+        assert_eq!(
+            classify("/api/v1/devices/d1/messages/control"),
+            Route::Call {
+                device: "d1",
+                service: "control",
+                one_way: true,
             }
         );
         assert_eq!(
             classify("/api/v1/devices//services/echo"),
             Route::Call {
                 device: "",
-                service: "echo"
+                service: "echo",
+                one_way: false,
             }
         );
         for api in [
             "/api/v1/devices/a/b/services/c",
             "/api/v1/devices/a/services/b/c",
+            "/api/v1/devices/a/messages/b/c",
             "/api/v2/x",
             "/api/",
         ] {

@@ -812,3 +812,79 @@ async fn a_browser_page_follows_an_async_call_with_event_source() {
     assert_eq!(events[5]["data"]["json"]["counted"], 5);
     assert_eq!(seen["closed"], true, "the reconnect after the end got 204");
 }
+
+#[tokio::test]
+async fn a_one_way_message_is_202_once_the_broker_has_it_and_404_where_nobody_listens() {
+    let broker = TestBroker::start();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let host = ServiceHost::new(broker.mqtt_options("device-m1"))
+        .service("devices/m1/note", move |request| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((
+                    request.payload.clone(),
+                    request.response_topic.clone(),
+                    request.user_property("k").map(str::to_owned),
+                ));
+                Reply::new("ignored")
+            }
+        })
+        .unwrap()
+        .without_announcement();
+    let _device = start_ready(host).await;
+    let _demo = demo_device(&broker, "m2").await;
+    let app = TestApp::spawn(&broker).await;
+    let message = |device: &str, service: &str, body: &str| {
+        app.http
+            .post(app.url(&format!("/api/v1/devices/{device}/messages/{service}")))
+            .header("x-mqtt-k", "v")
+            .body(body.to_owned())
+            .send()
+    };
+
+    let sent = message("m1", "note", "hello").await.unwrap();
+    assert_eq!(sent.status(), 202);
+    let doc: Value = sent.json().await.unwrap();
+    assert_eq!(doc["device_id"], "m1");
+    assert!(doc["expires_at"].is_string());
+    let (payload, response_topic, property) =
+        tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("the device got it")
+            .unwrap();
+    assert_eq!(&payload[..], b"hello");
+    assert_eq!(
+        response_topic, None,
+        "no Response Topic: nothing to reply to"
+    );
+    assert_eq!(property.as_deref(), Some("v"));
+    // Its handler's reply goes nowhere: no call waits, nothing arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        sample(&app.metrics().await, "mqtt_gateway_unmatched_replies_total"),
+        Some(0.0)
+    );
+
+    // The checks of a call apply: the announced schema, and the registry's offline.
+    let refused = message(
+        "m2",
+        "control",
+        "{\"command\":\"set_position\",\"position\":101}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), 422);
+    assert_eq!(problem(refused).await["code"], "schema-mismatch");
+    if broker.kind == BrokerKind::Mosquitto {
+        let nobody = message("nobody-here", "note", "x").await.unwrap();
+        assert_eq!(nobody.status(), 404, "PUBACK 0x10, as a call gets it");
+        assert_eq!(problem(nobody).await["code"], "device-offline");
+    }
+    let wrong = app
+        .http
+        .get(app.url("/api/v1/devices/m1/messages/note"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 405);
+}

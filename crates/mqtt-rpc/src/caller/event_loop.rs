@@ -429,8 +429,14 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 let call = inner.lock_link().order.acked(ack.pkid);
-                if let (Some(id), Some(refusal)) = (call, refusal(ack.reason)) {
-                    inner.parked.resolve(&id, CallOutcome::Refused(refusal));
+                match (call, refusal(ack.reason)) {
+                    (Some(id), Some(refusal)) => {
+                        inner.parked.resolve(&id, CallOutcome::Refused(refusal));
+                    }
+                    (Some(id), None) if inner.one_way.load(Ordering::SeqCst) > 0 => {
+                        inner.parked.accepted(&id);
+                    }
+                    _ => {}
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => inner.route_reply(publish),

@@ -33,7 +33,7 @@ use crate::budget::{ByteBudget, Held};
 use crate::presence::PresenceWatch;
 use crate::protocol::Reply;
 use crate::topic::TopicTemplate;
-use pending::{Message, ParkedCalls, Ticket};
+use pending::{Kind, Message, ParkedCalls, Ticket};
 use publish_order::PublishOrder;
 use readiness::Readiness;
 
@@ -86,6 +86,8 @@ pub(crate) enum CallOutcome {
     ConnectionLost,
     /// The caller is shutting down and the call's grace period is over.
     ShuttingDown,
+    /// The broker accepted a one-way request (PUBACK 0x00).
+    Accepted,
 }
 
 /// A PUBACK failure reason, from MQTT 5 section 3.4.2.1.
@@ -293,6 +295,9 @@ struct Inner {
     readiness: Mutex<Readiness>,
     presence: Option<PresenceWatch>,
     cancel_abandoned: bool,
+    /// One-way requests waiting for their PUBACK: while there are none, a PUBACK 0x00 costs
+    /// no lookup.
+    one_way: std::sync::atomic::AtomicUsize,
 }
 
 /// What must change together, under one lock: whether requests may be sent, and the order
@@ -355,6 +360,7 @@ impl Caller {
             readiness: Mutex::new(Readiness::default()),
             presence: options.presence,
             cancel_abandoned: options.cancel_abandoned,
+            one_way: Default::default(),
         });
         let task = tokio::spawn(event_loop::run(eventloop, inner.clone()));
         tokio::spawn(event_loop::watch_readiness(inner.clone()));
@@ -386,14 +392,27 @@ impl Caller {
     /// Parks the call and hands its request to the connection, without waiting: what the sender
     /// holds while the responder works is only the [`Parked`], not the request it came from.
     pub fn send(&self, slot: Slot, call: Call) -> Result<Parked, CallError> {
-        self.park_and_publish(slot, call, false)
+        self.park_and_publish(slot, call, Kind::Once)
+    }
+
+    /// Publishes a one-way request: no Response Topic, no Correlation Data, so no reply; await
+    /// [`OneWay::accepted`] for the broker's PUBACK (0x00: accepted; 0x10 on brokers that send
+    /// it: nobody listens). The Message Expiry is the call's timeout, as for a call.
+    pub fn send_one_way(&self, slot: Slot, call: Call) -> Result<OneWay, CallError> {
+        self.inner.one_way.fetch_add(1, Ordering::SeqCst);
+        let counted = OneWayCount(self.inner.clone());
+        let parked = self.park_and_publish(slot, call, Kind::Ack)?;
+        Ok(OneWay {
+            parked,
+            _counted: counted,
+        })
     }
 
     /// Like [`Caller::send`], for a call whose progress messages
     /// ([`crate::protocol::PROGRESS_PROPERTY`]) the sender wants too: await
     /// [`Streaming::next`] for each, then the outcome.
     pub fn send_streaming(&self, slot: Slot, call: Call) -> Result<Streaming, CallError> {
-        let parked = self.park_and_publish(slot, call, true)?;
+        let parked = self.park_and_publish(slot, call, Kind::Stream)?;
         Ok(Streaming {
             deadline: tokio::time::Instant::now() + parked.timeout,
             parked: Some(parked),
@@ -404,19 +423,19 @@ impl Caller {
         &self,
         slot: Slot,
         mut call: Call,
-        stream: bool,
+        kind: Kind,
     ) -> Result<Parked, CallError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(CallError::ShuttingDown);
         }
-        let parked = inner.parked.park(stream);
+        let parked = inner.parked.park(kind);
         let timeout = call.timeout;
         let held = call.held.take();
-        let cancel = inner
-            .cancel_abandoned
+        let cancel = (inner.cancel_abandoned && kind != Kind::Ack)
             .then(|| inner.topics.cancel_topic(&call.device).into_boxed_str());
-        let publish = call.into_publish(&inner.topics, &inner.response_topic, parked.id());
+        let reply_to = (kind != Kind::Ack).then(|| (inner.response_topic.as_str(), parked.id()));
+        let publish = call.into_publish_to(&inner.topics, reply_to);
 
         let size = publish.size();
         let limits = [
@@ -592,6 +611,30 @@ impl Drop for Parked {
     }
 }
 
+/// A one-way request on its way ([`Caller::send_one_way`]).
+pub struct OneWay {
+    parked: Parked,
+    _counted: OneWayCount,
+}
+
+impl OneWay {
+    /// Waits for the broker's PUBACK: Ok when it accepted the request; the refusal otherwise
+    /// (0x10 on brokers that send it: nobody listens); a timeout if no PUBACK came in the
+    /// call's timeout.
+    pub async fn accepted(self) -> Result<(), CallError> {
+        self.parked.reply().await.map(|_| ())
+    }
+}
+
+/// Counts a one-way request until it is answered or dropped.
+struct OneWayCount(Arc<Inner>);
+
+impl Drop for OneWayCount {
+    fn drop(&mut self) {
+        self.0.one_way.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What a streaming call ([`Caller::send_streaming`]) receives next.
 #[derive(Debug)]
 pub enum Update {
@@ -644,6 +687,11 @@ impl Inner {
             CallOutcome::InvalidStatus(why) => Err(CallError::InvalidStatus(why)),
             CallOutcome::ConnectionLost => Err(CallError::ConnectionLost),
             CallOutcome::ShuttingDown => Err(CallError::ShuttingDown),
+            // Only one-way requests are accepted without a reply ([`OneWay::accepted`]).
+            CallOutcome::Accepted => Ok(Received {
+                reply: Reply::default(),
+                held: None,
+            }),
         }
     }
 

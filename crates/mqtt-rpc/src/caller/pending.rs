@@ -17,6 +17,16 @@ use super::{CallOutcome, CorrelationId, Received};
 pub(crate) enum Waiter {
     Once(oneshot::Sender<CallOutcome>),
     Stream(mpsc::UnboundedSender<Message>),
+    /// A one-way request: waits for the broker's PUBACK only.
+    Ack(oneshot::Sender<CallOutcome>),
+}
+
+/// Which [`Waiter`] a call parks as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Once,
+    Stream,
+    Ack,
 }
 
 /// What a streaming call receives. The channel is unbounded in count but not in bytes: every
@@ -30,7 +40,7 @@ pub(crate) enum Message {
 impl Waiter {
     fn finish(self, outcome: CallOutcome) -> bool {
         match self {
-            Waiter::Once(tx) => tx.send(outcome).is_ok(),
+            Waiter::Once(tx) | Waiter::Ack(tx) => tx.send(outcome).is_ok(),
             Waiter::Stream(tx) => tx.send(Message::Outcome(outcome)).is_ok(),
         }
     }
@@ -52,13 +62,20 @@ enum Receiver {
 
 impl ParkedCalls {
     /// Parks a call under a fresh random correlation id.
-    pub(crate) fn park(&self, stream: bool) -> Ticket {
-        let (waiter, rx) = if stream {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (Waiter::Stream(tx), Receiver::Stream(rx))
-        } else {
-            let (tx, rx) = oneshot::channel();
-            (Waiter::Once(tx), Receiver::Once(rx))
+    pub(crate) fn park(&self, kind: Kind) -> Ticket {
+        let (waiter, rx) = match kind {
+            Kind::Stream => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Waiter::Stream(tx), Receiver::Stream(rx))
+            }
+            Kind::Once => {
+                let (tx, rx) = oneshot::channel();
+                (Waiter::Once(tx), Receiver::Once(rx))
+            }
+            Kind::Ack => {
+                let (tx, rx) = oneshot::channel();
+                (Waiter::Ack(tx), Receiver::Once(rx))
+            }
         };
         let mut calls = self.lock();
         // 128 random bits: a collision with a live call is astronomically unlikely, but the
@@ -89,6 +106,18 @@ impl ParkedCalls {
         }
     }
 
+    /// The broker accepted the request under `id` (PUBACK 0x00): a one-way call is done; any
+    /// other waits on for its reply.
+    pub(crate) fn accepted(&self, id: &CorrelationId) {
+        let mut calls = self.lock();
+        if matches!(calls.get(id), Some(Waiter::Ack(_))) {
+            if let Some(waiter) = calls.remove(id) {
+                drop(calls);
+                waiter.finish(CallOutcome::Accepted);
+            }
+        }
+    }
+
     /// Hands a progress message to the call parked under `id`, which stays parked. Returns
     /// false when no such call waits; a plain call that waits drops it (true).
     pub(crate) fn progress(&self, id: &CorrelationId, received: Received) -> bool {
@@ -98,7 +127,7 @@ impl ParkedCalls {
                 let _ = tx.send(Message::Progress(received));
                 true
             }
-            Some(Waiter::Once(_)) => true,
+            Some(Waiter::Once(_) | Waiter::Ack(_)) => true,
             None => false,
         }
     }
@@ -190,8 +219,8 @@ mod tests {
     #[tokio::test]
     async fn dropping_a_parked_call_removes_it() {
         let pending = ParkedCalls::default();
-        let a = pending.park(false);
-        let b = pending.park(false);
+        let a = pending.park(Kind::Once);
+        let b = pending.park(Kind::Once);
         assert_ne!(a.id(), b.id());
         assert_eq!(pending.len(), 2);
         drop(a);
@@ -203,8 +232,8 @@ mod tests {
     #[tokio::test]
     async fn resolve_reaches_only_the_named_call() {
         let pending = ParkedCalls::default();
-        let mut a = pending.park(false);
-        let b = pending.park(true);
+        let mut a = pending.park(Kind::Once);
+        let b = pending.park(Kind::Stream);
         assert!(pending.resolve(&a.id(), CallOutcome::ConnectionLost));
         assert!(
             !pending.resolve(&a.id(), CallOutcome::ConnectionLost),

@@ -68,12 +68,12 @@ impl Call {
     /// The request PUBLISH: QoS 1 (so the broker's PUBACK tells us whether anyone listens),
     /// Response Topic, Correlation Data, and a Message Expiry Interval equal to the caller's
     /// deadline rounded up to whole seconds, so no device acts on a request its caller has
-    /// given up on.
-    pub(crate) fn into_publish(
+    /// given up on. A one-way request (`reply_to` None) has neither Response Topic nor
+    /// Correlation Data.
+    pub(crate) fn into_publish_to(
         self,
         topics: &TopicTemplate,
-        response_topic: &str,
-        id: CorrelationId,
+        reply_to: Option<(&str, CorrelationId)>,
     ) -> Publish {
         let properties = PublishProperties {
             payload_format_indicator: protocol::payload_format(
@@ -81,8 +81,8 @@ impl Call {
                 &self.payload,
             ),
             message_expiry_interval: Some(expiry_seconds(self.timeout)),
-            response_topic: Some(response_topic.to_owned()),
-            correlation_data: Some(Bytes::copy_from_slice(id.as_bytes())),
+            response_topic: reply_to.map(|(topic, _)| topic.to_owned()),
+            correlation_data: reply_to.map(|(_, id)| Bytes::copy_from_slice(id.as_bytes())),
             user_properties: self.user_properties,
             content_type: self.content_type,
             ..Default::default()
@@ -126,7 +126,7 @@ mod tests {
             held: None,
         };
         let id = CorrelationId::random();
-        let p = call.into_publish(&TopicTemplate::default(), "gw/replies", id);
+        let p = call.into_publish_to(&TopicTemplate::default(), Some(("gw/replies", id)));
         assert_eq!(&p.topic[..], b"devices/d1/echo");
         assert_eq!(p.qos, QoS::AtLeastOnce);
         let props = p.properties.unwrap();
