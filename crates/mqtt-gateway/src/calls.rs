@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use mqtt_rpc::{ByteBudget, CallError, Held, Received, Streaming, Update};
+use mqtt_rpc::{ByteBudget, CallError, Held, PublishRefusal, Received, Streaming, Update};
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 use utoipa::ToSchema;
@@ -58,7 +58,11 @@ impl Default for CallsOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum CallState {
-    /// Published to the device; nothing back yet.
+    /// Held by the gateway until its device is back: the registry says the device is offline,
+    /// or the broker found nobody subscribed (async calls only).
+    Queued,
+    /// Published to the device; nothing back yet (a device's persistent session may hold it at
+    /// the broker until the device is back).
     Sent,
     /// The device has sent progress; its final reply has not come.
     Running,
@@ -76,7 +80,10 @@ pub(crate) enum CallState {
 impl CallState {
     /// Finished: nothing more will change.
     pub(crate) fn is_final(self) -> bool {
-        !matches!(self, CallState::Sent | CallState::Running)
+        !matches!(
+            self,
+            CallState::Queued | CallState::Sent | CallState::Running
+        )
     }
 }
 
@@ -487,24 +494,77 @@ impl Calls {
     /// Runs a call to its end: feeds the record from the waiter until the outcome, or cancels
     /// it (dropping the waiter sends the device its cancel message). `hold` is kept until the
     /// end: the call's places among the calls in flight.
+    ///
+    /// A queued call (`job.queue`: an async call) is held instead of failing while its device
+    /// is away: when the registry says it is offline, or the broker finds nobody subscribed
+    /// (PUBACK 0x10). It is published when the registry sees the device come online, or, for a
+    /// device that never announced, tried again every [`QUEUE_RETRY`]; until its deadline.
     pub(crate) async fn run<H: Send>(
         self: Arc<Self>,
         record: Arc<Record>,
-        mut streaming: Streaming,
+        mut job: Job,
         mut cancelled: oneshot::Receiver<()>,
         hold: H,
     ) {
         let _hold = hold;
         // The sender goes only with the outcome (or is used): then there is nothing to wait for.
         let mut cancel_open = true;
+        let device = job.call.device.as_str().to_owned();
         loop {
+            let Some(streaming) = job.streaming.as_mut() else {
+                // Held by the gateway until the device is back.
+                self.set_state(&record, CallState::Queued);
+                let announced = job.registry.device(&device).is_some();
+                let online = job.registry.wait_online(&device);
+                let retry = async {
+                    if announced {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(QUEUE_RETRY).await;
+                };
+                tokio::select! {
+                    _ = online => {}
+                    () = retry => {}
+                    () = tokio::time::sleep_until(job.deadline) => {
+                        let expired = ApiError::QueueExpired { device: device.clone() };
+                        return self.finish(&record, CallState::Expired, Outcome::Problem(expired.stored()));
+                    }
+                    cancel = &mut cancelled, if cancel_open => {
+                        if cancel.is_err() {
+                            cancel_open = false;
+                            continue;
+                        }
+                        return self.finish(&record, CallState::Cancelled, Outcome::Problem(ApiError::Cancelled.stored()));
+                    }
+                }
+                match job.publish() {
+                    Ok(streaming) => {
+                        job.streaming = Some(streaming);
+                        self.set_state(&record, CallState::Sent);
+                    }
+                    // Not connected or full now: it stays queued and is tried again.
+                    Err(
+                        CallError::NotConnected
+                        | CallError::Overloaded
+                        | CallError::BufferFull { .. },
+                    ) => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(error) => return self.finish_with(&record, Err(error)),
+                }
+                continue;
+            };
             tokio::select! {
                 update = streaming.next() => match update {
                     Some(Update::Progress(received)) => self.on_progress(&record, received),
-                    Some(Update::Done(result)) => {
-                        self.finish_with(&record, result);
-                        return;
+                    Some(Update::Done(Err(
+                        CallError::Refused(PublishRefusal::NoMatchingSubscribers)
+                        | CallError::DevicesReconnecting,
+                    ))) if job.queue => {
+                        // Nobody listens: hold it until the device is back.
+                        job.streaming = None;
                     }
+                    Some(Update::Done(result)) => return self.finish_with(&record, result),
                     None => return,
                 },
                 cancel = &mut cancelled, if cancel_open => {
@@ -512,16 +572,79 @@ impl Calls {
                         cancel_open = false;
                         continue;
                     }
-                    drop(streaming);
-                    self.finish(
-                        &record,
-                        CallState::Cancelled,
-                        Outcome::Problem(ApiError::Cancelled.stored()),
-                    );
-                    return;
+                    job.streaming = None;
+                    return self.finish(&record, CallState::Cancelled, Outcome::Problem(ApiError::Cancelled.stored()));
                 }
             }
         }
+    }
+
+    /// Moves a call that has not finished to another state (queued, sent), waking readers.
+    pub(crate) fn set_state(&self, record: &Record, state: CallState) {
+        let mut p = record.progress();
+        if p.state.is_final() || p.state == state || p.state == CallState::Running {
+            return;
+        }
+        p.state = state;
+        p.updated_at = SystemTime::now();
+        let id = p.progress_count;
+        drop(p);
+        record.changed.send_replace(id);
+    }
+
+    /// Holds bytes in the store (a queued call's payload) or says it is full.
+    pub(crate) fn hold(&self, bytes: usize) -> Result<Held, Full> {
+        self.budget
+            .try_hold(bytes)
+            .ok_or(Full::Bytes(self.options.max_bytes))
+    }
+}
+
+/// How often a queued call to a device that never announced itself is published again.
+pub(crate) const QUEUE_RETRY: Duration = Duration::from_secs(5);
+
+/// What a call's task needs to publish it (again): the call's parts, and where it goes.
+pub(crate) struct Job {
+    pub(crate) mqtt: mqtt_rpc::Caller,
+    pub(crate) registry: Arc<crate::registry::Registry>,
+    /// The request, without its payload's budget (the store's `_payload` holds it).
+    pub(crate) call: Template,
+    /// When the call's timeout ends.
+    pub(crate) deadline: tokio::time::Instant,
+    /// Held while the device is away instead of failing (async calls).
+    pub(crate) queue: bool,
+    /// The waiter of the published request; None while the gateway holds it.
+    pub(crate) streaming: Option<Streaming>,
+    /// The payload's bytes in the store while the call may be published again.
+    pub(crate) _payload: Option<Held>,
+}
+
+/// A request's parts, to publish it as often as needed.
+pub(crate) struct Template {
+    pub(crate) device: mqtt_rpc::DeviceId,
+    pub(crate) service: mqtt_rpc::ServiceName,
+    pub(crate) payload: Bytes,
+    pub(crate) content_type: Option<String>,
+    pub(crate) user_properties: Vec<(String, String)>,
+}
+
+impl Job {
+    /// Publishes the request with what is left of its timeout.
+    fn publish(&mut self) -> Result<Streaming, CallError> {
+        let left = self
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        let slot = self.mqtt.reserve()?;
+        let call = mqtt_rpc::Call {
+            device: self.call.device.clone(),
+            service: self.call.service.clone(),
+            payload: self.call.payload.clone(),
+            content_type: self.call.content_type.clone(),
+            user_properties: self.call.user_properties.clone(),
+            timeout: left.max(Duration::from_millis(1)),
+            held: None,
+        };
+        self.mqtt.send_streaming(slot, call)
     }
 }
 

@@ -149,6 +149,8 @@ pub(crate) struct Registry {
     sets: Mutex<HashMap<String, std::sync::Weak<ServiceSet>>>,
     /// Calls to devices that never announced are refused (`--require-announcement`).
     require_announcement: bool,
+    /// Who waits for a device to come online (queued calls), by device id.
+    waiters: Mutex<HashMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 /// A page of devices, in id order.
@@ -172,7 +174,36 @@ impl Registry {
             epoch: Mutex::new((0, None)),
             sets: Mutex::new(HashMap::new()),
             require_announcement: options.require_announcement,
+            waiters: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Fires when the device announces itself online (at once if it is). Under the waiters'
+    /// lock, which [`Registry::apply`] takes after writing an entry, so no birth is missed.
+    pub(crate) fn wait_online(&self, id: &str) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if self.read().get(id).is_some_and(|d| d.online) {
+            let _ = tx.send(());
+            return rx;
+        }
+        let list = waiters.entry(id.to_owned()).or_default();
+        // Waits given up (their calls expired or were cancelled) go, so the list stays as
+        // long as the calls still waiting.
+        list.retain(|tx| !tx.is_closed());
+        list.push(tx);
+        rx
+    }
+
+    fn wake(&self, id: &str) {
+        let woken = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        for tx in woken.into_iter().flatten() {
+            let _ = tx.send(());
+        }
     }
 
     /// The bytes the entries count for now (see [`RegistryOptions::max_bytes`]).
@@ -400,6 +431,10 @@ impl Registry {
             self.bytes.fetch_sub(replaced.weight, Ordering::Relaxed);
         }
         self.bytes.fetch_add(added, Ordering::Relaxed);
+        drop(devices);
+        if online {
+            self.wake(id);
+        }
     }
 
     fn reject(&self, id: &str, why: &str) {

@@ -26,7 +26,7 @@ use super::auth::{ApiCaller, CallerSlot};
 use super::devices::reply_response;
 use super::error::{ApiError, Problem};
 use super::AppState;
-use crate::calls::{CallState, Created, Full, Message, Outcome, Record};
+use crate::calls::{CallState, Created, Full, Job, Message, Outcome, Record, Template};
 
 /// Where call resources live.
 pub(crate) const CALLS_PREFIX: &str = "/api/v1/calls/";
@@ -358,6 +358,7 @@ fn result_response(state: &AppState, record: &Record) -> Result<Response, ApiErr
 
 fn state_name(state: CallState) -> &'static str {
     match state {
+        CallState::Queued => "queued",
         CallState::Sent => "sent",
         CallState::Running => "running",
         CallState::Succeeded => "succeeded",
@@ -378,6 +379,7 @@ pub(super) async fn start(
     call: mqtt_rpc::Call,
     places: (mqtt_rpc::Slot, Option<CallerSlot>),
     key: Option<(String, [u8; 32])>,
+    offline: bool,
 ) -> Response {
     let created = state.calls.create(
         owner,
@@ -402,18 +404,53 @@ pub(super) async fn start(
     };
     let timeout = call.timeout;
     let (slot, caller_slot) = places;
-    let streaming = match state.mqtt.send_streaming(slot, call) {
-        Ok(streaming) => streaming,
-        Err(error) => {
+    // An async call waits for its device: its payload is kept (in the store's bytes) to be
+    // published when the device is back.
+    let queue = matches!(mode, Mode::Async { .. });
+    let payload = match queue
+        .then(|| state.calls.hold(call.payload.len()))
+        .transpose()
+    {
+        Ok(held) => held,
+        Err(_) => {
             state.calls.remove(&record.id);
-            return ApiError::from(error).into_response();
+            let limit = state.calls.options().max_bytes;
+            return ApiError::CallStoreFull { limit }.into_response();
         }
     };
+    let mut job = Job {
+        mqtt: state.mqtt.clone(),
+        registry: state.registry.clone(),
+        call: Template {
+            device: call.device.clone(),
+            service: call.service.clone(),
+            payload: call.payload.clone(),
+            content_type: call.content_type.clone(),
+            user_properties: call.user_properties.clone(),
+        },
+        deadline: tokio::time::Instant::now() + timeout,
+        queue,
+        streaming: None,
+        _payload: payload,
+    };
+    if offline && queue {
+        // The registry says the device is away: held until it is back.
+        drop(slot);
+        state.calls.set_state(&record, CallState::Queued);
+    } else {
+        match state.mqtt.send_streaming(slot, call) {
+            Ok(streaming) => job.streaming = Some(streaming),
+            Err(error) => {
+                state.calls.remove(&record.id);
+                return ApiError::from(error).into_response();
+            }
+        }
+    }
     tokio::spawn(
         state
             .calls
             .clone()
-            .run(record.clone(), streaming, cancelled, caller_slot),
+            .run(record.clone(), job, cancelled, caller_slot),
     );
     answer(state, &record, mode, Answer::New { timeout }).await
 }
@@ -709,7 +746,7 @@ async fn get_result(
     security((), ("bearer" = [])),
     params(
         ("call_id" = String, Path, description = "The call's id."),
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event."),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event (an id this stream sent; anything else is ignored and the stream starts from the first event kept)."),
     ),
     responses(
         (status = 200, description = "The events.", content_type = "text/event-stream", body = SseEventDoc,

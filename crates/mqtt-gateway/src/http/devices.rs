@@ -73,7 +73,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     security((), ("bearer" = [])),
     params(
         ("device_id" = String, Path, description = "The device to call: 1 to 256 bytes, without `/`, `+`, `#`, control characters or a leading `$`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "demo-1"),
-        ("service" = String, Path, description = "The service to call, with the same rules as `device_id`. The demo device offers `echo`, `get_config`, `control` and `delay`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "echo"),
+        ("service" = String, Path, description = "The service to call, with the same rules as `device_id`. The demo device offers `echo`, `get_config`, `control`, `delay` and `count`.", min_length = 1, max_length = 256, pattern = "^[^$/+#\\u0000-\\u001f\\u007f-\\u009f][^/+#\\u0000-\\u001f\\u007f-\\u009f]*$", example = "echo"),
         ("timeout_ms" = Option<u64>, Query, description = "How long to wait for the device, in milliseconds; also sent as the MQTT Message Expiry Interval. From 100; default 10000; the maximum is 300000 unless the gateway is configured otherwise (`--max-timeout-ms`), and 3600000 for async and streamed calls (`--max-async-timeout-ms`).", minimum = 100, maximum = 3600000, example = 5000),
         ("traceparent" = Option<String>, Header, description = "W3C trace context; travels to the device as a user property."),
         ("Prefer" = Option<String>, Header, description = "RFC 7240: `respond-async` for a 202 and a call resource, with `wait=N` (seconds) to get the reply itself when it comes within N. Anything else is ignored.", example = "respond-async, wait=5"),
@@ -114,7 +114,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         (status = 403, description = "The caller's scopes do not cover this device and service (code `insufficient-scope`), or the broker refused the request (PUBACK 0x87, code `not-authorized`), or, on a gateway without authentication, the request came from another web origin (code `origin-not-allowed`) or named a host that is not the gateway's (code `host-not-allowed`).", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:not-authorized", "title": "The broker refused the request", "status": 403, "detail": "the MQTT broker does not allow this gateway to publish to this device's topic (reason 0x87)", "code": "not-authorized"})),
         (status = 404, description = "Answered at once, nothing published: the device announced that it is offline, or no device listens (PUBACK 0x10, on brokers that send it) (code `device-offline`); the device announced itself online without this service (code `unknown-service`); with `--require-announcement`, the device never announced itself (code `unknown-device`); or no such route (code `not-found`).", body = Problem, content_type = "application/problem+json",
-            example = json!({"type": "urn:mqtt-gateway:problem:unknown-service", "title": "The device does not offer this service", "status": 404, "detail": "device \"demo-1\" is online but does not offer service \"nope\"; nothing was sent. It offers: control, delay, echo, get_config", "code": "unknown-service"})),
+            example = json!({"type": "urn:mqtt-gateway:problem:unknown-service", "title": "The device does not offer this service", "status": 404, "detail": "device \"demo-1\" is online but does not offer service \"nope\"; nothing was sent. It offers: control, count, delay, echo, get_config", "code": "unknown-service"})),
         (status = 405, description = "Only POST is allowed. Code: `method-not-allowed`.", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The request body did not arrive in time (10 s in all unless configured otherwise, `--http-body-timeout-ms`); the connection is closed. Code: `body-timeout`.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A request with the same `Idempotency-Key` is still in progress (code `request-in-progress`); or, answered within `wait`, the call was cancelled meanwhile (code `call-cancelled`).", body = Problem, content_type = "application/problem+json"),
@@ -262,10 +262,11 @@ impl HttpCall {
                 .idempotency_key
                 .clone()
                 .map(|key| (key, call.fingerprint(&payload)));
-            let (mode, owner) = (call.mode, call.owner.clone());
+            let (mode, owner, offline) = (call.mode, call.owner.clone(), call.offline);
             let call = call.with_payload(payload, held);
             let places = (slot, caller);
-            return Err(calls_routes::start(state, mode, owner, call, places, key).await);
+            let started = calls_routes::start(state, mode, owner, call, places, key, offline);
+            return Err(started.await);
         }
         let pending = state
             .mqtt
@@ -378,6 +379,8 @@ struct CallHead {
     owner: Option<std::sync::Arc<str>>,
     /// The `Idempotency-Key` header, checked.
     idempotency_key: Option<String>,
+    /// The registry says the device is offline (an async call is queued).
+    offline: bool,
 }
 
 impl CallHead {
@@ -439,6 +442,8 @@ fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, P
     {
         Check::Send => {}
         Check::Validate(validator) => head.validator = Some(validator),
+        // An async call waits for the device instead (queued).
+        Check::Offline { .. } if matches!(head.mode, Mode::Async { .. }) => head.offline = true,
         Check::Offline { since } => {
             return Err(ApiError::DeviceAnnouncedOffline {
                 device: head.device.to_string(),
@@ -613,6 +618,7 @@ fn call_head(
         mode,
         owner: caller.map(|c| c.name.clone()),
         idempotency_key: idempotency_key(headers)?,
+        offline: false,
     })
 }
 

@@ -93,6 +93,8 @@ pub(crate) enum ApiError {
     TooManyCalls { limit: usize },
     #[error("the calls kept hold as many bytes as they may ({limit} bytes, --max-call-bytes); retry when some have finished or expired")]
     CallStoreFull { limit: usize },
+    #[error("device {device:?} was not back before the call's timeout ended; the call was queued and never delivered")]
+    QueueExpired { device: String },
     #[error("a request with this Idempotency-Key is still in progress; retry it once it has finished, or send it with Prefer: respond-async to follow the same call")]
     RequestInProgress,
     #[error("this Idempotency-Key was used for a different request (device, service, timeout, content type, x-mqtt-* headers or body); use a new key for a new request")]
@@ -325,6 +327,7 @@ impl ApiError {
             TooManyCalls { .. } | CallStoreFull { .. } => ProblemCode::TooManyCalls,
             ResultTooLarge { .. } => ProblemCode::ResultTooLarge,
             RequestInProgress => ProblemCode::RequestInProgress,
+            QueueExpired { .. } => ProblemCode::DeviceTimeout,
             IdempotencyKeyReused => ProblemCode::IdempotencyKeyReused,
             Call(e) => match e {
                 C::NotConnected => ProblemCode::BrokerUnavailable,

@@ -45,7 +45,7 @@ pub(crate) struct DeviceSummary {
     /// When this gateway last heard from it (RFC 3339).
     last_seen: String,
     /// The services it announced, by name.
-    #[schema(example = json!(["control", "delay", "echo", "get_config"]))]
+    #[schema(example = json!(["control", "count", "delay", "echo", "get_config"]))]
     services: Vec<String>,
     /// It may also answer services it did not list.
     other_services: bool,

@@ -226,12 +226,21 @@ async fn an_async_call_answers_202_and_its_resource_goes_through_every_state() {
         .unwrap();
     assert_eq!(result.status(), 504);
 
-    // Nobody listens (Mosquitto's PUBACK 0x10): failed as device-offline.
+    // Nobody listens (Mosquitto's PUBACK 0x10): queued until the device is there (below,
+    // `an_async_call_to_an_offline_device_is_queued...`), or its timeout ends.
     if broker.kind == BrokerKind::Mosquitto {
-        let offline = post(&app, "nobody-here", "work", "respond-async", "").await;
+        let offline = app
+            .http
+            .post(app.service_url("nobody-here", "work") + "?timeout_ms=1500")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(offline.status(), 202);
-        let doc = wait_state(&app, &location(&offline), "failed").await;
-        assert_eq!(doc["problem"]["code"], "device-offline");
+        let at = location(&offline);
+        wait_state(&app, &at, "queued").await;
+        let doc = wait_state(&app, &at, "expired").await;
+        assert_eq!(doc["problem"]["code"], "device-timeout");
     }
 
     let unknown = app
@@ -887,4 +896,134 @@ async fn a_one_way_message_is_202_once_the_broker_has_it_and_404_where_nobody_li
         .await
         .unwrap();
     assert_eq!(wrong.status(), 405);
+}
+
+/// An announcing device `q1` with `echo`.
+fn echo_host(broker: &TestBroker, dev: &str) -> ServiceHost {
+    ServiceHost::new(broker.mqtt_options(&format!("device-{dev}")))
+        .service(&format!("devices/{dev}/echo"), |request| async move {
+            Reply::new(request.payload)
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_async_call_to_an_offline_device_is_queued_until_it_is_back_or_expires() {
+    let broker = TestBroker::start();
+    let device = start_ready(echo_host(&broker, "q1")).await;
+    let app = TestApp::spawn(&broker).await;
+    wait_device(&app, "q1", true).await;
+    device.shutdown().await;
+    wait_device(&app, "q1", false).await;
+
+    // A sync call still gets its 404 at once.
+    let sync = app.call("q1", "echo", "now").await;
+    assert_eq!(sync.status(), 404);
+    assert_eq!(problem(sync).await["code"], "device-offline");
+
+    // An async call is queued, and one with a short timeout expires there.
+    let queued = post(&app, "q1", "echo", "respond-async", "later").await;
+    assert_eq!(queued.status(), 202);
+    let at = location(&queued);
+    assert_eq!(queued.json::<Value>().await.unwrap()["state"], "queued");
+    let short = app
+        .http
+        .post(app.service_url("q1", "echo") + "?timeout_ms=1000")
+        .header("prefer", "respond-async")
+        .body("too late")
+        .send()
+        .await
+        .unwrap();
+    let short = location(&short);
+    let expired = wait_state(&app, &short, "expired").await;
+    assert_eq!(expired["problem"]["code"], "device-timeout");
+    assert_eq!(status_of(&app, &at).await["state"], "queued");
+
+    // The device comes back: the queued call is delivered and answered.
+    let _back = start_ready(echo_host(&broker, "q1")).await;
+    let done = wait_state(&app, &at, "succeeded").await;
+    assert_eq!(done["result"]["size"], 5);
+    let result = app
+        .http
+        .get(app.url(&format!("{at}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.text().await.unwrap(), "later");
+}
+
+/// Waits until the registry says the device is online (or offline).
+async fn wait_device(app: &TestApp, id: &str, online: bool) {
+    for _ in 0..100 {
+        if status_of_device(app, id).await == Some(online) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{id} never {}", if online { "online" } else { "offline" });
+}
+
+/// `online` of a device in the registry, if it announced.
+async fn status_of_device(app: &TestApp, id: &str) -> Option<bool> {
+    let response = app
+        .http
+        .get(app.url(&format!("/api/v1/devices/{id}")))
+        .send()
+        .await
+        .unwrap();
+    if response.status() != 200 {
+        return None;
+    }
+    response.json::<Value>().await.unwrap()["online"].as_bool()
+}
+
+/// Devices that announce nothing: the broker's 0x10 queues the call in the gateway, which
+/// publishes it again until the device is subscribed; a device with a persistent session has
+/// its broker hold the request while it is away.
+#[tokio::test]
+async fn a_call_waits_for_a_device_that_announces_nothing_at_the_gateway_or_in_its_session() {
+    let broker = TestBroker::start();
+    if !broker.is_mosquitto_for("a_call_waits_for_a_device_that_announces_nothing") {
+        return;
+    }
+    let app = TestApp::spawn(&broker).await;
+
+    // Nobody subscribed (PUBACK 0x10): queued, tried again, delivered once the device is there.
+    let queued = post(&app, "q2", "echo", "respond-async", "retried").await;
+    let at = location(&queued);
+    wait_state(&app, &at, "queued").await;
+    let _device = start_ready(echo_host(&broker, "q2").without_announcement()).await;
+    let started = std::time::Instant::now();
+    wait_state(&app, &at, "succeeded").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "within the 5 s retry: {:?}",
+        started.elapsed()
+    );
+
+    // A persistent session: the broker holds the request while the device is away.
+    let persistent = || {
+        echo_host(&broker, "q3")
+            .without_announcement()
+            .persistent_session(Duration::from_secs(60))
+    };
+    let device = start_ready(persistent()).await;
+    device.shutdown().await;
+    let held = post(&app, "q3", "echo", "respond-async", "kept by the broker").await;
+    let at = location(&held);
+    let doc = status_of(&app, &at).await;
+    assert_eq!(
+        doc["state"], "sent",
+        "the broker took it (PUBACK 0x00): {doc}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _back = start_ready(persistent()).await;
+    wait_state(&app, &at, "succeeded").await;
+    let result = app
+        .http
+        .get(app.url(&format!("{at}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.text().await.unwrap(), "kept by the broker");
 }

@@ -316,20 +316,46 @@ async fn a_call_with_no_answer_times_out_with_504_after_timeout_ms() {
 async fn a_late_reply_after_the_timeout_is_dropped_and_the_gateway_carries_on() {
     let broker = TestBroker::start();
     let _device = demo_device(&broker, "late").await;
+    // A responder that knows nothing of cancellation (an mqtt-rpc device's handler would be
+    // stopped by the gateway's cancel): it answers after 700 ms, past the caller's 300 ms,
+    // within the 1 s expiry.
+    let mut slow = RawClient::connect(&broker, "late-responder", &["devices/late-raw/slow"]).await;
     let app = TestApp::spawn(&broker).await;
+    let responder = tokio::spawn(async move {
+        let request = slow
+            .next(Duration::from_secs(5))
+            .await
+            .expect("the request");
+        let props = request.properties.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let reply = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            correlation_data: props.correlation_data,
+            ..Default::default()
+        };
+        slow.client
+            .publish_with_properties(
+                props.response_topic.unwrap(),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                "too late",
+                reply,
+            )
+            .await
+            .unwrap();
+        slow
+    });
 
-    // The device answers after 700 ms: past the caller's 300 ms, within the 1 s expiry.
     let response = app
         .http
         .post(format!(
             "{}?timeout_ms=300",
-            app.service_url("late", "delay")
+            app.service_url("late-raw", "slow")
         ))
-        .body("700")
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 504);
+    let _slow = responder.await.unwrap();
 
     assert!(
         eventually(Duration::from_secs(3), || app

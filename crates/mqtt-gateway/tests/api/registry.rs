@@ -75,7 +75,10 @@ async fn an_announced_device_is_listed_detailed_and_filtered() {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(services, ["control", "delay", "echo", "get_config"]);
+    assert_eq!(
+        services,
+        ["control", "count", "delay", "echo", "get_config"]
+    );
     assert_eq!(detail["metadata"]["model"], "demo-actuator");
     assert!(detail["library"].as_str().unwrap().starts_with("mqtt-rpc/"));
     assert_eq!(
@@ -144,7 +147,7 @@ async fn offline_unknown_service_and_schema_mismatch_are_answered_at_once() {
     assert!(body["detail"]
         .as_str()
         .unwrap()
-        .contains("control, delay, echo, get_config"));
+        .contains("control, count, delay, echo, get_config"));
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",

@@ -349,6 +349,18 @@ impl ServiceHost {
         announce::announcement(&self.identity, &self.topics, &filters, &self.metadata)
     }
 
+    /// Keeps the MQTT session for `expiry` across disconnects (clean start off, Session Expiry
+    /// Interval), so the broker holds the requests (QoS 1) published while the device is away
+    /// and delivers them when it is back, within each request's Message Expiry. The broker's
+    /// own limits bound how many it holds (Mosquitto: `max_queued_messages`, 1000 by default;
+    /// beyond it new ones are dropped). Give the device a stable client id.
+    pub fn persistent_session(mut self, expiry: Duration) -> Self {
+        self.options.set_clean_start(false);
+        let secs = u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX);
+        self.options.set_session_expiry_interval(Some(secs));
+        self
+    }
+
     /// Bounds the handlers running at once (at least 1).
     pub fn max_concurrent(mut self, n: usize) -> Self {
         self.max_concurrent = n.max(1);
