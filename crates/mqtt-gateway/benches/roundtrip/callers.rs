@@ -229,6 +229,8 @@ pub enum Expect {
 pub struct HttpCaller {
     sender: http1::SendRequest<Full<Bytes>>,
     method: Method,
+    /// Sent with every request (`Prefer`, for the async path).
+    prefer: Option<&'static str>,
     addr: SocketAddr,
     path: String,
     payload: Bytes,
@@ -249,6 +251,7 @@ impl HttpCaller {
         Ok(Self {
             sender,
             method: Method::POST,
+            prefer: None,
             addr,
             path,
             payload,
@@ -258,6 +261,12 @@ impl HttpCaller {
 }
 
 impl HttpCaller {
+    /// Sends this `Prefer` header with every call.
+    pub fn with_prefer(mut self, prefer: &'static str) -> Self {
+        self.prefer = Some(prefer);
+        self
+    }
+
     /// Calls with another method (GET for the HTTP floor, which sends no body).
     pub fn with_method(mut self, method: Method) -> Self {
         if method == Method::GET {
@@ -276,7 +285,16 @@ impl Caller for HttpCaller {
             .map_err(|e| format!("connection: {e}"))?;
         let response = self
             .sender
-            .send_request(request(&self.method, self.addr, &self.path, &self.payload))
+            .send_request({
+                let mut request = request(&self.method, self.addr, &self.path, &self.payload);
+                if let Some(prefer) = self.prefer {
+                    request.headers_mut().insert(
+                        hyper::header::HeaderName::from_static("prefer"),
+                        hyper::header::HeaderValue::from_static(prefer),
+                    );
+                }
+                request
+            })
             .await
             .map_err(|e| format!("request: {e}"))?;
         let status = response.status();

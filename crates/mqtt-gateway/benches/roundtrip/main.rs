@@ -13,6 +13,8 @@
 //!    never answers, minus its RSS at idle, over 100,000;
 //! 4. memory held for clients that never finish: stalled uploads, stalled HTTP/2 streams, a
 //!    client with a zero HTTP/2 window (see `abuse`);
+//! 4b. memory per kept call: 20,000 async calls (`Prefer: respond-async, wait=10`) finished and
+//!    kept on a fresh gateway (see `kept`); and the async path beside the sync one in 1.
 //! 5. a fleet of 10,000 devices announcing at once, then restarting at once: time for a fresh
 //!    gateway to know them all, its CPU, memory per known device, and the latency of calls in
 //!    flight meanwhile (see `storm`).
@@ -31,6 +33,7 @@
 mod abuse;
 mod callers;
 mod devices;
+mod kept;
 mod measure;
 mod parked;
 mod procs;
@@ -53,6 +56,8 @@ use report::{Offline, Path, Phase, Report};
 const IN_FLIGHT: [usize; 4] = [1, 16, 64, 256];
 /// Payload sizes: a small command, and a 4 KiB document.
 const PAYLOADS: [usize; 2] = [64, 4096];
+/// The async path's preference: kept as a record, answered with the reply within the wait.
+pub const ASYNC_PREFER: &str = "respond-async, wait=10";
 /// Calls in flight for the offline 404: alone, and under load.
 const OFFLINE_IN_FLIGHT: [usize; 2] = [1, 64];
 
@@ -122,6 +127,11 @@ struct Options {
     #[arg(long)]
     gateway_wrapper: Option<String>,
 
+    /// Async calls kept on a fresh gateway, for the memory per kept call (default: 20,000,
+    /// or 2,000 with --quick); 0 skips it.
+    #[arg(long)]
+    kept: Option<usize>,
+
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -137,6 +147,10 @@ impl Options {
             retries: if self.quick { 0 } else { self.retries },
             quiet_wait: Duration::from_secs(if self.quick { 0 } else { 60 }),
         }
+    }
+
+    fn kept_calls(&self) -> usize {
+        self.kept.unwrap_or(if self.quick { 2_000 } else { 20_000 })
     }
 
     fn parked_calls(&self) -> usize {
@@ -218,9 +232,10 @@ async fn run(options: Options) -> Result<(), String> {
                 }
                 let target = match path {
                     Path::Raw => None,
-                    Path::Gateway => Some(&gateway),
+                    Path::Gateway | Path::GatewayAsync => Some(&gateway),
                     Path::GatewayOneThread => Some(&one_thread),
                 };
+                let prefer = (path == Path::GatewayAsync).then_some(ASYNC_PREFER);
                 let sample = measured(window, &name, || async {
                     Ok(match target {
                         None => {
@@ -235,9 +250,15 @@ async fn run(options: Options) -> Result<(), String> {
                         }
                         Some(gateway) => {
                             let path = service_path(devices::ECHO_DEVICE, None);
-                            let callers =
-                                http_callers(gateway, in_flight, &path, &body, Expect::Echo)
-                                    .await?;
+                            let callers = http_callers_with(
+                                gateway,
+                                in_flight,
+                                &path,
+                                &body,
+                                Expect::Echo,
+                                prefer,
+                            )
+                            .await?;
                             closed_loop(callers, window, watching(gateway)).await
                         }
                     })
@@ -305,6 +326,22 @@ async fn run(options: Options) -> Result<(), String> {
             Some(parked)
         }
     };
+    let kept = match options.kept_calls() {
+        0 => None,
+        calls => {
+            eprintln!("{calls} async calls kept, on a fresh gateway…");
+            let kept = kept::measure(&mqtt_url, calls, &options.wrapper()).await?;
+            eprintln!(
+                "{:>22}: {} kept in {}, {:.0} B per kept call (the store counts {} B)",
+                "kept",
+                kept.kept,
+                report::seconds(kept.took),
+                kept.bytes_per_call(),
+                kept.store_bytes / kept.kept.max(1)
+            );
+            Some(kept)
+        }
+    };
     let fleet = match options
         .fleet
         .unwrap_or(if options.quick { 1_000 } else { 10_000 })
@@ -361,6 +398,7 @@ async fn run(options: Options) -> Result<(), String> {
         offline,
         http_floor,
         parked,
+        kept,
         abuse,
         fleet,
     };
@@ -435,10 +473,25 @@ async fn http_callers(
     body: &bytes::Bytes,
     expect: Expect,
 ) -> Result<Vec<HttpCaller>, String> {
+    http_callers_with(gateway, in_flight, path, body, expect, None).await
+}
+
+/// The same, each sending this `Prefer` header (the async path).
+async fn http_callers_with(
+    gateway: &GatewayProcess,
+    in_flight: usize,
+    path: &str,
+    body: &bytes::Bytes,
+    expect: Expect,
+    prefer: Option<&'static str>,
+) -> Result<Vec<HttpCaller>, String> {
     let mut callers = Vec::with_capacity(in_flight);
     for _ in 0..in_flight {
         let mut caller =
             HttpCaller::connect(gateway.addr, path.to_owned(), body.clone(), expect).await?;
+        if let Some(prefer) = prefer {
+            caller = caller.with_prefer(prefer);
+        }
         // One call before the clock starts proves the connection works end to end.
         caller.call().await?;
         callers.push(caller);

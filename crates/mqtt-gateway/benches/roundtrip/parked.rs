@@ -73,7 +73,7 @@ impl Parked {
 }
 
 /// RSS once it has stopped moving (two readings 200 ms apart within 1%), at most 3 s.
-async fn settled_rss(pid: u32) -> Result<u64, String> {
+pub async fn settled_rss(pid: u32) -> Result<u64, String> {
     let read = || rss_kib(pid).ok_or("cannot read the gateway's VmRSS");
     let mut last = read()?;
     for _ in 0..15 {

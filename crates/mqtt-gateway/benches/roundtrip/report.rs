@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::abuse::Case;
+use crate::kept::Kept;
 use crate::measure::{Sample, NOISY_OTHER_CORES};
 use crate::parked::Parked;
 use crate::storm::Fleet;
@@ -20,16 +21,25 @@ pub enum Path {
     Gateway,
     /// The same with `--worker-threads 1`.
     GatewayOneThread,
+    /// The gateway as it ships, each call with `Prefer: respond-async, wait=10`: kept as a
+    /// record, run by its own task, answered with the reply within the wait.
+    GatewayAsync,
 }
 
 impl Path {
-    pub const ALL: [Path; 3] = [Path::Raw, Path::Gateway, Path::GatewayOneThread];
+    pub const ALL: [Path; 4] = [
+        Path::Raw,
+        Path::Gateway,
+        Path::GatewayOneThread,
+        Path::GatewayAsync,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Path::Raw => "raw-mqtt",
             Path::Gateway => "gateway",
             Path::GatewayOneThread => "gateway-1-thread",
+            Path::GatewayAsync => "gateway-async",
         }
     }
 }
@@ -57,6 +67,7 @@ pub struct Report {
     /// GET /healthz at 1 in flight: one HTTP round trip to the gateway process, no MQTT.
     pub http_floor: Option<Sample>,
     pub parked: Option<Parked>,
+    pub kept: Option<Kept>,
     /// Clients that never finish (see [`crate::abuse`]).
     pub abuse: Vec<Case>,
     /// A fleet announcing at once (see [`crate::storm`]).
@@ -276,6 +287,31 @@ impl Report {
             }
         }
 
+        if let Some(k) = &self.kept {
+            let _ = writeln!(
+                w,
+                "\nMemory per kept call: a fresh gateway, {} async calls (`Prefer: respond-async, \
+                 wait=10`, 64-byte payloads, 64 connections) answered in {} and kept for their \
+                 retention.\n",
+                k.calls,
+                seconds(k.took)
+            );
+            let _ = writeln!(w, "| | |\n|---|---|");
+            let _ = writeln!(w, "| calls kept (`mqtt_gateway_calls_kept`) | {} |", k.kept);
+            let _ = writeln!(w, "| RSS idle | {} KiB |", k.rss_idle_kib);
+            let _ = writeln!(w, "| RSS with the calls kept | {} KiB |", k.rss_kept_kib);
+            let _ = writeln!(
+                w,
+                "| per kept call: (kept − idle) / kept | {:.0} B |",
+                k.bytes_per_call()
+            );
+            let _ = writeln!(
+                w,
+                "| per kept call, as `--max-call-bytes` counts it | {} B |",
+                k.store_bytes / k.kept.max(1)
+            );
+        }
+
         if !self.abuse.is_empty() {
             let _ = writeln!(
                 w,
@@ -453,6 +489,15 @@ impl Report {
                 "bytes_per_call": p.bytes_per_call(),
                 "bytes_per_call_without_connections": p.bytes_per_call_without_connections(),
                 "time_to_park_s": p.time_to_park.as_secs_f64(),
+            })),
+            "kept": self.kept.as_ref().map(|k| json!({
+                "calls": k.calls,
+                "kept": k.kept,
+                "store_bytes": k.store_bytes,
+                "rss_idle_kib": k.rss_idle_kib,
+                "rss_kept_kib": k.rss_kept_kib,
+                "bytes_per_call": k.bytes_per_call(),
+                "took_s": k.took.as_secs_f64(),
             })),
             "abuse": self.abuse.iter().map(|c| json!({
                 "case": c.name,

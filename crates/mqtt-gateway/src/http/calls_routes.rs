@@ -662,11 +662,12 @@ async fn get_call(
     Ok(status_response(&state, &record, StatusCode::OK))
 }
 
-/// Cancel a call, or forget a finished one.
+/// Cancel a call and forget it.
 ///
-/// A call still running is cancelled: the device is sent the cancel message for its
-/// correlation data (`docs/PROTOCOL.md`, section 12) and its handler stops; the call ends as
-/// `cancelled` and is kept like any finished call. A finished call is forgotten at once (204).
+/// A call still running (or queued) is cancelled: the device is sent the cancel message for
+/// its correlation data (`docs/PROTOCOL.md`, section 12) and its handler stops; readers of its
+/// event stream get the final `problem` event (`call-cancelled`). Either way the call is then
+/// forgotten: the answer is its last status document, and `GET` answers 404 from then on.
 #[utoipa::path(
     delete,
     path = "/api/v1/calls/{call_id}",
@@ -675,8 +676,7 @@ async fn get_call(
     security((), ("bearer" = [])),
     params(("call_id" = String, Path, description = "The call's id.")),
     responses(
-        (status = 200, description = "Cancelled; the call as it is now (`cancelled`, or the state it reached first if its reply came just before).", body = CallStatus),
-        (status = 204, description = "The call had finished; it is forgotten."),
+        (status = 200, description = "Cancelled if it still ran, and forgotten: the call as it ended (`cancelled`, or the state it had reached if it had finished).", body = CallStatus),
         (status = 404, description = "No such call for this caller. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -686,13 +686,12 @@ async fn delete_call(
     parts: Parts,
 ) -> Result<Response, ApiError> {
     let record = find(&state, &parts, &call_id)?;
-    if !record.cancel() {
-        state.calls.remove(&record.id);
-        return Ok(StatusCode::NO_CONTENT.into_response());
+    if record.cancel() {
+        // The record's task marks it cancelled at once; wait for that (bounded) so the answer
+        // shows it.
+        wait_for_outcome(&record, Duration::from_secs(1)).await;
     }
-    // The record's task marks it cancelled at once; wait for that (bounded) so the answer
-    // shows it.
-    wait_for_outcome(&record, Duration::from_secs(1)).await;
+    state.calls.remove(&record.id);
     Ok(status_response(&state, &record, StatusCode::OK))
 }
 

@@ -518,7 +518,7 @@ async fn a_caller_that_leaves_cancels_the_handler_on_the_device() {
 }
 
 #[tokio::test]
-async fn delete_cancels_a_running_call_and_forgets_a_finished_one() {
+async fn delete_cancels_a_running_call_and_forgets_it() {
     let broker = TestBroker::start();
     let (_device, mut handler) = endless(&broker, "d1").await;
     let _demo = demo_device(&broker, "d2").await;
@@ -528,38 +528,43 @@ async fn delete_cancels_a_running_call_and_forgets_a_finished_one() {
     let at = location(&running);
     assert_eq!(next(&mut handler).await, "started");
     wait_state(&app, &at, "running").await;
+    // A reader of its events sees it end.
+    let mut events = app
+        .http
+        .get(app.url(&format!("{at}/events")))
+        .send()
+        .await
+        .unwrap();
     let deleted = app.http.delete(app.url(&at)).send().await.unwrap();
     assert_eq!(deleted.status(), 200);
     let doc: Value = deleted.json().await.unwrap();
     assert_eq!(doc["state"], "cancelled");
+    assert_eq!(doc["problem"]["code"], "call-cancelled");
     assert_eq!(
         next(&mut handler).await,
         "dropped",
         "the device's handler stopped"
     );
-    let result = app
-        .http
-        .get(app.url(&format!("{at}/result")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(result.status(), 409);
-    assert_eq!(problem(result).await["code"], "call-cancelled");
-    // Cancelled and kept: a second DELETE forgets it.
-    let again = app.http.delete(app.url(&at)).send().await.unwrap();
-    assert_eq!(again.status(), 204);
+    let seen = read_events(&mut events, 1000).await;
+    let last = seen.last().unwrap();
+    assert_eq!(last.event, "problem");
+    assert_eq!(last.data["code"], "call-cancelled");
+    // Forgotten.
     assert_eq!(
         app.http.get(app.url(&at)).send().await.unwrap().status(),
+        404
+    );
+    assert_eq!(
+        app.http.delete(app.url(&at)).send().await.unwrap().status(),
         404
     );
 
     let finished = post(&app, "d2", "echo", "respond-async, wait=5", "x").await;
     assert_eq!(finished.status(), 200);
     let at = location(&finished);
-    assert_eq!(
-        app.http.delete(app.url(&at)).send().await.unwrap().status(),
-        204
-    );
+    let deleted = app.http.delete(app.url(&at)).send().await.unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert_eq!(deleted.json::<Value>().await.unwrap()["state"], "succeeded");
     assert_eq!(
         app.http.get(app.url(&at)).send().await.unwrap().status(),
         404
