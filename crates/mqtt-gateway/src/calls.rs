@@ -302,8 +302,7 @@ impl Calls {
             }
         }
         let held = self
-            .budget
-            .try_hold(RECORD_OVERHEAD + device.len() + service.len())
+            .hold_evicting(&mut inner, RECORD_OVERHEAD + device.len() + service.len())
             .ok_or(Full::Bytes(self.options.max_bytes))?;
         let now = SystemTime::now();
         let (cancel, cancelled) = oneshot::channel();
@@ -392,7 +391,10 @@ impl Calls {
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>();
-        let kept = self.budget.try_hold(bytes)?;
+        let kept = {
+            let mut inner = self.lock();
+            self.hold_evicting(&mut inner, bytes)?
+        };
         // The caller's budget is given back: the store's now holds the bytes.
         drop(held);
         Some(Message {
@@ -594,9 +596,23 @@ impl Calls {
 
     /// Holds bytes in the store (a queued call's payload) or says it is full.
     pub(crate) fn hold(&self, bytes: usize) -> Result<Held, Full> {
-        self.budget
-            .try_hold(bytes)
+        let mut inner = self.lock();
+        self.hold_evicting(&mut inner, bytes)
             .ok_or(Full::Bytes(self.options.max_bytes))
+    }
+
+    /// Holds bytes in the store, forgetting the oldest finished calls (their retention cut
+    /// short, counted as evicted) while it is full; None when only running calls hold it.
+    fn hold_evicting(&self, inner: &mut Inner, bytes: usize) -> Option<Held> {
+        loop {
+            if let Some(held) = self.budget.try_hold(bytes) {
+                return Some(held);
+            }
+            let (_, id) = inner.finished.pop_front()?;
+            if inner.forget(&id) {
+                inner.evicted += 1;
+            }
+        }
     }
 }
 

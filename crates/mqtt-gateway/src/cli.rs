@@ -197,10 +197,11 @@ pub struct CallsArgs {
     #[arg(long, env = "GATEWAY_MAX_CALLS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_calls: u32,
 
-    /// The most bytes the kept calls may hold, progress events and results together, each
-    /// call counted with 1 KiB more (default: 64 MiB). A call that would pass it gets 503
-    /// `too-many-calls`; a progress message that would is not kept (and counted in the call's
-    /// `progress_dropped`); a result that would ends the call with 507 `result-too-large`.
+    /// The most bytes the kept calls may hold, progress events, results and queued payloads
+    /// together, each call counted with 1 KiB more (default: 64 MiB). At it, the oldest
+    /// finished calls are forgotten to make room; when running calls hold it all, a new call
+    /// gets 503 `too-many-calls`, a progress message is not kept (counted in the call's
+    /// `progress_dropped`), and a result ends the call with 507 `result-too-large`.
     #[arg(long, env = "GATEWAY_MAX_CALL_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..))]
     pub max_call_bytes: u64,
 

@@ -13,9 +13,10 @@
 //!    never answers, minus its RSS at idle, over 100,000;
 //! 4. memory held for clients that never finish: stalled uploads, stalled HTTP/2 streams, a
 //!    client with a zero HTTP/2 window (see `abuse`);
-//! 4b. memory per kept call: 20,000 async calls (`Prefer: respond-async, wait=10`) finished and
-//!    kept on a fresh gateway (see `kept`); and the async path beside the sync one in 1.
-//! 5. a fleet of 10,000 devices announcing at once, then restarting at once: time for a fresh
+//! 5. memory per kept call: 20,000 async calls (`Prefer: respond-async, wait=10`) finished and
+//!    kept on a fresh gateway (see `kept`); the async path itself is measured beside the sync
+//!    one in 1 (`gateway-async`);
+//! 6. a fleet of 10,000 devices announcing at once, then restarting at once: time for a fresh
 //!    gateway to know them all, its CPU, memory per known device, and the latency of calls in
 //!    flight meanwhile (see `storm`).
 //!

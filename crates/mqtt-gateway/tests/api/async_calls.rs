@@ -1032,3 +1032,19 @@ async fn a_call_waits_for_a_device_that_announces_nothing_at_the_gateway_or_in_i
         .unwrap();
     assert_eq!(result.text().await.unwrap(), "kept by the broker");
 }
+
+#[tokio::test]
+async fn when_the_bytes_kept_are_spent_finished_calls_make_room() {
+    let broker = TestBroker::start();
+    let _demo = demo_device(&broker, "bytes-1").await;
+    let app = TestApp::spawn_with(&broker, &["--max-call-bytes", "65536"]).await;
+    let body = "x".repeat(4096);
+    for i in 0..40 {
+        let answered = post(&app, "bytes-1", "echo", "respond-async, wait=5", &body).await;
+        assert_eq!(answered.status(), 200, "call {i}: finished calls make room");
+        assert_eq!(answered.text().await.unwrap().len(), 4096);
+    }
+    let page = app.metrics().await;
+    assert!(sample(&page, "mqtt_gateway_calls_evicted_total").unwrap() > 0.0);
+    assert!(sample(&page, "mqtt_gateway_call_store_bytes").unwrap() <= 65536.0);
+}
