@@ -72,6 +72,12 @@ macro_rules! topic_level {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// The name, without the room a `String` may keep beyond it.
+            #[allow(dead_code)]
+            pub(crate) fn into_boxed_str(self) -> Box<str> {
+                self.0.into_boxed_str()
+            }
         }
 
         impl fmt::Display for $name {
@@ -164,7 +170,12 @@ impl TopicTemplate {
     /// Where a caller cancels calls to this device: the request topic with
     /// [`crate::protocol::CANCEL_SERVICE`] in the service level.
     pub fn cancel_topic(&self, device: &DeviceId) -> String {
-        self.fill(device.as_str(), crate::protocol::CANCEL_SERVICE)
+        self.cancel_topic_of(device.as_str())
+    }
+
+    /// [`TopicTemplate::cancel_topic`] for a device id already checked.
+    pub(crate) fn cancel_topic_of(&self, device: &str) -> String {
+        self.fill(device, crate::protocol::CANCEL_SERVICE)
     }
 
     /// The template with its placeholders filled, level by level: a name that looks like a

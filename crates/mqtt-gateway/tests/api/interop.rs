@@ -227,3 +227,99 @@ async fn spawn_until_ready(program: &str, args: &[&str]) -> (std::process::Child
     let ready = tokio::time::timeout(Duration::from_secs(20), ready).await;
     (child, matches!(ready, Ok(Ok(true))))
 }
+
+/// A device written with Paho from docs/PROTOCOL.md section 12 alone (by someone who did not
+/// read our code) streams progress that reaches an SSE caller in order, and stops a request
+/// when the caller leaves.
+#[tokio::test]
+async fn a_paho_python_device_streams_progress_and_honours_cancels_from_the_protocol_document() {
+    if !tool_available(
+        "a_paho_python_device_streams_progress_and_honours_cancels_from_the_protocol_document",
+        "python3 with paho-mqtt 2",
+        Command::new("python3").args(["-c", "import paho.mqtt.client as m; m.CallbackAPIVersion"]),
+    ) {
+        return;
+    }
+    let broker = TestBroker::start();
+    let app = TestApp::spawn(&broker).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/interop/paho_progress.py"
+    );
+    let port = broker.port.to_string();
+    let mut child = Command::new("python3")
+        .args([
+            script,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--device-id",
+            "py-1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(next_line(&mut lines).await, "ready");
+
+    let mut streamed = app
+        .http
+        .post(app.service_url("py-1", "count"))
+        .header("accept", "text/event-stream")
+        .body(r#"{"to": 5, "every_ms": 20}"#)
+        .send()
+        .await
+        .unwrap();
+    let events = crate::async_calls::read_events(&mut streamed, 100).await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        names,
+        ["progress", "progress", "progress", "progress", "progress", "result"]
+    );
+    for (i, event) in events[..5].iter().enumerate() {
+        assert_eq!(event.data["json"]["n"], i + 1, "in order");
+    }
+    assert_eq!(events[5].data["json"]["counted"], 5);
+    assert!(next_line(&mut lines).await.starts_with("finished "));
+
+    // The caller leaves after two events: the gateway's cancel stops the request.
+    let mut leaving = app
+        .http
+        .post(app.service_url("py-1", "count"))
+        .header("accept", "text/event-stream")
+        .body(r#"{"to": 500, "every_ms": 20}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::async_calls::read_events(&mut leaving, 2).await.len(),
+        2
+    );
+    drop(leaving);
+    assert!(
+        next_line(&mut lines).await.starts_with("cancelled "),
+        "the paho device stopped the request"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// The next line a child printed, within 20 s.
+async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(20), lines.recv())
+        .await
+        .expect("a line from the paho device within 20 s")
+        .expect("the paho device runs")
+}

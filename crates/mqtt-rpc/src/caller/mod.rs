@@ -432,10 +432,11 @@ impl Caller {
         let parked = inner.parked.park(kind);
         let timeout = call.timeout;
         let held = call.held.take();
-        let cancel = (inner.cancel_abandoned && kind != Kind::Ack)
-            .then(|| inner.topics.cancel_topic(&call.device).into_boxed_str());
+
         let reply_to = (kind != Kind::Ack).then(|| (inner.response_topic.as_str(), parked.id()));
-        let publish = call.into_publish_to(&inner.topics, reply_to);
+        let (publish, device) = call.into_publish_to(&inner.topics, reply_to);
+        // Its cancel topic is made only if the call is abandoned.
+        let cancel = (inner.cancel_abandoned && kind != Kind::Ack).then(|| device.into_boxed_str());
 
         let size = publish.size();
         let limits = [
@@ -578,7 +579,7 @@ pub struct Parked {
     timeout: Duration,
     _slot: Slot,
     caller: Arc<Inner>,
-    /// The device's cancel topic, when abandoned calls are cancelled.
+    /// The device, when abandoned calls are cancelled.
     cancel: Option<Box<str>>,
 }
 
@@ -604,8 +605,9 @@ impl Parked {
 impl Drop for Parked {
     fn drop(&mut self) {
         if self.parked.leave() {
-            if let Some(topic) = &self.cancel {
-                self.caller.cancel(topic, self.parked.id());
+            if let Some(device) = &self.cancel {
+                let topic = self.caller.topics.cancel_topic_of(device);
+                self.caller.cancel(&topic, self.parked.id());
             }
         }
     }

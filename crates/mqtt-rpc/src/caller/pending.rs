@@ -177,11 +177,17 @@ impl Ticket {
 
     /// Waits for the outcome. A call removed without an outcome counts as a lost connection.
     pub(crate) async fn outcome(&mut self) -> CallOutcome {
-        loop {
-            match self.next().await {
-                Message::Outcome(outcome) => return outcome,
-                Message::Progress(_) => continue,
-            }
+        match &mut self.rx {
+            // A plain call's one message, awaited directly: the future a parked call holds
+            // stays as small as it was before streams existed.
+            Receiver::Once(rx) => rx.await.unwrap_or(CallOutcome::ConnectionLost),
+            Receiver::Stream(rx) => loop {
+                match rx.recv().await {
+                    Some(Message::Outcome(outcome)) => return outcome,
+                    Some(Message::Progress(_)) => continue,
+                    None => return CallOutcome::ConnectionLost,
+                }
+            },
         }
     }
 

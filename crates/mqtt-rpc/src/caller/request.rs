@@ -70,11 +70,14 @@ impl Call {
     /// deadline rounded up to whole seconds, so no device acts on a request its caller has
     /// given up on. A one-way request (`reply_to` None) has neither Response Topic nor
     /// Correlation Data.
+    ///
+    /// The device id comes back: an abandoned call's cancel needs it, and it costs no new
+    /// allocation to keep.
     pub(crate) fn into_publish_to(
         self,
         topics: &TopicTemplate,
         reply_to: Option<(&str, CorrelationId)>,
-    ) -> Publish {
+    ) -> (Publish, DeviceId) {
         let properties = PublishProperties {
             payload_format_indicator: protocol::payload_format(
                 self.content_type.as_deref(),
@@ -87,12 +90,9 @@ impl Call {
             content_type: self.content_type,
             ..Default::default()
         };
-        Publish::new(
-            topics.topic(&self.device, &self.service),
-            QoS::AtLeastOnce,
-            self.payload,
-            Some(properties),
-        )
+        let topic = topics.topic(&self.device, &self.service);
+        let publish = Publish::new(topic, QoS::AtLeastOnce, self.payload, Some(properties));
+        (publish, self.device)
     }
 }
 
@@ -126,7 +126,7 @@ mod tests {
             held: None,
         };
         let id = CorrelationId::random();
-        let p = call.into_publish_to(&TopicTemplate::default(), Some(("gw/replies", id)));
+        let (p, _) = call.into_publish_to(&TopicTemplate::default(), Some(("gw/replies", id)));
         assert_eq!(&p.topic[..], b"devices/d1/echo");
         assert_eq!(p.qos, QoS::AtLeastOnce);
         let props = p.properties.unwrap();
