@@ -150,7 +150,7 @@ async fn call_service() -> Response {
 /// 0x10, such as the embedded one, a message to an unknown device is accepted). `timeout_ms` is
 /// the message's MQTT Message Expiry: a device with a persistent session that comes back before
 /// then still gets it. The same checks as a call apply first (names, scopes, body size, the
-/// announced request schema).
+/// announced request schema). A message is not kept, so an `Idempotency-Key` is refused (400).
 #[utoipa::path(
     post,
     path = "/api/v1/devices/{device_id}/messages/{service}",
@@ -587,6 +587,16 @@ fn call_head(
     } else {
         Mode::of(headers, Duration::from_millis(limits.max_timeout_ms))
     };
+    let idempotency_key = idempotency_key(headers)?;
+    if one_way && idempotency_key.is_some() {
+        // A message is never kept, so a repeat could not be recognised: refused rather than
+        // silently sent twice.
+        return Err(ApiError::InvalidHeader {
+            name: "idempotency-key".into(),
+            reason: "applies to calls (POST .../services/{service}), not to one-way messages"
+                .into(),
+        });
+    }
     // A call kept as a record may run as long as async calls may; a sync one no longer than
     // an HTTP request should wait.
     let gateway_max = if mode.is_kept() {
@@ -617,7 +627,7 @@ fn call_head(
         validator: None,
         mode,
         owner: caller.map(|c| c.name.clone()),
-        idempotency_key: idempotency_key(headers)?,
+        idempotency_key,
         offline: false,
     })
 }

@@ -894,6 +894,17 @@ async fn a_one_way_message_is_202_once_the_broker_has_it_and_404_where_nobody_li
         assert_eq!(nobody.status(), 404, "PUBACK 0x10, as a call gets it");
         assert_eq!(problem(nobody).await["code"], "device-offline");
     }
+    // A message is never kept: an Idempotency-Key could not make a repeat safe.
+    let keyed = app
+        .http
+        .post(app.url("/api/v1/devices/m1/messages/note"))
+        .header("idempotency-key", "k-1")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyed.status(), 400);
+    assert_eq!(problem(keyed).await["code"], "invalid-header");
     let wrong = app
         .http
         .get(app.url("/api/v1/devices/m1/messages/note"))
