@@ -78,6 +78,19 @@ pub(crate) enum CallState {
 }
 
 impl CallState {
+    /// The state as the API writes it (the serialized name).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CallState::Queued => "queued",
+            CallState::Sent => "sent",
+            CallState::Running => "running",
+            CallState::Succeeded => "succeeded",
+            CallState::Failed => "failed",
+            CallState::Expired => "expired",
+            CallState::Cancelled => "cancelled",
+        }
+    }
+
     /// Finished: nothing more will change.
     pub(crate) fn is_final(self) -> bool {
         !matches!(
@@ -673,6 +686,19 @@ pub(crate) async fn sweep(calls: std::sync::Weak<Calls>) {
         match calls.upgrade() {
             Some(calls) => calls.sweep(),
             None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_states_name_is_its_serialized_name() {
+        use CallState::*;
+        for state in [Queued, Sent, Running, Succeeded, Failed, Expired, Cancelled] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
         }
     }
 }

@@ -335,7 +335,7 @@ fn result_response(state: &AppState, record: &Record) -> Result<Response, ApiErr
     let Some(outcome) = p.outcome.clone() else {
         return Err(ApiError::CallNotFinished {
             id: record.id.clone(),
-            state: state_name(p.state),
+            state: p.state.as_str(),
         });
     };
     drop(p);
@@ -354,18 +354,6 @@ fn result_response(state: &AppState, record: &Record) -> Result<Response, ApiErr
         ),
         Outcome::Problem(stored) => stored.response(),
     })
-}
-
-fn state_name(state: CallState) -> &'static str {
-    match state {
-        CallState::Queued => "queued",
-        CallState::Sent => "sent",
-        CallState::Running => "running",
-        CallState::Succeeded => "succeeded",
-        CallState::Failed => "failed",
-        CallState::Expired => "expired",
-        CallState::Cancelled => "cancelled",
-    }
 }
 
 /// Starts a kept call (its body read and checked, its places taken): creates its record,

@@ -770,28 +770,18 @@ async fn an_idempotency_key_makes_a_repeat_the_same_call_and_never_a_second_publ
 /// `Last-Event-ID` after the end gets 204, which closes it.
 #[tokio::test]
 async fn a_browser_page_follows_an_async_call_with_event_source() {
-    use std::path::Path;
-    let browser_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let ready = Path::new(&chromium).exists()
-        && Path::new(browser_dir)
-            .join("node_modules/playwright-core")
-            .exists();
-    if !tool_available(
-        "a_browser_page_follows_an_async_call_with_event_source",
-        "Debian chromium and playwright-core (npm ci --prefix tests/browser)",
-        std::process::Command::new("sh")
-            .args(["-c", if ready { "command -v node" } else { "false" }]),
-    ) {
+    let Some(browser_dir) =
+        browser_fixtures("a_browser_page_follows_an_async_call_with_event_source")
+    else {
         return;
-    }
+    };
     let broker = TestBroker::start();
     let _demo = demo_device(&broker, "web-1").await;
     let page_port = free_port();
     let origin = format!("http://127.0.0.1:{page_port}");
     let app = TestApp::spawn_with(&broker, &["--cors-origins", &origin]).await;
     let output = tokio::process::Command::new("node")
-        .arg(Path::new(browser_dir).join("events.mjs"))
+        .arg(browser_dir.join("events.mjs"))
         .arg(format!("http://{}", app.addr))
         .arg(page_port.to_string())
         .arg("web-1")
@@ -928,9 +918,9 @@ async fn an_async_call_to_an_offline_device_is_queued_until_it_is_back_or_expire
     let broker = TestBroker::start();
     let device = start_ready(echo_host(&broker, "q1")).await;
     let app = TestApp::spawn(&broker).await;
-    wait_device(&app, "q1", true).await;
+    wait_device(&app, "q1", |d| d["online"] == true).await;
     device.shutdown().await;
-    wait_device(&app, "q1", false).await;
+    wait_device(&app, "q1", |d| d["online"] == false).await;
 
     // A sync call still gets its 404 at once.
     let sync = app.call("q1", "echo", "now").await;
@@ -966,31 +956,6 @@ async fn an_async_call_to_an_offline_device_is_queued_until_it_is_back_or_expire
         .await
         .unwrap();
     assert_eq!(result.text().await.unwrap(), "later");
-}
-
-/// Waits until the registry says the device is online (or offline).
-async fn wait_device(app: &TestApp, id: &str, online: bool) {
-    for _ in 0..100 {
-        if status_of_device(app, id).await == Some(online) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{id} never {}", if online { "online" } else { "offline" });
-}
-
-/// `online` of a device in the registry, if it announced.
-async fn status_of_device(app: &TestApp, id: &str) -> Option<bool> {
-    let response = app
-        .http
-        .get(app.url(&format!("/api/v1/devices/{id}")))
-        .send()
-        .await
-        .unwrap();
-    if response.status() != 200 {
-        return None;
-    }
-    response.json::<Value>().await.unwrap()["online"].as_bool()
 }
 
 /// Devices that announce nothing: the broker's 0x10 queues the call in the gateway, which

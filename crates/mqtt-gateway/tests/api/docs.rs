@@ -199,19 +199,10 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_spec() {
 
 #[tokio::test]
 async fn swagger_ui_works_offline_in_headless_chromium() {
-    let browser_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let ready = Path::new(&chromium).exists()
-        && Path::new(browser_dir)
-            .join("node_modules/playwright-core")
-            .exists();
-    if !tool_available(
-        "swagger_ui_works_offline_in_headless_chromium",
-        "Debian chromium and playwright-core (npm ci --prefix tests/browser)",
-        Command::new("sh").args(["-c", if ready { "command -v node" } else { "false" }]),
-    ) {
+    let Some(browser_dir) = browser_fixtures("swagger_ui_works_offline_in_headless_chromium")
+    else {
         return;
-    }
+    };
     let broker = TestBroker::start();
     let _device = demo_device(&broker, "demo-1").await;
     let app = TestApp::spawn(&broker).await;
@@ -220,7 +211,7 @@ async fn swagger_ui_works_offline_in_headless_chromium() {
     std::fs::create_dir_all(&shots).unwrap();
 
     let output = tokio::process::Command::new("node")
-        .arg(Path::new(browser_dir).join("swagger.mjs"))
+        .arg(browser_dir.join("swagger.mjs"))
         .arg(&base)
         .arg(&shots)
         .output()

@@ -403,3 +403,44 @@ pub fn limit_open_files(command: &mut Command, n: u64) {
         });
     }
 }
+
+/// Waits (up to 15 s) until the registry's entry for the device satisfies `f`; its detail.
+pub async fn wait_device(
+    app: &TestApp,
+    id: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let response = app
+            .http
+            .get(app.url(&format!("/api/v1/devices/{id}")))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        if status == 200 && f(&body) {
+            return body;
+        }
+        if Instant::now() > deadline {
+            panic!("device {id} never reached the expected state; last: {status} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The browser fixtures' folder, when Debian's Chromium and playwright-core are there; else
+/// the test says it did not run (or fails, when tools are required) and gets None.
+pub fn browser_fixtures(test: &str) -> Option<&'static std::path::Path> {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/browser"));
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let ready = std::path::Path::new(&chromium).exists()
+        && dir.join("node_modules/playwright-core").exists();
+    tool_available(
+        test,
+        "Debian chromium and playwright-core (npm ci --prefix tests/browser)",
+        Command::new("sh").args(["-c", if ready { "command -v node" } else { "false" }]),
+    )
+    .then_some(dir)
+}

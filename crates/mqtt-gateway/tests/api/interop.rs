@@ -122,19 +122,15 @@ async fn mosquitto_rr_calls_a_device_built_with_our_library() {
 /// and sees it go offline on a clean stop and by its Will when killed.
 #[tokio::test]
 async fn a_paho_python_device_announces_itself_from_the_protocol_document() {
-    if !tool_available(
+    let Some(script) = paho_script(
         "a_paho_python_device_announces_itself_from_the_protocol_document",
-        "python3 with paho-mqtt 2",
-        Command::new("python3").args(["-c", "import paho.mqtt.client as m; m.CallbackAPIVersion"]),
-    ) {
+        "paho_announcer.py",
+    ) else {
         return;
-    }
+    };
+    let script = script.as_str();
     let broker = TestBroker::start();
     let app = TestApp::spawn(&broker).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/interop/paho_announcer.py"
-    );
     let port = broker.port.to_string();
     let start = || async {
         let args = [script, "127.0.0.1", &port, "py-ann", "--keepalive", "2"];
@@ -233,19 +229,15 @@ async fn spawn_until_ready(program: &str, args: &[&str]) -> (std::process::Child
 /// when the caller leaves.
 #[tokio::test]
 async fn a_paho_python_device_streams_progress_and_honours_cancels_from_the_protocol_document() {
-    if !tool_available(
+    let Some(script) = paho_script(
         "a_paho_python_device_streams_progress_and_honours_cancels_from_the_protocol_document",
-        "python3 with paho-mqtt 2",
-        Command::new("python3").args(["-c", "import paho.mqtt.client as m; m.CallbackAPIVersion"]),
-    ) {
+        "paho_progress.py",
+    ) else {
         return;
-    }
+    };
+    let script = script.as_str();
     let broker = TestBroker::start();
     let app = TestApp::spawn(&broker).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/interop/paho_progress.py"
-    );
     let port = broker.port.to_string();
     let mut child = Command::new("python3")
         .args([
@@ -322,4 +314,15 @@ async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> 
         .await
         .expect("a line from the paho device within 20 s")
         .expect("the paho device runs")
+}
+
+/// The path of a Paho fixture in tests/interop, when python3 with paho-mqtt 2 is there; else
+/// the test says it did not run (or fails, when tools are required) and gets None.
+fn paho_script(test: &str, name: &str) -> Option<String> {
+    tool_available(
+        test,
+        "python3 with paho-mqtt 2",
+        Command::new("python3").args(["-c", "import paho.mqtt.client as m; m.CallbackAPIVersion"]),
+    )
+    .then(|| format!("{}/../../tests/interop/{name}", env!("CARGO_MANIFEST_DIR")))
 }

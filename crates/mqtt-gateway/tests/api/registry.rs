@@ -18,21 +18,6 @@ async fn get(app: &TestApp, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// Waits until the device's entry satisfies `f`; its last detail either way.
-async fn wait_device(app: &TestApp, id: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, body) = get(app, &format!("/api/v1/devices/{id}")).await;
-        if status == 200 && f(&body) {
-            return body;
-        }
-        if Instant::now() > deadline {
-            panic!("device {id} never reached the expected state; last: {status} {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until a metric has this value; whether it did within 30 s.
 async fn wait_metric(app: &TestApp, series: &str, value: f64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
