@@ -74,8 +74,8 @@ mod topic;
 pub use broker_url::{BrokerUrl, BrokerUrlError, Connect, OptionsError, Scheme, Secret};
 pub use budget::{ByteBudget, Held};
 pub use caller::{
-    Call, CallError, Caller, CallerOptions, Parked, PublishRefusal, Received, Slot, Streaming,
-    Update,
+    Adopted, Call, CallError, Caller, CallerOptions, Parked, PublishRefusal, Received, Slot,
+    Streaming, Update,
 };
 pub use presence::{Announcement, PresenceTopics, PresenceWatch, ServiceInfo};
 pub use protocol::Reply;

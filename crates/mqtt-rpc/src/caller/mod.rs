@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use crate::budget::{ByteBudget, Held};
 use crate::presence::PresenceWatch;
 use crate::protocol::Reply;
-use crate::topic::TopicTemplate;
+use crate::topic::{DeviceId, TopicTemplate};
 use pending::{Kind, Message, ParkedCalls, Ticket};
 use publish_order::PublishOrder;
 use readiness::Readiness;
@@ -231,6 +231,17 @@ struct Counters {
     cancels_sent: AtomicU64,
 }
 
+/// A call another caller sent, for [`Caller::adopt`] to take over.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    /// Its request's Correlation Data ([`Streaming::correlation_data`]).
+    pub correlation: [u8; 16],
+    /// The device it went to (where its cancel goes).
+    pub device: DeviceId,
+    /// How long it may still run.
+    pub timeout: Duration,
+}
+
 /// A snapshot of the connection's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallerStats {
@@ -330,6 +341,56 @@ impl Caller {
     /// Starts the connection task. The caller connects (and reconnects) on its own; watch
     /// [`Caller::is_ready`] or await [`Caller::wait_ready`].
     pub fn start(options: CallerOptions) -> (Caller, JoinHandle<()>) {
+        let (inner, eventloop) = Self::prepare(options);
+        let task = Self::spawn(&inner, eventloop);
+        (Caller { inner }, task)
+    }
+
+    /// Starts a caller that takes over the calls of another caller's persistent session: the
+    /// same client id (in `options.mqtt`) and response topic, with
+    /// [`CallerOptions::session_expiry`] set, so the broker resumes that session and delivers
+    /// the replies it kept while its caller was gone (a gateway instance that crashed). Each
+    /// call is parked before the connection starts, so none of those replies is missed; its
+    /// [`Streaming`] then behaves as if this caller had sent it (a timeout or a drop cancels it
+    /// on the device). None for a correlation id given twice.
+    pub fn adopt(
+        mut options: CallerOptions,
+        calls: Vec<Adopted>,
+    ) -> (Caller, Vec<Option<Streaming>>, JoinHandle<()>) {
+        options.max_in_flight = options.max_in_flight.max(calls.len());
+        let (inner, eventloop) = Self::prepare(options);
+        let now = tokio::time::Instant::now();
+        let streams = calls
+            .into_iter()
+            .map(|call| {
+                let ticket = inner
+                    .parked
+                    .park_as(CorrelationId(call.correlation), Kind::Stream)?;
+                let permit = inner.in_flight.clone().try_acquire_owned().ok()?;
+                let parked = Parked {
+                    parked: ticket,
+                    timeout: call.timeout,
+                    _slot: Slot { _permit: permit },
+                    caller: inner.clone(),
+                    cancel: inner.cancel_abandoned.then(|| call.device.as_str().into()),
+                };
+                Some(Streaming {
+                    deadline: now + call.timeout,
+                    parked: Some(parked),
+                })
+            })
+            .collect();
+        let task = Self::spawn(&inner, eventloop);
+        (Caller { inner }, streams, task)
+    }
+
+    fn spawn(inner: &Arc<Inner>, eventloop: rumqttc::v5::EventLoop) -> JoinHandle<()> {
+        let task = tokio::spawn(event_loop::run(eventloop, inner.clone()));
+        tokio::spawn(event_loop::watch_readiness(inner.clone()));
+        task
+    }
+
+    fn prepare(options: CallerOptions) -> (Arc<Inner>, rumqttc::v5::EventLoop) {
         let response_topic = options.response_topic.clone();
         let own_max_packet = options.mqtt.max_packet_size().unwrap_or(0);
         let mut mqtt = options.mqtt.clone();
@@ -362,9 +423,7 @@ impl Caller {
             cancel_abandoned: options.cancel_abandoned,
             one_way: Default::default(),
         });
-        let task = tokio::spawn(event_loop::run(eventloop, inner.clone()));
-        tokio::spawn(event_loop::watch_readiness(inner.clone()));
-        (Caller { inner }, task)
+        (inner, eventloop)
     }
 
     /// A place for one call among those in flight, or why there is none: shutting down, not
@@ -493,6 +552,23 @@ impl Caller {
         Ok(received.reply)
     }
 
+    /// Sends a device the cancel message of a call this caller did not send (another caller's,
+    /// found in a store they share, whose own caller is gone): its Response Topic and
+    /// Correlation Data as that call's request carried them. False when not connected, the
+    /// request channel is full, or the correlation data is not 16 bytes.
+    pub fn cancel_other(
+        &self,
+        device: &DeviceId,
+        response_topic: &str,
+        correlation: &[u8],
+    ) -> bool {
+        let Some(id) = CorrelationId::from_bytes(correlation) else {
+            return false;
+        };
+        let topic = self.inner.topics.cancel_topic_of(device.as_str());
+        self.inner.cancel(&topic, response_topic, id)
+    }
+
     /// Asks every announcing device to announce again, within the watch's discovery window
     /// (the caller asks on its own after each subscription). False when presence is not
     /// followed or the request could not be queued.
@@ -607,7 +683,8 @@ impl Drop for Parked {
         if self.parked.leave() {
             if let Some(device) = &self.cancel {
                 let topic = self.caller.topics.cancel_topic_of(device);
-                self.caller.cancel(&topic, self.parked.id());
+                let caller = &self.caller;
+                caller.cancel(&topic, &caller.response_topic, self.parked.id());
             }
         }
     }
@@ -672,6 +749,12 @@ impl Streaming {
     pub fn deadline(&self) -> tokio::time::Instant {
         self.deadline
     }
+
+    /// The request's Correlation Data (what [`Caller::adopt`] takes back); None after the
+    /// outcome.
+    pub fn correlation_data(&self) -> Option<[u8; 16]> {
+        self.parked.as_ref().map(|p| *p.parked.id().as_bytes())
+    }
 }
 
 impl Inner {
@@ -700,13 +783,13 @@ impl Inner {
     /// Publishes a call's cancel message (QoS 1: a device's persistent session keeps it, in
     /// order after the request), when connected. Its PUBACK reaches no call: the id is no
     /// longer parked.
-    fn cancel(&self, topic: &str, id: CorrelationId) {
+    fn cancel(&self, topic: &str, response_topic: &str, id: CorrelationId) -> bool {
         let mut link = self.lock_link();
         if !link.ready {
-            return;
+            return false;
         }
         let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
-            response_topic: Some(self.response_topic.clone()),
+            response_topic: Some(response_topic.to_owned()),
             correlation_data: Some(bytes::Bytes::copy_from_slice(id.as_bytes())),
             ..Default::default()
         };
@@ -720,8 +803,10 @@ impl Inner {
         if sent.is_ok() {
             link.order.queued(id, None);
             self.counters.cancels_sent.fetch_add(1, Ordering::Relaxed);
+            true
         } else {
             tracing::debug!("could not queue a cancel message: the request channel is full");
+            false
         }
     }
 }

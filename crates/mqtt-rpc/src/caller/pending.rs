@@ -63,7 +63,45 @@ enum Receiver {
 impl ParkedCalls {
     /// Parks a call under a fresh random correlation id.
     pub(crate) fn park(&self, kind: Kind) -> Ticket {
-        let (waiter, rx) = match kind {
+        let (waiter, rx) = Self::waiter(kind);
+        let mut calls = self.lock();
+        // 128 random bits: a collision with a live call is astronomically unlikely, but the
+        // loop makes it impossible rather than unlikely.
+        let id = loop {
+            let id = CorrelationId::random();
+            if !calls.contains_key(&id) {
+                break id;
+            }
+        };
+        calls.insert(id, waiter);
+        drop(calls);
+        self.ticket(id, rx)
+    }
+
+    /// Parks a call under a given correlation id (one another caller published, whose session
+    /// this caller adopts); None when a call is parked under it already.
+    pub(crate) fn park_as(&self, id: CorrelationId, kind: Kind) -> Option<Ticket> {
+        let (waiter, rx) = Self::waiter(kind);
+        let mut calls = self.lock();
+        if calls.contains_key(&id) {
+            return None;
+        }
+        calls.insert(id, waiter);
+        drop(calls);
+        Some(self.ticket(id, rx))
+    }
+
+    fn ticket(&self, id: CorrelationId, rx: Receiver) -> Ticket {
+        Ticket {
+            id,
+            rx,
+            calls: self.clone(),
+            left: false,
+        }
+    }
+
+    fn waiter(kind: Kind) -> (Waiter, Receiver) {
+        match kind {
             Kind::Stream => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 (Waiter::Stream(tx), Receiver::Stream(rx))
@@ -76,23 +114,6 @@ impl ParkedCalls {
                 let (tx, rx) = oneshot::channel();
                 (Waiter::Ack(tx), Receiver::Once(rx))
             }
-        };
-        let mut calls = self.lock();
-        // 128 random bits: a collision with a live call is astronomically unlikely, but the
-        // loop makes it impossible rather than unlikely.
-        let id = loop {
-            let id = CorrelationId::random();
-            if !calls.contains_key(&id) {
-                break id;
-            }
-        };
-        calls.insert(id, waiter);
-        drop(calls);
-        Ticket {
-            id,
-            rx,
-            calls: self.clone(),
-            left: false,
         }
     }
 
