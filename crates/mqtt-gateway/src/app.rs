@@ -41,6 +41,9 @@ pub enum StartError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    /// `--store-url` names a Redis that does not answer.
+    #[error("cannot use the call store (--store-url): {0}")]
+    Store(String),
 }
 
 /// Where the broker is, and whether we started it.
@@ -128,6 +131,8 @@ pub fn raise_open_file_limit() -> u64 {
 pub struct App {
     mqtt: mqtt_rpc::Caller,
     mqtt_task: tokio::task::JoinHandle<()>,
+    /// With a shared store, the connection for kept calls (see `calls::takeover`).
+    kept: Option<(mqtt_rpc::Caller, tokio::task::JoinHandle<()>)>,
     demo: Option<RunningHost>,
     demo_id: Option<String>,
     broker: BrokerChoice,
@@ -145,7 +150,7 @@ pub struct App {
 impl App {
     /// Starts the MQTT side and the demo device from checked settings; serving HTTP is
     /// [`App::serve`]'s.
-    pub fn start(settings: Settings, broker: BrokerChoice) -> Result<App, StartError> {
+    pub async fn start(settings: Settings, broker: BrokerChoice) -> Result<App, StartError> {
         let client_id = format!("mqtt-gateway-{}", settings.gateway_id);
         let mqtt = settings
             .mqtt
@@ -181,17 +186,43 @@ impl App {
         let (mut watch, feed) = PresenceWatch::new(settings.registry.topics.clone());
         watch.discovery_window = settings.registry.discovery_window;
         watch.max_bytes = settings.registry.limits.max_bytes;
+        let shared = match &settings.calls.store_url {
+            Some(url) => {
+                let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+                let instance = format!("{}-{suffix}", settings.gateway_id);
+                let shared = crate::calls::shared::Shared::connect(
+                    url,
+                    instance,
+                    settings.calls.retention,
+                    settings.calls.max_events,
+                )
+                .await
+                .map_err(|e| StartError::Store(e.to_string()))?;
+                Some(shared)
+            }
+            None => None,
+        };
         let mut options = settings.caller.options(mqtt, &settings.gateway_id);
         options.presence = Some(watch);
         let (mqtt, mqtt_task) = mqtt_rpc::Caller::start(options);
         tokio::spawn(crate::registry::run(feed, registry.clone()));
-        let calls = crate::calls::Calls::new(crate::calls::CallsOptions {
-            retention: settings.calls.retention,
-            max_calls: settings.calls.max_calls,
-            max_bytes: settings.calls.max_bytes,
-            max_events: settings.calls.max_events,
-        });
+        let calls = crate::calls::Calls::new(
+            crate::calls::CallsOptions {
+                retention: settings.calls.retention,
+                max_calls: settings.calls.max_calls,
+                max_bytes: settings.calls.max_bytes,
+                max_events: settings.calls.max_events,
+            },
+            shared.clone(),
+        );
         tokio::spawn(crate::calls::sweep(Arc::downgrade(&calls)));
+        let kept = match shared {
+            Some(shared) => {
+                let kept = start_kept(&settings, &broker, &shared, &registry, &calls).await?;
+                Some(kept)
+            }
+            None => None,
+        };
         Ok(App {
             mqtt,
             mqtt_task,
@@ -206,6 +237,7 @@ impl App {
             limits: settings.limits,
             registry,
             calls,
+            kept,
         })
     }
 
@@ -233,6 +265,10 @@ impl App {
         let server_stats = Arc::new(ServerStats::default());
         let state = AppState {
             mqtt: self.mqtt.clone(),
+            kept: match &self.kept {
+                Some((kept, _)) => kept.clone(),
+                None => self.mqtt.clone(),
+            },
             limits: Arc::new(self.limits),
             metrics: Arc::new(Metrics::new(
                 self.mqtt.clone(),
@@ -298,12 +334,74 @@ impl App {
         }
         self.mqtt.disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.mqtt_task).await;
+        if self.kept.is_some() {
+            // Not disconnected: that would fail the kept calls still running. Their session
+            // stays with the broker when the process exits, and another instance takes them
+            // over once this one's heartbeat has lapsed (about 5 s).
+            info!("leaving the kept calls still running to another instance");
+        }
         if let Some(demo) = self.demo {
             demo.shutdown().await;
         }
         info!("stopped");
         served.map_err(StartError::Http)
     }
+}
+
+/// With a shared store: the connection for kept calls, with a persistent session that outlives
+/// this process (the longest async call, and a minute), this instance's heartbeat, the store's
+/// change and cancel channels, and taking over instances that die.
+async fn start_kept(
+    settings: &Settings,
+    broker: &BrokerChoice,
+    shared: &Arc<crate::calls::shared::Shared>,
+    registry: &Arc<Registry>,
+    calls: &Arc<crate::calls::Calls>,
+) -> Result<(mqtt_rpc::Caller, tokio::task::JoinHandle<()>), StartError> {
+    let mqtt_settings = settings.mqtt.clone();
+    let caller_settings = settings.caller.clone();
+    let url = broker.url.clone();
+    let options = move |client_id: &str, topic: &str| {
+        let mqtt = mqtt_settings.options(&url, client_id).ok()?;
+        let mut options = caller_settings.options(mqtt, "");
+        options.response_topic = topic.to_owned();
+        Some(options)
+    };
+    let client_id = format!("mqtt-gateway-{}-calls", shared.instance);
+    let topic = format!("gateway/{}/calls", shared.instance);
+    let mut kept_options = options(&client_id, &topic).ok_or_else(|| {
+        StartError::Store("the MQTT options for kept calls are not usable".into())
+    })?;
+    let expiry = settings.limits.max_async_timeout_ms / 1000 + 60;
+    kept_options.session_expiry = Some(u32::try_from(expiry).unwrap_or(u32::MAX));
+    let (kept, task) = mqtt_rpc::Caller::start(kept_options);
+    shared
+        .heartbeat(&client_id, &topic)
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))?;
+    let cancels = Arc::downgrade(calls);
+    tokio::spawn(crate::calls::shared::Shared::listen(
+        Arc::downgrade(shared),
+        move |id| {
+            if let Some(calls) = cancels.upgrade() {
+                if calls.cancel_local(id) {
+                    info!(call = id, "cancelled over the shared store");
+                }
+            }
+        },
+    ));
+    let takeover = crate::calls::takeover::Takeover {
+        kept: kept.clone(),
+        client_id,
+        registry: registry.clone(),
+        options: Box::new(options),
+    };
+    tokio::spawn(crate::calls::takeover::run(
+        Arc::downgrade(calls),
+        Arc::new(takeover),
+    ));
+    info!(instance = %shared.instance, "calls are kept in the shared store");
+    Ok((kept, task))
 }
 
 fn print_banner(listen: &str, broker: &BrokerChoice, demo: Option<&str>) {

@@ -209,6 +209,15 @@ pub struct CallsArgs {
     /// those.
     #[arg(long, env = "GATEWAY_MAX_PROGRESS_EVENTS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_progress_events: u32,
+
+    /// Keep async and streamed calls in this Redis (`redis://[:password@]host:port/db`) as well,
+    /// so that several gateway instances behind a load balancer share them: any instance
+    /// answers `GET`, `/result`, `/events` and `DELETE` of any call, and the calls of an
+    /// instance that dies are taken over by another (their replies are kept by the broker in
+    /// the dead instance's session meanwhile). One database per group of gateways. Without
+    /// it, calls are kept in this process's memory only.
+    #[arg(long, env = "GATEWAY_STORE_URL")]
+    pub store_url: Option<String>,
 }
 
 /// The registry of devices that announce themselves (docs/PROTOCOL.md, section 11).

@@ -101,7 +101,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-        let app = mqtt_gateway::app::App::start(settings, broker).map_err(|e| e.to_string())?;
+        let app = mqtt_gateway::app::App::start(settings, broker)
+            .await
+            .map_err(|e| e.to_string())?;
         app.serve(listener, shutdown_signal())
             .await
             .map_err(|e| e.to_string())

@@ -46,6 +46,9 @@ pub enum SettingsError {
         /// Why.
         source: mqtt_rpc::NameError,
     },
+    /// `--store-url` is not a Redis URL.
+    #[error("invalid --store-url (expected redis://[:password@]host:port/db): {0}")]
+    InvalidStoreUrl(String),
     /// `--default-timeout-ms` outside its range.
     #[error("--default-timeout-ms must be from {MIN_TIMEOUT_MS} to --max-timeout-ms ({max})")]
     DefaultTimeout {
@@ -216,6 +219,8 @@ pub struct CallsSettings {
     pub max_bytes: usize,
     /// The most progress events one call keeps.
     pub max_events: usize,
+    /// The Redis the gateway instances share calls in (`--store-url`), if any.
+    pub store_url: Option<String>,
 }
 
 /// What the registry follows and how much it holds.
@@ -349,6 +354,14 @@ impl Settings {
                 max_calls: args.calls.max_calls as usize,
                 max_bytes: usize::try_from(args.calls.max_call_bytes).unwrap_or(usize::MAX),
                 max_events: args.calls.max_progress_events as usize,
+                store_url: match &args.calls.store_url {
+                    Some(url) => {
+                        redis::Client::open(url.as_str())
+                            .map_err(|e| SettingsError::InvalidStoreUrl(e.to_string()))?;
+                        Some(url.clone())
+                    }
+                    None => None,
+                },
             },
         })
     }

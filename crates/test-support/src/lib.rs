@@ -5,6 +5,7 @@
 //! - [`FaultyLink`]: a TCP relay a test can cut, to break one client's connection while the
 //!   broker stays up.
 //! - [`RawClient`]: a plain rumqttc client whose publishes arrive on a channel.
+//! - [`TestRedis`]: a real `redis-server` per test on a free loopback port.
 //! - [`http_client`], [`h2_client`]: HTTP clients, the second with windows of our choosing.
 //! - [`make_certificates`]: a CA, a server and a client certificate for TLS tests.
 //! - Processes and ports: [`free_port`], [`wait_connectable`], [`sbin`], [`repo_root`].
@@ -15,6 +16,7 @@ mod broker;
 mod certs;
 mod http;
 mod raw;
+mod redis;
 mod relay;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,6 +28,7 @@ pub use broker::{BrokerKind, Embedded, TestBroker};
 pub use certs::make_certificates;
 pub use http::{h2_client, h2_post, http_client};
 pub use raw::RawClient;
+pub use redis::TestRedis;
 pub use relay::FaultyLink;
 
 /// A free loopback port (bound, read, released: the caller binds it again at once, and retries

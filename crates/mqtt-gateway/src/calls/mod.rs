@@ -9,8 +9,13 @@
 //! one [`ByteBudget`]), and the progress events each keeps ([`CallsOptions::max_events`], the
 //! latest). A finished call is kept for [`CallsOptions::retention`], then forgotten (404).
 //!
-//! The store is in this process's memory: a call can be read on the gateway instance that
-//! accepted it.
+//! The store is in this process's memory, where the call's task runs. With `--store-url`
+//! every change is also written to the shared store ([`shared`], Redis): then every instance
+//! reads calls from there, whichever accepted them, and an instance takes over the calls of
+//! one that died ([`takeover`]).
+
+pub(crate) mod shared;
+pub(crate) mod takeover;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -24,6 +29,7 @@ use utoipa::ToSchema;
 
 use crate::http::error::StoredProblem;
 use crate::http::ApiError;
+use shared::{Claim, Shared};
 
 /// Bytes counted for every kept message beyond its payload and properties.
 const MESSAGE_OVERHEAD: usize = 128;
@@ -108,7 +114,7 @@ pub(crate) struct Message {
     pub(crate) content_type: Option<String>,
     pub(crate) user_properties: Vec<(String, String)>,
     pub(crate) payload: Bytes,
-    _held: Held,
+    _held: Option<Held>,
 }
 
 /// How a call ended.
@@ -185,7 +191,9 @@ pub(crate) struct Record {
     changed: watch::Sender<u64>,
     /// Fires the cancel; taken once.
     cancel: Mutex<Option<oneshot::Sender<()>>>,
-    _held: Held,
+    /// Read from the shared store: a snapshot that never changes (no task feeds it).
+    pub(crate) remote: bool,
+    _held: Option<Held>,
 }
 
 impl Record {
@@ -219,6 +227,8 @@ pub(crate) enum Full {
     Calls(usize),
     /// The store's bytes are spent.
     Bytes(usize),
+    /// The shared store did not answer (logged).
+    Store,
 }
 
 /// Counters for `/metrics`.
@@ -235,6 +245,8 @@ pub(crate) struct Calls {
     options: CallsOptions,
     budget: Arc<ByteBudget>,
     inner: Mutex<Inner>,
+    /// The store every instance shares (`--store-url`), if any.
+    shared: Option<Arc<Shared>>,
 }
 
 #[derive(Debug, Default)]
@@ -263,12 +275,104 @@ impl Inner {
 }
 
 impl Calls {
-    pub(crate) fn new(options: CallsOptions) -> Arc<Self> {
+    pub(crate) fn new(options: CallsOptions, shared: Option<Arc<Shared>>) -> Arc<Self> {
         Arc::new(Self {
             budget: ByteBudget::new(options.max_bytes),
             options,
             inner: Mutex::default(),
+            shared,
         })
+    }
+
+    /// The store every instance shares, when there is one: calls are read from it.
+    pub(crate) fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    /// Keeps a new call; with a shared store, there too, where its idempotency key is looked
+    /// up across instances. `template`: the request, kept in the shared store so that another
+    /// instance can publish it if this one dies while it waits for its device.
+    pub(crate) async fn create(
+        &self,
+        owner: Option<Arc<str>>,
+        device: &str,
+        service: &str,
+        timeout: Duration,
+        key: Option<(String, [u8; 32])>,
+        template: Option<&Template>,
+    ) -> Result<Created, Full> {
+        let Some(shared) = &self.shared else {
+            return self.create_local(owner, device, service, timeout, key);
+        };
+        let created = self.create_local(owner, device, service, timeout, None)?;
+        let Created::New(record, cancelled) = created else {
+            return Ok(created);
+        };
+        let keyed = key.as_ref().map(|(k, fp)| (k.as_str(), fp));
+        let claim = shared.create(&record, keyed, template).await;
+        let (fingerprint, call) = match claim {
+            Ok(Claim::New) => return Ok(Created::New(record, cancelled)),
+            Ok(Claim::Keyed { fingerprint, call }) => (fingerprint, call),
+            Err(error) => {
+                tracing::warn!(%error, "could not keep a call in the shared store");
+                self.lock().forget(&record.id);
+                return Err(Full::Store);
+            }
+        };
+        self.lock().forget(&record.id);
+        let same = key.is_some_and(|(_, fp)| shared::hex(&fp) == fingerprint);
+        if !same {
+            return Ok(Created::Mismatch);
+        }
+        match shared.snapshot(&call, shared::Events::Latest).await {
+            Ok(Some((record, _))) => Ok(Created::Repeat(record)),
+            // Its call is being forgotten: the key goes with it.
+            Ok(None) => Err(Full::Store),
+            Err(error) => {
+                tracing::warn!(%error, "could not read a call from the shared store");
+                Err(Full::Store)
+            }
+        }
+    }
+
+    /// A call read from the shared store, to run here from now on (its instance died): kept
+    /// here like one made here, with its cancel.
+    pub(crate) fn adopt_record(&self, snapshot: &Record) -> (Arc<Record>, oneshot::Receiver<()>) {
+        let (cancel, cancelled) = oneshot::channel();
+        let p = snapshot.progress();
+        let record = Arc::new(Record {
+            id: snapshot.id.clone(),
+            key: None,
+            owner: snapshot.owner.clone(),
+            device: snapshot.device.clone(),
+            service: snapshot.service.clone(),
+            created_at: snapshot.created_at,
+            deadline: snapshot.deadline,
+            progress: Mutex::new(Progress {
+                state: p.state,
+                updated_at: p.updated_at,
+                finished_at: None,
+                events: VecDeque::new(),
+                progress_count: p.progress_count,
+                progress_dropped: p.progress_dropped,
+                outcome: None,
+            }),
+            changed: watch::Sender::new(p.progress_count),
+            cancel: Mutex::new(Some(cancel)),
+            remote: false,
+            _held: None,
+        });
+        drop(p);
+        self.lock()
+            .records
+            .insert(record.id.clone(), record.clone());
+        (record, cancelled)
+    }
+
+    /// Cancels a call this instance runs; false when it runs none by this id.
+    pub(crate) fn cancel_local(&self, id: &str) -> bool {
+        let record = self.lock().records.get(id).cloned();
+        record.is_some_and(|r| r.cancel())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -285,7 +389,7 @@ impl Calls {
     /// With an idempotency key (and the request's fingerprint), the call made before with the
     /// same key, if any, is found instead, under the same lock: two requests with one key
     /// never both publish.
-    pub(crate) fn create(
+    fn create_local(
         &self,
         owner: Option<Arc<str>>,
         device: &str,
@@ -346,7 +450,8 @@ impl Calls {
             }),
             changed: watch::Sender::new(0),
             cancel: Mutex::new(Some(cancel)),
-            _held: held,
+            remote: false,
+            _held: Some(held),
         });
         inner.records.insert(record.id.clone(), record.clone());
         Ok(Created::New(record, cancelled))
@@ -362,9 +467,14 @@ impl Calls {
     }
 
     /// Forgets a call now (a finished call's `DELETE`, or one that could not be published),
-    /// and its idempotency key.
-    pub(crate) fn remove(&self, id: &str) {
+    /// and its idempotency key; in the shared store too.
+    pub(crate) async fn remove(&self, id: &str) {
         self.lock().forget(id);
+        if let Some(shared) = &self.shared {
+            if let Err(error) = shared.forget(id).await {
+                tracing::warn!(%error, call = id, "could not forget a call in the shared store");
+            }
+        }
     }
 
     /// Forgets the finished calls whose retention is over; called on every lookup and by the
@@ -415,21 +525,22 @@ impl Calls {
             content_type: reply.content_type,
             user_properties: reply.user_properties,
             payload: reply.payload,
-            _held: kept,
+            _held: Some(kept),
         })
     }
 
-    /// A progress message arrived.
-    fn on_progress(&self, record: &Record, received: Received) {
-        let message = self.message(received);
+    /// A progress message arrived; what the shared store is to get (None: nothing, the call
+    /// had finished; Some(None): a message not kept, only counted).
+    fn on_progress(&self, record: &Record, received: Received) -> Option<Option<Arc<Message>>> {
+        let message = self.message(received).map(Arc::new);
         let mut p = record.progress();
         if p.state.is_final() {
-            return;
+            return None;
         }
         p.progress_count += 1;
         p.state = CallState::Running;
         p.updated_at = SystemTime::now();
-        match message {
+        match &message {
             Some(message) => {
                 if p.events.len() >= self.options.max_events {
                     p.events.pop_front();
@@ -438,7 +549,7 @@ impl Calls {
                 p.events.push_back(ProgressEvent {
                     id,
                     at,
-                    message: Arc::new(message),
+                    message: message.clone(),
                 });
             }
             None => p.progress_dropped += 1,
@@ -446,6 +557,52 @@ impl Calls {
         let id = p.progress_count;
         drop(p);
         record.changed.send_replace(id);
+        Some(message)
+    }
+
+    /// [`Calls::on_progress`], then the same in the shared store.
+    async fn progress_update(&self, record: &Record, received: Received) {
+        let Some(message) = self.on_progress(record, received) else {
+            return;
+        };
+        if let Some(shared) = &self.shared {
+            if let Err(error) = shared.progress(&record.id, message.as_deref()).await {
+                tracing::warn!(%error, call = %record.id, "could not keep a progress message in the shared store");
+            }
+        }
+    }
+
+    /// [`Calls::set_state`], then the same in the shared store, with where the request went
+    /// when it was published (`sent`: its response topic and correlation data).
+    pub(crate) async fn mirror_state(
+        &self,
+        record: &Record,
+        state: CallState,
+        sent: Option<(&str, [u8; 16])>,
+    ) {
+        self.set_state(record, state);
+        let Some(shared) = &self.shared else { return };
+        let written = match sent {
+            Some((topic, correlation)) => shared.sent(&record.id, topic, &correlation).await,
+            None => shared.state(&record.id, state, &[]).await,
+        };
+        if let Err(error) = written {
+            tracing::warn!(%error, call = %record.id, "could not keep a call's state in the shared store");
+        }
+    }
+
+    /// [`Calls::finish`], then the same in the shared store.
+    async fn end(&self, record: &Record, state: CallState, outcome: Outcome) {
+        self.finish(record, state, outcome);
+        let Some(shared) = &self.shared else { return };
+        let (state, outcome) = {
+            let p = record.progress();
+            (p.state, p.outcome.clone())
+        };
+        let Some(outcome) = outcome else { return };
+        if let Err(error) = shared.finish(&record.id, state, &outcome).await {
+            tracing::warn!(%error, call = %record.id, "could not keep a call's outcome in the shared store");
+        }
     }
 
     /// The call ended: keeps its outcome and starts its retention.
@@ -466,14 +623,19 @@ impl Calls {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        self.lock()
-            .finished
-            .push_back((Instant::now(), record.id.clone()));
+        if self.shared.is_some() {
+            // The shared store keeps it from now on; whoever still holds it here reads it.
+            self.lock().forget(&record.id);
+        } else {
+            self.lock()
+                .finished
+                .push_back((Instant::now(), record.id.clone()));
+        }
         record.changed.send_replace(id);
     }
 
     /// A reply or an error, as the record keeps it.
-    fn finish_with(&self, record: &Record, result: Result<Received, CallError>) {
+    async fn finish_with(&self, record: &Record, result: Result<Received, CallError>) {
         let (state, outcome) = match result {
             Ok(received) => match self.message(received) {
                 Some(message) => {
@@ -503,7 +665,7 @@ impl Calls {
                 (state, Outcome::Problem(ApiError::Call(error).stored()))
             }
         };
-        self.finish(record, state, outcome);
+        self.end(record, state, outcome).await;
     }
 
     /// Runs a call to its end: feeds the record from the waiter until the outcome, or cancels
@@ -528,7 +690,7 @@ impl Calls {
         loop {
             let Some(streaming) = job.streaming.as_mut() else {
                 // Held by the gateway until the device is back.
-                self.set_state(&record, CallState::Queued);
+                self.mirror_state(&record, CallState::Queued, None).await;
                 let announced = job.registry.device(&device).is_some();
                 let online = job.registry.wait_online(&device);
                 let retry = async {
@@ -542,20 +704,23 @@ impl Calls {
                     () = retry => {}
                     () = tokio::time::sleep_until(job.deadline) => {
                         let expired = ApiError::QueueExpired { device: device.clone() };
-                        return self.finish(&record, CallState::Expired, Outcome::Problem(expired.stored()));
+                        return self.end(&record, CallState::Expired, Outcome::Problem(expired.stored())).await;
                     }
                     cancel = &mut cancelled, if cancel_open => {
                         if cancel.is_err() {
                             cancel_open = false;
                             continue;
                         }
-                        return self.finish(&record, CallState::Cancelled, Outcome::Problem(ApiError::Cancelled.stored()));
+                        return self.end(&record, CallState::Cancelled, Outcome::Problem(ApiError::Cancelled.stored())).await;
                     }
                 }
                 match job.publish() {
                     Ok(streaming) => {
+                        let sent = streaming
+                            .correlation_data()
+                            .map(|c| (job.mqtt.response_topic(), c));
+                        self.mirror_state(&record, CallState::Sent, sent).await;
                         job.streaming = Some(streaming);
-                        self.set_state(&record, CallState::Sent);
                     }
                     // Not connected or full now: it stays queued and is tried again.
                     Err(
@@ -565,13 +730,13 @@ impl Calls {
                     ) => {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    Err(error) => return self.finish_with(&record, Err(error)),
+                    Err(error) => return self.finish_with(&record, Err(error)).await,
                 }
                 continue;
             };
             tokio::select! {
                 update = streaming.next() => match update {
-                    Some(Update::Progress(received)) => self.on_progress(&record, received),
+                    Some(Update::Progress(received)) => self.progress_update(&record, received).await,
                     Some(Update::Done(Err(
                         CallError::Refused(PublishRefusal::NoMatchingSubscribers)
                         | CallError::DevicesReconnecting,
@@ -579,7 +744,7 @@ impl Calls {
                         // Nobody listens: hold it until the device is back.
                         job.streaming = None;
                     }
-                    Some(Update::Done(result)) => return self.finish_with(&record, result),
+                    Some(Update::Done(result)) => return self.finish_with(&record, result).await,
                     None => return,
                 },
                 cancel = &mut cancelled, if cancel_open => {
@@ -588,7 +753,7 @@ impl Calls {
                         continue;
                     }
                     job.streaming = None;
-                    return self.finish(&record, CallState::Cancelled, Outcome::Problem(ApiError::Cancelled.stored()));
+                    return self.end(&record, CallState::Cancelled, Outcome::Problem(ApiError::Cancelled.stored())).await;
                 }
             }
         }
@@ -649,6 +814,7 @@ pub(crate) struct Job {
 }
 
 /// A request's parts, to publish it as often as needed.
+#[derive(Debug, Clone)]
 pub(crate) struct Template {
     pub(crate) device: mqtt_rpc::DeviceId,
     pub(crate) service: mqtt_rpc::ServiceName,

@@ -26,6 +26,7 @@ use super::auth::{ApiCaller, CallerSlot};
 use super::devices::reply_response;
 use super::error::{ApiError, Problem};
 use super::AppState;
+use crate::calls::shared::{Events, Remote, Shared};
 use crate::calls::{CallState, Created, Full, Job, Message, Outcome, Record, Template};
 
 /// Where call resources live.
@@ -33,6 +34,9 @@ pub(crate) const CALLS_PREFIX: &str = "/api/v1/calls/";
 
 /// How often an idle event stream sends a comment, so proxies do not cut it.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often a stream of a call in the shared store reads it again though no change was
+/// heard (a notification lost with a dropped connection to the store).
+const RECHECK: Duration = Duration::from_secs(5);
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -369,13 +373,27 @@ pub(super) async fn start(
     key: Option<(String, [u8; 32])>,
     offline: bool,
 ) -> Response {
-    let created = state.calls.create(
-        owner,
-        call.device.as_str(),
-        call.service.as_str(),
-        call.timeout,
-        key,
-    );
+    // An async call waits for its device: its request is kept to be published when the device
+    // is back (in the shared store too, for whichever instance runs it then).
+    let queue = matches!(mode, Mode::Async { .. });
+    let template = Template {
+        device: call.device.clone(),
+        service: call.service.clone(),
+        payload: call.payload.clone(),
+        content_type: call.content_type.clone(),
+        user_properties: call.user_properties.clone(),
+    };
+    let created = state
+        .calls
+        .create(
+            owner,
+            call.device.as_str(),
+            call.service.as_str(),
+            call.timeout,
+            key,
+            queue.then_some(&template),
+        )
+        .await;
     let (record, cancelled) = match created {
         Ok(Created::New(record, cancelled)) => (record, cancelled),
         Ok(Created::Repeat(record)) => {
@@ -389,33 +407,26 @@ pub(super) async fn start(
         Ok(Created::Mismatch) => return ApiError::IdempotencyKeyReused.into_response(),
         Err(Full::Calls(limit)) => return ApiError::TooManyCalls { limit }.into_response(),
         Err(Full::Bytes(limit)) => return ApiError::CallStoreFull { limit }.into_response(),
+        Err(Full::Store) => return ApiError::StoreUnavailable.into_response(),
     };
     let timeout = call.timeout;
     let (slot, caller_slot) = places;
-    // An async call waits for its device: its payload is kept (in the store's bytes) to be
-    // published when the device is back.
-    let queue = matches!(mode, Mode::Async { .. });
+    // The payload is counted in the store's bytes while it is kept.
     let payload = match queue
         .then(|| state.calls.hold(call.payload.len()))
         .transpose()
     {
         Ok(held) => held,
         Err(_) => {
-            state.calls.remove(&record.id);
+            state.calls.remove(&record.id).await;
             let limit = state.calls.options().max_bytes;
             return ApiError::CallStoreFull { limit }.into_response();
         }
     };
     let mut job = Job {
-        mqtt: state.mqtt.clone(),
+        mqtt: state.kept.clone(),
         registry: state.registry.clone(),
-        call: Template {
-            device: call.device.clone(),
-            service: call.service.clone(),
-            payload: call.payload.clone(),
-            content_type: call.content_type.clone(),
-            user_properties: call.user_properties.clone(),
-        },
+        call: template,
         deadline: tokio::time::Instant::now() + timeout,
         queue,
         streaming: None,
@@ -424,12 +435,24 @@ pub(super) async fn start(
     if offline && queue {
         // The registry says the device is away: held until it is back.
         drop(slot);
-        state.calls.set_state(&record, CallState::Queued);
+        state
+            .calls
+            .mirror_state(&record, CallState::Queued, None)
+            .await;
     } else {
-        match state.mqtt.send_streaming(slot, call) {
-            Ok(streaming) => job.streaming = Some(streaming),
+        match state.kept.send_streaming(slot, call) {
+            Ok(streaming) => {
+                let sent = streaming
+                    .correlation_data()
+                    .map(|c| (state.kept.response_topic(), c));
+                state
+                    .calls
+                    .mirror_state(&record, CallState::Sent, sent)
+                    .await;
+                job.streaming = Some(streaming);
+            }
             Err(error) => {
-                state.calls.remove(&record.id);
+                state.calls.remove(&record.id).await;
                 return ApiError::from(error).into_response();
             }
         }
@@ -461,7 +484,7 @@ async fn answer(state: &AppState, record: &Arc<Record>, mode: Mode, how: Answer)
             // repeat's client is only a reader.
             let guard =
                 matches!(how, Answer::New { .. }).then(|| CancelOnDrop(Some(record.clone())));
-            event_stream(record.clone(), 0, guard).into_response()
+            events_response(state, record.clone(), 0, guard)
         }
         // Never kept (the route answers it itself).
         Mode::OneWay => ApiError::InvalidPath("a message is not kept".into()).into_response(),
@@ -479,10 +502,11 @@ async fn answer(state: &AppState, record: &Arc<Record>, mode: Mode, how: Answer)
             },
         },
         Mode::Async { wait } => {
-            let finished = match wait {
-                Some(wait) => wait_for_outcome(record, wait).await,
-                None => false,
+            let (record, finished) = match wait {
+                Some(wait) => settle(state, record.clone(), wait).await,
+                None => (record.clone(), false),
             };
+            let record = &record;
             let wait_applied = wait.map(|w| format!("wait={}", w.as_secs()));
             if finished {
                 let mut response =
@@ -530,6 +554,107 @@ async fn wait_for_outcome(record: &Record, wait: Duration) -> bool {
         }
     };
     tokio::time::timeout(wait, finished).await.is_ok() && record.progress().state.is_final()
+}
+
+/// Waits until the call has finished, at most `wait`: the call as it is then, and whether it
+/// has. A call read from the shared store is read again on every change heard.
+async fn settle(state: &AppState, record: Arc<Record>, wait: Duration) -> (Arc<Record>, bool) {
+    let Some(shared) = state.calls.shared().filter(|_| record.remote) else {
+        let finished = wait_for_outcome(&record, wait).await;
+        return (record, finished);
+    };
+    let changed = shared.watch(&record.id);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut record = record;
+    loop {
+        match shared.snapshot(&record.id, Events::Latest).await {
+            Ok(Some((now, _))) => record = now,
+            Ok(None) => return (record, false),
+            Err(error) => tracing::debug!(%error, "could not read a call from the shared store"),
+        }
+        if record.progress().state.is_final() {
+            return (record, true);
+        }
+        if tokio::time::timeout_at(deadline, changed.notified())
+            .await
+            .is_err()
+        {
+            return (record, false);
+        }
+    }
+}
+
+/// The call's events after `after`, from wherever the call is kept.
+fn events_response(
+    state: &AppState,
+    record: Arc<Record>,
+    after: u64,
+    guard: Option<CancelOnDrop>,
+) -> Response {
+    match state.calls.shared().filter(|_| record.remote) {
+        Some(shared) => {
+            shared_event_stream(shared.clone(), record.id.clone(), after).into_response()
+        }
+        None => event_stream(record, after, guard).into_response(),
+    }
+}
+
+/// [`event_stream`] for a call in the shared store: read from there after every change heard.
+fn shared_event_stream(
+    shared: Arc<Shared>,
+    id: String,
+    after: u64,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    struct Cursor {
+        shared: Arc<Shared>,
+        id: String,
+        after: u64,
+        changed: Arc<tokio::sync::Notify>,
+        pending: std::collections::VecDeque<(u64, Event, bool)>,
+        done: bool,
+    }
+    let cursor = Cursor {
+        changed: shared.watch(&id),
+        shared,
+        id,
+        after,
+        pending: Default::default(),
+        done: false,
+    };
+    let stream = futures::stream::unfold(cursor, |mut c| async move {
+        loop {
+            if let Some((id, event, last)) = c.pending.pop_front() {
+                c.after = id;
+                c.done = last;
+                return Some((Ok(event), c));
+            }
+            if c.done {
+                return None;
+            }
+            match c.shared.snapshot(&c.id, Events::After(c.after, 64)).await {
+                Ok(Some((record, _))) => {
+                    let mut after = c.after;
+                    while let Some((id, event, last)) = next_event(&record, after) {
+                        c.pending.push_back((id, event, last));
+                        after = id;
+                        if last {
+                            break;
+                        }
+                    }
+                    if !c.pending.is_empty() {
+                        continue;
+                    }
+                }
+                // Forgotten (DELETE, or its retention is over): nothing more will come.
+                Ok(None) => return None,
+                Err(error) => {
+                    tracing::debug!(%error, "could not read a call from the shared store")
+                }
+            }
+            let _ = tokio::time::timeout(RECHECK, c.changed.notified()).await;
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }
 
 /// Cancels its call when dropped (the client of a streamed call left); nothing once the call
@@ -614,15 +739,31 @@ fn sse_event(name: &str, id: u64, data: &impl Serialize) -> Event {
     Event::default().event(name).id(id.to_string()).data(json)
 }
 
-/// The call, if this caller may see it; else 404 `unknown-call`.
-fn find(state: &AppState, parts: &Parts, id: &str) -> Result<Arc<Record>, ApiError> {
+/// The call, if this caller may see it, and where the shared store says it runs; else 404
+/// `unknown-call`.
+async fn find(
+    state: &AppState,
+    parts: &Parts,
+    id: &str,
+) -> Result<(Arc<Record>, Option<Remote>), ApiError> {
     let caller = parts.extensions.get::<ApiCaller>().map(|c| &*c.name);
-    state
-        .calls
-        .get(id, caller)
-        .ok_or_else(|| ApiError::UnknownCall {
-            id: crate::logging::bounded(id).into_owned(),
-        })
+    let unknown = || ApiError::UnknownCall {
+        id: crate::logging::bounded(id).into_owned(),
+    };
+    let Some(shared) = state.calls.shared() else {
+        let record = state.calls.get(id, caller).ok_or_else(unknown)?;
+        return Ok((record, None));
+    };
+    match shared.snapshot(id, Events::Latest).await {
+        Ok(Some((record, remote))) if record.owner.as_deref() == caller => {
+            Ok((record, Some(remote)))
+        }
+        Ok(_) => Err(unknown()),
+        Err(error) => {
+            tracing::warn!(%error, "could not read a call from the shared store");
+            Err(ApiError::StoreUnavailable)
+        }
+    }
 }
 
 /// Get a call.
@@ -639,6 +780,7 @@ fn find(state: &AppState, parts: &Parts, id: &str) -> Result<Arc<Record>, ApiErr
     responses(
         (status = 200, description = "The call.", body = CallStatus),
         (status = 404, description = "No such call for this caller: never issued, another caller's, or its retention is over. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "With a shared store (`--store-url`): it did not answer. Code: `store-unavailable`.", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 async fn get_call(
@@ -646,7 +788,7 @@ async fn get_call(
     Path(call_id): Path<String>,
     parts: Parts,
 ) -> Result<Response, ApiError> {
-    let record = find(&state, &parts, &call_id)?;
+    let (record, _) = find(&state, &parts, &call_id).await?;
     Ok(status_response(&state, &record, StatusCode::OK))
 }
 
@@ -666,6 +808,7 @@ async fn get_call(
     responses(
         (status = 200, description = "Cancelled if it still ran, and forgotten: the call as it ended (`cancelled`, or the state it had reached if it had finished).", body = CallStatus),
         (status = 404, description = "No such call for this caller. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "With a shared store (`--store-url`): it did not answer. Code: `store-unavailable`.", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 async fn delete_call(
@@ -673,14 +816,47 @@ async fn delete_call(
     Path(call_id): Path<String>,
     parts: Parts,
 ) -> Result<Response, ApiError> {
-    let record = find(&state, &parts, &call_id)?;
-    if record.cancel() {
-        // The record's task marks it cancelled at once; wait for that (bounded) so the answer
-        // shows it.
-        wait_for_outcome(&record, Duration::from_secs(1)).await;
+    let (record, remote) = find(&state, &parts, &call_id).await?;
+    let Some(shared) = state.calls.shared() else {
+        if record.cancel() {
+            // The record's task marks it cancelled at once; wait for that (bounded) so the
+            // answer shows it.
+            wait_for_outcome(&record, Duration::from_secs(1)).await;
+        }
+        state.calls.remove(&record.id).await;
+        return Ok(status_response(&state, &record, StatusCode::OK));
+    };
+    let mut last = record;
+    if !last.progress().state.is_final() {
+        // Whichever instance runs it cancels it (this one, or another told over the store).
+        if !state.calls.cancel_local(&last.id) {
+            if let Err(error) = shared.request_cancel(&last.id).await {
+                tracing::warn!(%error, "could not ask for a call's cancel over the shared store");
+            }
+        }
+        let (now, finished) = settle(&state, last, Duration::from_secs(1)).await;
+        last = now;
+        if !finished {
+            // Nobody runs it now (its instance died, and none has taken it over yet): it ends
+            // here, and its device is told.
+            let cancelled = Outcome::Problem(ApiError::Cancelled.stored());
+            if let Ok(true) = shared
+                .finish(&last.id, CallState::Cancelled, &cancelled)
+                .await
+            {
+                let sent = remote.as_ref().and_then(|r| r.sent.as_ref());
+                let device = mqtt_rpc::DeviceId::parse(last.device.clone()).ok();
+                if let (Some((topic, correlation)), Some(device)) = (sent, device) {
+                    state.kept.cancel_other(&device, topic, correlation);
+                }
+            }
+            if let Ok(Some((now, _))) = shared.snapshot(&last.id, Events::Latest).await {
+                last = now;
+            }
+        }
     }
-    state.calls.remove(&record.id);
-    Ok(status_response(&state, &record, StatusCode::OK))
+    state.calls.remove(&last.id).await;
+    Ok(status_response(&state, &last, StatusCode::OK))
 }
 
 /// Get a call's result.
@@ -706,6 +882,7 @@ async fn delete_call(
         (status = 404, description = "No such call for this caller (`unknown-call`); or the call ended as the device being offline (`device-offline`).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The call has not finished (`call-not-finished`), or it was cancelled (`call-cancelled`).", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "The device did not answer within the call's timeout. Code: `device-timeout`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "With a shared store (`--store-url`): it did not answer. Code: `store-unavailable`.", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 async fn get_result(
@@ -713,7 +890,7 @@ async fn get_result(
     Path(call_id): Path<String>,
     parts: Parts,
 ) -> Result<Response, ApiError> {
-    let record = find(&state, &parts, &call_id)?;
+    let (record, _) = find(&state, &parts, &call_id).await?;
     result_response(&state, &record)
 }
 
@@ -740,6 +917,7 @@ async fn get_result(
             example = json!({"event": "progress", "id": "1", "data": "{\"id\":1,\"at\":\"2026-12-01T12:00:00.000Z\",\"content_type\":\"application/json\",\"user_properties\":[],\"json\":{\"count\":1,\"of\":5}}"})),
         (status = 204, description = "`Last-Event-ID` names the final event: nothing is left to send."),
         (status = 404, description = "No such call for this caller. Code: `unknown-call`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "With a shared store (`--store-url`): it did not answer. Code: `store-unavailable`.", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 async fn get_events(
@@ -747,7 +925,7 @@ async fn get_events(
     Path(call_id): Path<String>,
     parts: Parts,
 ) -> Result<Response, ApiError> {
-    let record = find(&state, &parts, &call_id)?;
+    let (record, _) = find(&state, &parts, &call_id).await?;
     let after = parts
         .headers
         .get("last-event-id")
@@ -763,7 +941,7 @@ async fn get_events(
     if finished {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    Ok(event_stream(record, after, None).into_response())
+    Ok(events_response(&state, record, after, None))
 }
 
 #[cfg(test)]

@@ -93,6 +93,8 @@ pub(crate) enum ApiError {
     TooManyCalls { limit: usize },
     #[error("the calls kept hold as many bytes as they may ({limit} bytes, --max-call-bytes); retry when some have finished or expired")]
     CallStoreFull { limit: usize },
+    #[error("the store shared by the gateway instances (--store-url) did not answer; the call was not made. Retry shortly")]
+    StoreUnavailable,
     #[error("device {device:?} was not back before the call's timeout ended; the call was queued and never delivered")]
     QueueExpired { device: String },
     #[error("a request with this Idempotency-Key is still in progress; retry it once it has finished, or send it with Prefer: respond-async to follow the same call")]
@@ -225,6 +227,8 @@ problem_codes! {
     CallNotFinished = "call-not-finished", CONFLICT, "The call has not finished", No;
     /// As many calls are kept as may be, and all still run; or their bytes are spent.
     TooManyCalls = "too-many-calls", SERVICE_UNAVAILABLE, "Too many calls kept", Soon;
+    /// The store the gateway instances share (Redis) did not answer.
+    StoreUnavailable = "store-unavailable", SERVICE_UNAVAILABLE, "The call store is unavailable", Soon;
     /// The device's reply could not be kept: the store's bytes were spent.
     ResultTooLarge = "result-too-large", INSUFFICIENT_STORAGE, "The result could not be kept", No;
     /// No such route.
@@ -326,6 +330,7 @@ impl ApiError {
             CallNotFinished { .. } => ProblemCode::CallNotFinished,
             TooManyCalls { .. } | CallStoreFull { .. } => ProblemCode::TooManyCalls,
             ResultTooLarge { .. } => ProblemCode::ResultTooLarge,
+            StoreUnavailable => ProblemCode::StoreUnavailable,
             RequestInProgress => ProblemCode::RequestInProgress,
             QueueExpired { .. } => ProblemCode::DeviceTimeout,
             IdempotencyKeyReused => ProblemCode::IdempotencyKeyReused,
@@ -423,6 +428,27 @@ pub(crate) struct StoredProblem {
 }
 
 impl StoredProblem {
+    /// A problem read back from a shared store: its code (as [`ProblemCode::as_str`] writes
+    /// it), detail and `Retry-After`; None for a code this gateway does not know.
+    pub(crate) fn from_parts(
+        code: &str,
+        detail: String,
+        retry_after: Option<String>,
+    ) -> Option<Self> {
+        let code = *ProblemCode::ALL.iter().find(|c| c.as_str() == code)?;
+        Some(StoredProblem {
+            problem: Problem {
+                kind: format!("{PROBLEM_TYPE_PREFIX}{}", code.as_str()),
+                title: code.title(),
+                status: code.status().as_u16(),
+                detail,
+                code,
+                errors: None,
+            },
+            retry_after,
+        })
+    }
+
     /// The problem+json response.
     pub(crate) fn response(&self) -> Response {
         problem_response(&self.problem, self.retry_after.as_deref())

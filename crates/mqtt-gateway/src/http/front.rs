@@ -245,8 +245,9 @@ mod tests {
             "gateway/size-test/replies",
         ));
         let registry = crate::registry::Registry::new(Default::default());
-        let calls = crate::calls::Calls::new(Default::default());
+        let calls = crate::calls::Calls::new(Default::default(), None);
         let state = AppState {
+            kept: mqtt.clone(),
             mqtt: mqtt.clone(),
             limits: Arc::new(Limits::default()),
             metrics: Arc::new(Metrics::new(

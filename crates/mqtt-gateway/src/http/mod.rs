@@ -80,6 +80,9 @@ impl Default for Limits {
 pub(crate) struct AppState {
     /// The MQTT side: where calls go.
     pub(crate) mqtt: mqtt_rpc::Caller,
+    /// Where kept calls (async, streamed) go: with a shared store, a connection of their own
+    /// whose session outlives this process (see `calls::takeover`); else `mqtt`.
+    pub(crate) kept: mqtt_rpc::Caller,
     /// The per-call limits.
     pub(crate) limits: Arc<Limits>,
     /// The counters `/metrics` shows.

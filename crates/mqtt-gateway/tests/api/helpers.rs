@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 pub use test_support::{
     eventually, free_port, h2_client, h2_post, http_client, report, report_not_run, tool_available,
-    BrokerKind, FaultyLink, RawClient, TestBroker,
+    BrokerKind, FaultyLink, RawClient, TestBroker, TestRedis,
 };
 
 /// The real `mqtt-gateway` binary, with no `GATEWAY_*` variable from the environment.
@@ -82,7 +82,7 @@ impl TestApp {
             embedded: false,
         };
         let settings = Settings::from_args(&args, false).expect("valid settings");
-        let app = App::start(settings, broker).expect("gateway starts");
+        let app = App::start(settings, broker).await.expect("gateway starts");
         let mqtt = app.mqtt().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

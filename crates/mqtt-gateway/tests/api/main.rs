@@ -16,6 +16,7 @@ mod hardening;
 mod helpers;
 mod hostile;
 mod interop;
+mod many_gateways;
 mod registry;
 mod reliability;
 mod rust_caller;
