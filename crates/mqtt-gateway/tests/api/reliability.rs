@@ -178,17 +178,24 @@ async fn each_call_logs_one_json_line_with_its_request_id_and_no_payload_or_head
         .unwrap();
     assert_eq!(health.headers()["x-request-id"], "req-44");
 
-    let found = eventually(Duration::from_secs(3), || {
-        gateway.output().iter().any(|l| l.contains(&generated))
+    // Log lines are written by a task of their own: wait for the three calls' (a loaded
+    // machine may take a moment), then make sure no fourth one follows.
+    let call_lines_of = |lines: &[String]| -> Vec<serde_json::Value> {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "call")
+            .collect()
+    };
+    let found = eventually(Duration::from_secs(5), || {
+        let lines = gateway.output();
+        lines.iter().any(|l| l.contains(&generated)) && call_lines_of(&lines).len() >= 3
     })
     .await;
     assert!(found, "{:?}", gateway.output());
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let lines = gateway.output();
-    let call_lines: Vec<serde_json::Value> = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == "call")
-        .collect();
+    let call_lines = call_lines_of(&lines);
     assert_eq!(call_lines.len(), 3, "one line per call: {lines:?}");
     let first = &call_lines[0]["fields"];
     assert_eq!(first["request_id"], "req-42");
