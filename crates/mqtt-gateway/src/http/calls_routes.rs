@@ -750,6 +750,11 @@ async fn find(
     let unknown = || ApiError::UnknownCall {
         id: crate::logging::bounded(id).into_owned(),
     };
+    // Every call id is a UUID: anything else was never issued (and never names another key
+    // of the shared store).
+    if uuid::Uuid::try_parse(id).is_err() {
+        return Err(unknown());
+    }
     let Some(shared) = state.calls.shared() else {
         let record = state.calls.get(id, caller).ok_or_else(unknown)?;
         return Ok((record, None));

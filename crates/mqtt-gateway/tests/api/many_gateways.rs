@@ -173,6 +173,14 @@ async fn a_call_accepted_on_one_gateway_is_read_streamed_and_cancelled_on_anothe
         .await
         .unwrap();
     assert_eq!(resumed.status(), 204);
+    // An id that is no call's, shaped to name the call's events in the store, is unknown.
+    let other_key = http
+        .get(format!("{}{at}:events", b.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_key.status(), 404);
+    assert_eq!(problem(other_key).await["code"], "unknown-call");
 
     // Cancelled on the instance that did not accept it: the device's handler stops.
     let at = start_async(&http, a.service_url("m1", "forever"), "").await;
