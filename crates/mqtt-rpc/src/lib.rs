@@ -74,13 +74,17 @@ mod topic;
 pub use broker_url::{BrokerUrl, BrokerUrlError, Connect, OptionsError, Scheme, Secret};
 pub use budget::{ByteBudget, Held};
 pub use caller::{
-    Adopted, Call, CallError, Caller, CallerOptions, Parked, PublishRefusal, Received, Slot,
-    Streaming, Update,
+    Adopted, Answer, Call, CallError, Caller, CallerOptions, FanOut, FanOutRun, GroupCall,
+    GroupEnd, GroupRun, GroupUpdate, Pacer, Parked, PublishRefusal, Received, Slot, Streaming,
+    Target, Update,
 };
 pub use presence::{Announcement, PresenceTopics, PresenceWatch, ServiceInfo};
 pub use protocol::Reply;
 pub use responder::{ServiceHost, ServiceRequest};
-pub use topic::{DeviceId, NameError, ServiceName, TemplateError, TopicTemplate, MAX_NAME_BYTES};
+pub use topic::{
+    group_topic, DeviceId, GroupName, NameError, ServiceName, TemplateError, TopicTemplate,
+    MAX_NAME_BYTES,
+};
 
 /// The MQTT client this crate is built on, so users match its version.
 pub use rumqttc;

@@ -37,6 +37,17 @@ pub const PROGRESS_PROPERTY: &str = "rpc-progress";
 /// never answers a message on this topic.
 pub const CANCEL_SERVICE: &str = "$cancel";
 
+/// The first level of a **group topic**: `groups/{group}/{service}`. Every device that is a
+/// member of a group subscribes to its group's topics as well as its own; one request
+/// published there reaches every member (the broker copies it), and each member answers as it
+/// would a request of its own, to the same Response Topic with the same Correlation Data.
+pub const GROUP_TOPIC_PREFIX: &str = "groups";
+
+/// The reply user property that names the device answering a **group** request (its device
+/// id), so a caller can tell the members' replies apart: they share one Correlation Data.
+/// [`crate::ServiceHost`] adds it to every reply to a request that came on a group topic.
+pub const DEVICE_PROPERTY: &str = "rpc-device";
+
 /// The Correlation Data of a caller's readiness probe starts with this; 8 random bytes follow.
 /// A caller publishes the probe (QoS 0, empty payload) to its own response topic and is ready
 /// once it comes back. A call's correlation data is exactly 16 bytes, so the two never mix;

@@ -96,6 +96,22 @@ topic_level!(
     /// A service name that is safe to place in one topic level.
     ServiceName
 );
+topic_level!(
+    /// A group name that is safe to place in one topic level (the `{group}` of
+    /// [`group_topic`]).
+    GroupName
+);
+
+/// The request topic of a group call: `groups/{group}/{service}`
+/// ([`crate::protocol::GROUP_TOPIC_PREFIX`]), whatever the request topic template.
+pub fn group_topic(group: &GroupName, service: &ServiceName) -> String {
+    format!(
+        "{}/{}/{}",
+        crate::protocol::GROUP_TOPIC_PREFIX,
+        group.as_str(),
+        service.as_str()
+    )
+}
 
 /// Where requests are published: a template such as `devices/{device_id}/{service}`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,7 @@
 //! the first caller's timeout.
 
 mod event_loop;
+mod fan_out;
 mod pending;
 mod publish_order;
 mod readiness;
@@ -37,6 +38,9 @@ use pending::{Kind, Message, ParkedCalls, Ticket};
 use publish_order::PublishOrder;
 use readiness::Readiness;
 
+pub use fan_out::{
+    Answer, FanOut, FanOutRun, GroupCall, GroupEnd, GroupRun, GroupUpdate, Pacer, Target,
+};
 pub use request::Call;
 
 /// Correlation Data of one request: 128 random bits, so a reply can only be matched by someone
@@ -485,17 +489,36 @@ impl Caller {
         kind: Kind,
     ) -> Result<Parked, CallError> {
         let inner = &self.inner;
+        let timeout = call.timeout;
+        let held = call.held.take();
+        let topics = &inner.topics;
+        self.park_and_publish_with(slot, kind, timeout, held, |reply_to| {
+            let (publish, device) = call.into_publish_to(topics, reply_to);
+            // Its cancel topic is made only if the call is abandoned.
+            (publish, Some(device.into_boxed_str()))
+        })
+    }
+
+    /// Parks a call of this kind, builds its PUBLISH (given the Response Topic and
+    /// Correlation Data, None for a one-way request) and hands it to the connection. `build`
+    /// also names the device an abandoned call's cancel goes to, if any.
+    fn park_and_publish_with(
+        &self,
+        slot: Slot,
+        kind: Kind,
+        timeout: Duration,
+        held: Option<Held>,
+        build: impl FnOnce(Option<(&str, CorrelationId)>) -> (Publish, Option<Box<str>>),
+    ) -> Result<Parked, CallError> {
+        let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(CallError::ShuttingDown);
         }
         let parked = inner.parked.park(kind);
-        let timeout = call.timeout;
-        let held = call.held.take();
 
         let reply_to = (kind != Kind::Ack).then(|| (inner.response_topic.as_str(), parked.id()));
-        let (publish, device) = call.into_publish_to(&inner.topics, reply_to);
-        // Its cancel topic is made only if the call is abandoned.
-        let cancel = (inner.cancel_abandoned && kind != Kind::Ack).then(|| device.into_boxed_str());
+        let (publish, device) = build(reply_to);
+        let cancel = device.filter(|_| inner.cancel_abandoned && kind != Kind::Ack);
 
         let size = publish.size();
         let limits = [
@@ -542,6 +565,35 @@ impl Caller {
             caller: self.inner.clone(),
             cancel,
         })
+    }
+
+    /// Publishes one request to a group topic ([`crate::topic::group_topic`]) and gathers the
+    /// members' replies as they come: see [`GroupCall`]. A group call is not cancelled on the
+    /// devices when it ends (the caller cannot know who is still working on it).
+    pub fn send_group(&self, slot: Slot, call: GroupCall) -> Result<GroupRun, CallError> {
+        let GroupCall {
+            group,
+            service,
+            payload,
+            content_type,
+            user_properties,
+            timeout,
+            stall,
+            max_replies,
+        } = call;
+        let parked = self.park_and_publish_with(slot, Kind::Many, timeout, None, |reply_to| {
+            let topic = crate::topic::group_topic(&group, &service);
+            let publish = request::request_publish(
+                topic,
+                payload,
+                content_type,
+                user_properties,
+                timeout,
+                reply_to,
+            );
+            (publish, None)
+        })?;
+        Ok(GroupRun::new(parked, stall, max_replies))
     }
 
     /// One call, start to end: [`Caller::reserve`], [`Caller::send`], then [`Parked::reply`].
@@ -737,7 +789,9 @@ impl Streaming {
         let message = tokio::time::timeout_at(self.deadline, parked.parked.next()).await;
         let done = match message {
             Ok(Message::Progress(received)) => return Some(Update::Progress(received)),
-            Ok(Message::Outcome(outcome)) => parked.caller.result(outcome),
+            Ok(Message::Outcome(outcome) | Message::Answer(outcome)) => {
+                parked.caller.result(outcome)
+            }
             Err(_) => Err(CallError::Timeout(parked.timeout)),
         };
         // Dropped here, after the outcome: a timed-out call is cancelled now.

@@ -19,6 +19,9 @@ pub(crate) enum Waiter {
     Stream(mpsc::UnboundedSender<Message>),
     /// A one-way request: waits for the broker's PUBACK only.
     Ack(oneshot::Sender<CallOutcome>),
+    /// A group request: every reply under its correlation data, until whoever waits leaves
+    /// (a refusal or a lost connection still ends it).
+    Many(mpsc::UnboundedSender<Message>),
 }
 
 /// Which [`Waiter`] a call parks as.
@@ -27,6 +30,7 @@ pub(crate) enum Kind {
     Once,
     Stream,
     Ack,
+    Many,
 }
 
 /// What a streaming call receives. The channel is unbounded in count but not in bytes: every
@@ -35,13 +39,15 @@ pub(crate) enum Kind {
 pub(crate) enum Message {
     Progress(Received),
     Outcome(CallOutcome),
+    /// One of a group request's replies (or why one could not be taken); more may follow.
+    Answer(CallOutcome),
 }
 
 impl Waiter {
     fn finish(self, outcome: CallOutcome) -> bool {
         match self {
             Waiter::Once(tx) | Waiter::Ack(tx) => tx.send(outcome).is_ok(),
-            Waiter::Stream(tx) => tx.send(Message::Outcome(outcome)).is_ok(),
+            Waiter::Stream(tx) | Waiter::Many(tx) => tx.send(Message::Outcome(outcome)).is_ok(),
         }
     }
 }
@@ -106,6 +112,10 @@ impl ParkedCalls {
                 let (tx, rx) = mpsc::unbounded_channel();
                 (Waiter::Stream(tx), Receiver::Stream(rx))
             }
+            Kind::Many => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Waiter::Many(tx), Receiver::Stream(rx))
+            }
             Kind::Once => {
                 let (tx, rx) = oneshot::channel();
                 (Waiter::Once(tx), Receiver::Once(rx))
@@ -119,8 +129,22 @@ impl ParkedCalls {
 
     /// Hands an outcome to the call parked under `id`. Returns false when no such call waits
     /// (it timed out, was answered already, or the id was never ours).
+    ///
+    /// A group request takes a reply (or a reply it could not hold) and stays parked; any
+    /// other outcome ends it.
     pub(crate) fn resolve(&self, id: &CorrelationId, outcome: CallOutcome) -> bool {
-        let waiter = self.lock().remove(id);
+        let mut calls = self.lock();
+        if let Some(Waiter::Many(tx)) = calls.get(id) {
+            if matches!(
+                outcome,
+                CallOutcome::Reply(_) | CallOutcome::InvalidStatus(_) | CallOutcome::BufferFull
+            ) {
+                let _ = tx.send(Message::Answer(outcome));
+                return true;
+            }
+        }
+        let waiter = calls.remove(id);
+        drop(calls);
         match waiter {
             Some(waiter) => waiter.finish(outcome),
             None => false,
@@ -148,7 +172,7 @@ impl ParkedCalls {
                 let _ = tx.send(Message::Progress(received));
                 true
             }
-            Some(Waiter::Once(_) | Waiter::Ack(_)) => true,
+            Some(Waiter::Once(_) | Waiter::Ack(_) | Waiter::Many(_)) => true,
             None => false,
         }
     }
@@ -205,7 +229,7 @@ impl Ticket {
             Receiver::Stream(rx) => loop {
                 match rx.recv().await {
                     Some(Message::Outcome(outcome)) => return outcome,
-                    Some(Message::Progress(_)) => continue,
+                    Some(Message::Progress(_) | Message::Answer(_)) => continue,
                     None => return CallOutcome::ConnectionLost,
                 }
             },
@@ -269,5 +293,27 @@ mod tests {
         assert!(matches!(a.outcome().await, CallOutcome::ConnectionLost));
         assert_eq!(pending.len(), 1);
         assert!(pending.resolve(&b.id(), CallOutcome::ConnectionLost));
+    }
+
+    #[tokio::test]
+    async fn a_group_call_takes_every_reply_until_it_ends() {
+        let pending = ParkedCalls::default();
+        let mut group = pending.park(Kind::Many);
+        for _ in 0..3 {
+            assert!(pending.resolve(&group.id(), CallOutcome::BufferFull));
+        }
+        assert_eq!(pending.len(), 1, "still parked after its replies");
+        for _ in 0..3 {
+            assert!(matches!(
+                group.next().await,
+                Message::Answer(CallOutcome::BufferFull)
+            ));
+        }
+        assert!(pending.resolve(&group.id(), CallOutcome::ConnectionLost));
+        assert!(matches!(
+            group.next().await,
+            Message::Outcome(CallOutcome::ConnectionLost)
+        ));
+        assert!(pending.is_empty());
     }
 }

@@ -78,22 +78,38 @@ impl Call {
         topics: &TopicTemplate,
         reply_to: Option<(&str, CorrelationId)>,
     ) -> (Publish, DeviceId) {
-        let properties = PublishProperties {
-            payload_format_indicator: protocol::payload_format(
-                self.content_type.as_deref(),
-                &self.payload,
-            ),
-            message_expiry_interval: Some(expiry_seconds(self.timeout)),
-            response_topic: reply_to.map(|(topic, _)| topic.to_owned()),
-            correlation_data: reply_to.map(|(_, id)| Bytes::copy_from_slice(id.as_bytes())),
-            user_properties: self.user_properties,
-            content_type: self.content_type,
-            ..Default::default()
-        };
         let topic = topics.topic(&self.device, &self.service);
-        let publish = Publish::new(topic, QoS::AtLeastOnce, self.payload, Some(properties));
+        let publish = request_publish(
+            topic,
+            self.payload,
+            self.content_type,
+            self.user_properties,
+            self.timeout,
+            reply_to,
+        );
         (publish, self.device)
     }
+}
+
+/// A request PUBLISH to `topic` (see [`Call::into_publish_to`]).
+pub(crate) fn request_publish(
+    topic: String,
+    payload: Bytes,
+    content_type: Option<String>,
+    user_properties: Vec<(String, String)>,
+    timeout: Duration,
+    reply_to: Option<(&str, CorrelationId)>,
+) -> Publish {
+    let properties = PublishProperties {
+        payload_format_indicator: protocol::payload_format(content_type.as_deref(), &payload),
+        message_expiry_interval: Some(expiry_seconds(timeout)),
+        response_topic: reply_to.map(|(topic, _)| topic.to_owned()),
+        correlation_data: reply_to.map(|(_, id)| Bytes::copy_from_slice(id.as_bytes())),
+        user_properties,
+        content_type,
+        ..Default::default()
+    };
+    Publish::new(topic, QoS::AtLeastOnce, payload, Some(properties))
 }
 
 /// Whole seconds, rounded up, at least 1 (0 would mean "no expiry" to some brokers).

@@ -399,7 +399,13 @@ impl ServiceHost {
 
     /// Connects and serves in a background task.
     pub fn start(mut self) -> RunningHost {
-        let presence = match self.announcement() {
+        let announcement = self.announcement();
+        let device = match (&announcement, &self.identity) {
+            (Ok(birth), _) => Some(birth.device_id.as_str().to_owned()),
+            (Err(_), Identity::Device(device)) => Some(device.as_str().to_owned()),
+            (Err(_), _) => None,
+        };
+        let presence = match announcement {
             Ok(birth) => {
                 let presence = Presence::new(self.presence.clone(), birth);
                 if self.options.last_will().is_some() {
@@ -431,6 +437,7 @@ impl ServiceHost {
             topics: self.topics,
             cancellable: Mutex::default(),
             next_call: AtomicU64::new(0),
+            device,
         });
         let task = tokio::spawn(serve(eventloop, shared.clone()));
         RunningHost {
@@ -576,6 +583,9 @@ struct Shared {
     /// stop their handler.
     cancellable: Mutex<HashMap<(String, Bytes), Cancellable>>,
     next_call: AtomicU64,
+    /// The device this host is, when it knows: named in its replies to group requests
+    /// ([`protocol::DEVICE_PROPERTY`]).
+    device: Option<String>,
 }
 
 /// A running request's way to be stopped: which dispatch registered it, and the signal.
@@ -884,6 +894,7 @@ async fn serve_request(
     let topic = request.topic.clone();
     let response_topic = request.response_topic.clone();
     let handler = shared.services[index].handler.clone();
+    let group = is_group_topic(&request.topic);
     let reply = match AssertUnwindSafe(handler(request)).catch_unwind().await {
         Ok(reply) => reply,
         Err(_) => {
@@ -898,6 +909,14 @@ async fn serve_request(
             debug!(%topic, "the caller's deadline passed; reply dropped")
         }
         Some(response_topic) => {
+            let reply = match (&shared.device, group) {
+                // Members of a group share the request's Correlation Data: the caller tells
+                // their replies apart by this.
+                (Some(device), true) => {
+                    reply.with_user_property(protocol::DEVICE_PROPERTY, device.clone())
+                }
+                _ => reply,
+            };
             let (payload, props) = reply_properties(reply, correlation);
             if let Err(e) = shared
                 .client
@@ -909,6 +928,13 @@ async fn serve_request(
         }
         None => {}
     }
+}
+
+/// A request that came on a group topic (`groups/{group}/{service}`).
+fn is_group_topic(topic: &str) -> bool {
+    topic
+        .strip_prefix(protocol::GROUP_TOPIC_PREFIX)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Counts a request as admitted until dropped, whatever way its task ends.
