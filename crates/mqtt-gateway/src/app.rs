@@ -263,6 +263,7 @@ impl App {
         print_banner(&local.to_string(), &self.broker, self.demo_id.as_deref());
 
         let server_stats = Arc::new(ServerStats::default());
+        let fan_out_rate = self.limits.fan_out_rate;
         let state = AppState {
             mqtt: self.mqtt.clone(),
             kept: match &self.kept {
@@ -281,6 +282,7 @@ impl App {
             caller_slots: self.caller_slots,
             registry: self.registry.clone(),
             calls: self.calls.clone(),
+            fan_out_pacer: crate::http::fan_out_pacer(fan_out_rate),
         };
         // The rate limiter keeps a bucket per caller seen; forget the idle ones now and then.
         let sweeper = self.access.rate_limits.is_some().then(|| {

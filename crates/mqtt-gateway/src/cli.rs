@@ -120,6 +120,17 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_MAX_REPLY_HEADER_BYTES", default_value_t = 8 * 1024)]
     pub max_reply_header_bytes: usize,
 
+    /// The most devices one fan-out (`POST /api/v1/services/{service}/fan-out`) may call;
+    /// more get 422 `too-many-targets`, and nothing is published.
+    #[arg(long, env = "GATEWAY_MAX_FAN_OUT_TARGETS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_fan_out_targets: u32,
+
+    /// The most requests a second that fan-outs publish, all of them together (bursts of a
+    /// tenth of it), so a fan-out to thousands of devices neither floods the broker nor
+    /// crowds out ordinary calls.
+    #[arg(long, env = "GATEWAY_FAN_OUT_RATE", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub fan_out_rate: u32,
+
     /// Keep the MQTT session this many seconds across disconnects (clean start off), so replies
     /// published while the gateway was briefly away still arrive. 0: a clean session each time.
     /// Give the gateway a stable --id with it, so a restarted gateway resumes its session.

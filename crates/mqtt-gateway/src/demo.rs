@@ -33,6 +33,9 @@ pub enum InvalidDemo {
     Filter(#[from] FilterError),
 }
 
+/// The group the demo device is a member of (for `echo`).
+pub const DEMO_GROUP: &str = "demo";
+
 /// The demo device's services on a host, for device `device_id` under `topics`, announcing
 /// itself (with a description and schemas for each service) under `presence`.
 pub fn host(
@@ -53,18 +56,24 @@ pub fn host(
         position: 0,
     }));
 
+    let echo = |req: ServiceRequest| async move {
+        Reply {
+            payload: req.payload,
+            content_type: req.content_type,
+            status: None,
+            user_properties: req.user_properties,
+        }
+    };
+    // A member of group `demo` too, for fan-outs to a group (`docs/PROTOCOL.md`, section 13).
     host = host
         .service(
-            &topics.filter(device_id, "echo"),
-            |req: ServiceRequest| async move {
-                Reply {
-                    payload: req.payload,
-                    content_type: req.content_type,
-                    status: None,
-                    user_properties: req.user_properties,
-                }
-            },
+            &mqtt_rpc::group_topic(
+                &mqtt_rpc::GroupName::parse(DEMO_GROUP)?,
+                &mqtt_rpc::ServiceName::parse("echo")?,
+            ),
+            echo,
         )?
+        .service(&topics.filter(device_id, "echo"), echo)?
         .describe(
             ServiceInfo::new()
                 .description("Sends the payload, content type and user properties back unchanged."),

@@ -330,6 +330,8 @@ impl Settings {
                 max_body_bytes: args.max_body_bytes,
                 body_timeout: Duration::from_millis(args.http.http_body_timeout_ms),
                 max_reply_header_bytes: args.max_reply_header_bytes,
+                max_fan_out_targets: args.max_fan_out_targets as usize,
+                fan_out_rate: args.fan_out_rate,
             },
             server,
             grace: Duration::from_millis(args.shutdown_grace_ms),

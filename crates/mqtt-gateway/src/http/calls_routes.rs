@@ -33,7 +33,7 @@ use crate::calls::{CallState, Created, Full, Job, Message, Outcome, Record, Temp
 pub(crate) const CALLS_PREFIX: &str = "/api/v1/calls/";
 
 /// How often an idle event stream sends a comment, so proxies do not cut it.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How often a stream of a call in the shared store reads it again though no change was
 /// heard (a notification lost with a dropped connection to the store).
 const RECHECK: Duration = Duration::from_secs(5);
@@ -168,7 +168,7 @@ pub(crate) enum BodyDoc {
 }
 
 impl BodyDoc {
-    fn of(content_type: Option<&str>, payload: &[u8]) -> Self {
+    pub(super) fn of(content_type: Option<&str>, payload: &[u8]) -> Self {
         let json_declared = content_type.is_none_or(|ct| {
             let essence = ct.split(';').next().unwrap_or("").trim();
             essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")

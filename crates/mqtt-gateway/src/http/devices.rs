@@ -546,7 +546,7 @@ async fn read_body(
 }
 
 /// One path segment, percent-decoded as the router decodes `{device_id}` and `{service}`.
-fn path_segment(key: &str, raw: &str) -> Result<String, ApiError> {
+pub(super) fn path_segment(key: &str, raw: &str) -> Result<String, ApiError> {
     percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map(|s| s.into_owned())
@@ -662,7 +662,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// `timeout_ms`: whole milliseconds, from the minimum up to `max_timeout_ms` (the configured
 /// maximum, or the caller's own when lower).
-fn parse_timeout(
+pub(super) fn parse_timeout(
     query: Option<&str>,
     limits: &super::Limits,
     max_timeout_ms: u64,
@@ -688,7 +688,7 @@ fn parse_timeout(
 }
 
 /// `x-mqtt-<key>` headers, and the W3C trace context, as user properties.
-fn user_properties(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+pub(super) fn user_properties(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
     let mut properties = Vec::new();
     for (name, value) in headers {
         let key = if let Some(key) = name.as_str().strip_prefix(USER_PROPERTY_HEADER_PREFIX) {
@@ -714,7 +714,7 @@ fn user_properties(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiErro
 
 /// Header values become MQTT strings: UTF-8, at most 65535 bytes, without control characters
 /// or non-characters.
-fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiError> {
+pub(super) fn header_text<'a>(name: &str, value: &'a HeaderValue) -> Result<&'a str, ApiError> {
     let invalid = |reason: String| ApiError::InvalidHeader {
         name: name.to_owned(),
         reason,

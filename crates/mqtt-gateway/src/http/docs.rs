@@ -23,6 +23,7 @@ service `echo`.",
     ),
     tags(
         (name = "devices", description = "Calling device services"),
+        (name = "fan-out", description = "One call to many devices: a list, a registry selector or a group, results per device"),
         (name = "calls", description = "Calls that outlive one HTTP request: async calls, their progress and results, cancellation"),
         (name = "health", description = "Liveness and readiness"),
     ),

@@ -103,6 +103,14 @@ pub(crate) enum ApiError {
     IdempotencyKeyReused,
     #[error("the device's reply did not fit in the bytes kept for calls ({limit} bytes, --max-call-bytes), so it could not be kept")]
     ResultTooLarge { limit: usize },
+    #[error("invalid fan-out: {0}; nothing was sent")]
+    InvalidTargets(String),
+    #[error("invalid group name: {0}; nothing was sent")]
+    InvalidGroup(NameError),
+    #[error("the fan-out names {count} devices; at most {limit} may be called at once (--max-fan-out-targets); nothing was sent")]
+    TooManyTargets { count: String, limit: usize },
+    #[error("no device this caller may call matches the selector ({selector}); nothing was sent. Devices are selected from those that announced themselves (GET /api/v1/devices)")]
+    NoMatchingDevices { selector: String },
 }
 
 /// Whether a caller may simply retry, as the `Retry-After` header says.
@@ -231,6 +239,15 @@ problem_codes! {
     StoreUnavailable = "store-unavailable", SERVICE_UNAVAILABLE, "The call store is unavailable", Soon;
     /// The device's reply could not be kept: the store's bytes were spent.
     ResultTooLarge = "result-too-large", INSUFFICIENT_STORAGE, "The result could not be kept", No;
+    /// A fan-out's targets are missing, empty, repeated, given in two ways at once, or its
+    /// body is not the documented JSON.
+    InvalidTargets = "invalid-targets", BAD_REQUEST, "Invalid fan-out targets", No;
+    /// The group name is empty, too long, or holds a character that is not allowed.
+    InvalidGroup = "invalid-group", BAD_REQUEST, "Invalid group name", No;
+    /// A fan-out names more devices than `--max-fan-out-targets`.
+    TooManyTargets = "too-many-targets", UNPROCESSABLE_ENTITY, "Too many fan-out targets", No;
+    /// A fan-out's selector matches no device the caller may call.
+    NoMatchingDevices = "no-matching-devices", UNPROCESSABLE_ENTITY, "No device matches the selector", No;
     /// No such route.
     NotFound = "not-found", NOT_FOUND, "No such route", No;
     /// Wrong method for this route.
@@ -309,6 +326,10 @@ impl ApiError {
             InvalidHeader { .. } => ProblemCode::InvalidHeader,
             BodyTooLarge { .. } => ProblemCode::PayloadTooLarge,
             BadBody(_) => ProblemCode::InvalidBody,
+            InvalidTargets(_) => ProblemCode::InvalidTargets,
+            InvalidGroup(_) => ProblemCode::InvalidGroup,
+            TooManyTargets { .. } => ProblemCode::TooManyTargets,
+            NoMatchingDevices { .. } => ProblemCode::NoMatchingDevices,
             NotFound { .. } => ProblemCode::NotFound,
             MethodNotAllowed { .. } => ProblemCode::MethodNotAllowed,
             NotReady => ProblemCode::BrokerUnavailable,

@@ -261,6 +261,7 @@ mod tests {
             caller_slots: crate::http::auth::CallerSlots::new(8),
             registry,
             calls,
+            fan_out_pacer: crate::http::fan_out_pacer(100),
         };
         let front = Arc::new(Front {
             router: Router::new(),

@@ -10,6 +10,7 @@ mod device_docs;
 mod devices;
 mod docs;
 pub(crate) mod error;
+mod fan_out;
 mod front;
 mod health;
 pub(crate) mod metrics;
@@ -59,6 +60,10 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// The most bytes of `x-mqtt-*` headers a reply may become.
     pub max_reply_header_bytes: usize,
+    /// The most devices one fan-out may call.
+    pub max_fan_out_targets: usize,
+    /// The requests a second fan-outs publish, together.
+    pub fan_out_rate: u32,
 }
 
 impl Default for Limits {
@@ -70,6 +75,8 @@ impl Default for Limits {
             max_body_bytes: 256 * 1024,
             body_timeout: Duration::from_secs(10),
             max_reply_header_bytes: 8 * 1024,
+            max_fan_out_targets: 1_000,
+            fan_out_rate: 5_000,
         }
     }
 }
@@ -97,6 +104,8 @@ pub(crate) struct AppState {
     pub(crate) registry: Arc<crate::registry::Registry>,
     /// Calls kept as records: async and streamed calls.
     pub(crate) calls: Arc<crate::calls::Calls>,
+    /// Paces the publishes of every fan-out together (`--fan-out-rate`).
+    pub(crate) fan_out_pacer: Arc<mqtt_rpc::Pacer>,
 }
 
 /// The documented routes, with the OpenAPI document generated from their handlers.
@@ -105,9 +114,17 @@ fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(devices::router())
         .merge(registry_routes::router())
         .merge(calls_routes::router())
+        .merge(fan_out::router())
         .merge(device_docs::router())
         .merge(health::router())
         .merge(metrics::router())
+}
+
+/// The pacer of every fan-out: `rate` requests a second, in bursts of a tenth of it.
+pub(crate) fn fan_out_pacer(rate: u32) -> Arc<mqtt_rpc::Pacer> {
+    let rate = std::num::NonZeroU32::new(rate).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(rate.get() / 10).unwrap_or(std::num::NonZeroU32::MIN);
+    mqtt_rpc::Pacer::new(rate, burst)
 }
 
 /// The OpenAPI document of the HTTP API, as served at `/openapi.json`.
