@@ -11,6 +11,7 @@ mod cli;
 mod device_library;
 mod docs;
 mod errors;
+mod fan_out;
 mod faults;
 mod hardening;
 mod helpers;
