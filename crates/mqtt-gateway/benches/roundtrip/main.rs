@@ -18,7 +18,9 @@
 //!    one in 1 (`gateway-async`);
 //! 6. a fleet of 10,000 devices announcing at once, then restarting at once: time for a fresh
 //!    gateway to know them all, its CPU, memory per known device, and the latency of calls in
-//!    flight meanwhile (see `storm`).
+//!    flight meanwhile (see `storm`);
+//! 7. a fan-out to 1,000 devices: time to the last result, CPU and memory per target, and the
+//!    latency of ordinary calls beside it (see `fanout`).
 //!
 //! It prints Markdown tables, the targets, and last the line
 //! `throughput ratio gateway/raw-mqtt at 64 in flight: X.XX`; the numbers also go to a JSON file
@@ -34,6 +36,7 @@
 mod abuse;
 mod callers;
 mod devices;
+mod fanout;
 mod kept;
 mod measure;
 mod parked;
@@ -118,6 +121,15 @@ struct Options {
     /// --quick); 0 skips it.
     #[arg(long)]
     fleet: Option<usize>,
+
+    /// Devices in one fan-out, on a fresh gateway (default: 1,000, or 200 with --quick); 0
+    /// skips it.
+    #[arg(long)]
+    fan_out: Option<usize>,
+
+    /// The fan-out gateway's `--fan-out-rate` (default: the gateway's, 5,000 a second).
+    #[arg(long, default_value_t = 5_000)]
+    fan_out_rate: u32,
 
     /// Where the numbers go as JSON (default: the target directory's tmp/roundtrip.json).
     #[arg(long)]
@@ -377,6 +389,35 @@ async fn run(options: Options) -> Result<(), String> {
             Some(fleet)
         }
     };
+    let fan_out = match options
+        .fan_out
+        .unwrap_or(if options.quick { 200 } else { 1_000 })
+    {
+        0 => None,
+        targets => {
+            eprintln!("a fan-out to {targets} devices, on a fresh gateway…");
+            let f = fanout::measure(
+                &mqtt_url,
+                targets,
+                options.fan_out_rate,
+                window,
+                mosquitto.as_ref().map(Mosquitto::pid),
+                &options.wrapper(),
+            )
+            .await?;
+            eprintln!(
+                "{:>22}: last result after {} (median of {}), gateway {:.1} µs CPU per target, {:.0} B per waiting target, calls p99 {:.0} µs beside (before {:.0} µs)",
+                "fan-out",
+                report::seconds(f.median()),
+                f.times.len(),
+                f.gateway_us_per_target(),
+                f.bytes_per_waiting_target(),
+                f.during.p99_us(),
+                f.before.p99_us()
+            );
+            Some(f)
+        }
+    };
     let abuse = if options.no_abuse {
         Vec::new()
     } else {
@@ -402,6 +443,7 @@ async fn run(options: Options) -> Result<(), String> {
         kept,
         abuse,
         fleet,
+        fan_out,
     };
     let json_path = options
         .json

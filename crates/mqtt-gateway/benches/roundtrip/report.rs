@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::abuse::Case;
+use crate::fanout::{FanOutBench, IN_FLIGHT as IN_FLIGHT_BESIDE};
 use crate::kept::Kept;
 use crate::measure::{Sample, NOISY_OTHER_CORES};
 use crate::parked::Parked;
@@ -72,6 +73,8 @@ pub struct Report {
     pub abuse: Vec<Case>,
     /// A fleet announcing at once (see [`crate::storm`]).
     pub fleet: Option<Fleet>,
+    /// A fan-out to many devices (see [`crate::fanout`]).
+    pub fan_out: Option<FanOutBench>,
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -339,6 +342,45 @@ impl Report {
             }
         }
 
+        if let Some(f) = &self.fan_out {
+            let (first, last) = (
+                f.times.first().copied().unwrap_or_default(),
+                f.times.last().copied().unwrap_or_default(),
+            );
+            let _ = writeln!(
+                w,
+                "\nA fan-out to {} devices (`POST /api/v1/services/echo/fan-out`, one 18-byte JSON \
+                 payload, each device answering at once; one MQTT client in the benchmark serves \
+                 them all), on a fresh gateway paced at {} requests a second (`--fan-out-rate`). \
+                 Alone: {} fan-outs back to back. Waiting: one fan-out whose devices answer after \
+                 3 s, RSS once its requests are out. Beside: {} ordinary calls in flight on the \
+                 echo device, just before and while {} fan-outs ran.\n",
+                f.targets, f.rate, f.times.len(), IN_FLIGHT_BESIDE, f.rounds_beside
+            );
+            let _ = writeln!(
+                w,
+                "| last result after (min / median / max) | gateway CPU per target | broker CPU per target | RSS per waiting target | calls p50 / p99 before µs | calls p50 / p99 / max beside µs | errors |"
+            );
+            let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|");
+            let _ = writeln!(
+                w,
+                "| {:.0} / {:.0} / {:.0} ms | {:.1} µs | {} | {:.0} B | {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {} |",
+                first.as_secs_f64() * 1e3,
+                f.median().as_secs_f64() * 1e3,
+                last.as_secs_f64() * 1e3,
+                f.gateway_us_per_target(),
+                f.broker_us_per_target()
+                    .map_or("–".into(), |c| format!("{c:.1} µs")),
+                f.bytes_per_waiting_target(),
+                f.before.p50_us(),
+                f.before.p99_us(),
+                f.during.p50_us(),
+                f.during.p99_us(),
+                f.during.latency.max() as f64 / 1000.0,
+                f.during.errors + f.before.errors
+            );
+        }
+
         if let Some(f) = &self.fleet {
             let _ = writeln!(
                 w,
@@ -523,6 +565,18 @@ impl Report {
                     "before": sample(&s.before),
                     "during": sample(&s.during),
                 })).collect::<Vec<_>>(),
+            })),
+            "fan_out": self.fan_out.as_ref().map(|f| json!({
+                "targets": f.targets,
+                "rate_per_s": f.rate,
+                "rounds": f.times.len(),
+                "time_to_last_result_s": f.times.iter().map(|t| t.as_secs_f64()).collect::<Vec<_>>(),
+                "gateway_cpu_us_per_target": f.gateway_us_per_target(),
+                "broker_cpu_us_per_target": f.broker_us_per_target(),
+                "bytes_per_waiting_target": f.bytes_per_waiting_target(),
+                "rounds_beside": f.rounds_beside,
+                "before": sample(&f.before),
+                "during": sample(&f.during),
             })),
             "targets": self.targets(),
             "last_line": self.last_line(),

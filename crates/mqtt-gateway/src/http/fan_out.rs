@@ -96,8 +96,9 @@ pub(crate) enum DeviceTarget {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Selector {
-    /// A glob over device ids, where `*` matches any run of characters (default: `*`).
-    #[schema(example = "sensor-*")]
+    /// A glob over device ids, where `*` matches any run of characters (default: `*`); 1 to
+    /// 256 bytes.
+    #[schema(example = "sensor-*", min_length = 1, max_length = 256)]
     id: Option<String>,
     /// Only devices online now (default: false: offline ones are listed with
     /// `device-offline`, and nothing is sent to them).
@@ -360,6 +361,13 @@ async fn prepare(state: &AppState, request: Request) -> Result<(Plan, Answer), A
         }
         (None, Some(select), None) => {
             let pattern = select.id.unwrap_or_else(|| "*".into());
+            // Matched against every registered id: kept to a device id's length.
+            if pattern.is_empty() || pattern.len() > mqtt_rpc::MAX_NAME_BYTES {
+                return Err(ApiError::InvalidTargets(format!(
+                    "`select.id` must be 1 to {} bytes",
+                    mqtt_rpc::MAX_NAME_BYTES
+                )));
+            }
             let page = state.registry.page(None, max_targets + 1, |id, device| {
                 super::auth::glob(&pattern, id)
                     && device.offers(service.as_str())

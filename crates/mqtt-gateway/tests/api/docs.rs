@@ -280,12 +280,16 @@ fn the_readme_error_table_is_the_problem_code_table() {
 #[test]
 fn the_call_routes_error_responses_name_exactly_the_codes_of_their_status() {
     use mqtt_gateway::http::ProblemCode;
-    // The registry's routes answer this one (a call has no such query parameter), and the
-    // call resource's routes these two.
-    const NOT_FROM_CALLS: [ProblemCode; 3] = [
+    // The registry's routes answer this one (a call has no such query parameter), the
+    // call resource's routes these two, and the fan-out route the last four.
+    const NOT_FROM_CALLS: [ProblemCode; 7] = [
         ProblemCode::InvalidQuery,
         ProblemCode::UnknownCall,
         ProblemCode::CallNotFinished,
+        ProblemCode::InvalidTargets,
+        ProblemCode::InvalidGroup,
+        ProblemCode::TooManyTargets,
+        ProblemCode::NoMatchingDevices,
     ];
     let spec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(SPEC_FILE).unwrap()).unwrap();

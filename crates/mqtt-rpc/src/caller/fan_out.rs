@@ -31,9 +31,13 @@ const RETRY_FULL: Duration = Duration::from_millis(5);
 /// Paces requests: at most `per_second` a second, in bursts of at most `burst`. One pacer
 /// shared by every fan-out of a caller keeps them together within the rate, so a fan-out to
 /// thousands of devices neither floods the broker nor fills the request channel that ordinary
-/// calls use. A rate limiter from `governor` (GCRA), awaited, never spun on.
+/// calls use. A rate limiter from `governor` (GCRA), awaited on tokio's timer, never spun on.
 pub struct Pacer {
     limiter: governor::DefaultDirectRateLimiter,
+    /// Requests let through together: a few milliseconds' worth, so that paced requests are
+    /// still written to the broker a batch at a time (one at a time costs a write and a
+    /// wake-up each: twice the CPU per request, measured).
+    chunk: NonZeroU32,
 }
 
 impl std::fmt::Debug for Pacer {
@@ -46,13 +50,34 @@ impl Pacer {
     /// A pacer of `per_second` requests a second, `burst` at once.
     pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Arc<Self> {
         let quota = governor::Quota::per_second(per_second).allow_burst(burst);
+        // 5 ms' worth, within the burst.
+        let chunk = (per_second.get() / 200).clamp(1, burst.get());
         Arc::new(Self {
             limiter: governor::RateLimiter::direct(quota),
+            chunk: NonZeroU32::new(chunk).unwrap_or(NonZeroU32::MIN),
         })
     }
 
-    async fn wait(&self) {
-        self.limiter.until_ready().await;
+    /// Waits until the next requests may go, and says how many (a chunk). On tokio's timer,
+    /// not governor's own (which runs a thread of its own and wakes it for every wait).
+    async fn wait(&self) -> u32 {
+        use governor::clock::Clock as _;
+        loop {
+            match self.limiter.check_n(self.chunk) {
+                Ok(Ok(())) => return self.chunk.get(),
+                Ok(Err(not_until)) => {
+                    let now = self.limiter.clock().now();
+                    tokio::time::sleep(not_until.wait_time_from(now)).await;
+                }
+                // The chunk is never larger than the burst; one at a time if it were.
+                Err(_) => {
+                    if self.limiter.check().is_ok() {
+                        return 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
     }
 }
 
@@ -233,9 +258,10 @@ async fn run(
         result: Err(error),
         sent: false,
     };
-    // Paced before each publish; when the caller was full, not before this.
+    // Publishes the pacer has let through and not yet used; when the caller was full, none
+    // before `retry_at`.
     let mut retry_at: Option<Instant> = None;
-    let mut paced = false;
+    let mut credit: u32 = 0;
     while !(queue.is_empty() && waiting.is_empty()) {
         let sending = !queue.is_empty();
         tokio::select! {
@@ -248,8 +274,8 @@ async fn run(
                     let _ = tx.send(unsent(index, target.device, CallError::Timeout(timeout)));
                 }
             }
-            () = ready(pacer.as_deref(), retry_at, paced), if sending => {
-                paced = true;
+            granted = ready(pacer.as_deref(), retry_at, credit), if sending => {
+                credit = granted;
                 retry_at = None;
                 let slot = match caller.reserve() {
                     Ok(slot) => slot,
@@ -261,7 +287,7 @@ async fn run(
                         if let Some((index, target)) = queue.pop_front() {
                             let _ = tx.send(unsent(index, target.device, error));
                         }
-                        paced = false;
+                        credit -= 1;
                         continue;
                     }
                 };
@@ -278,7 +304,7 @@ async fn run(
                 };
                 match caller.send(slot, call) {
                     Ok(parked) => {
-                        paced = false;
+                        credit -= 1;
                         waiting.push(wait(index, target.device, parked));
                     }
                     Err(CallError::Overloaded) => {
@@ -287,7 +313,7 @@ async fn run(
                         retry_at = Some(Instant::now() + RETRY_FULL);
                     }
                     Err(error) => {
-                        paced = false;
+                        credit -= 1;
                         let _ = tx.send(unsent(index, target.device, error));
                     }
                 }
@@ -296,14 +322,17 @@ async fn run(
     }
 }
 
-/// Ready to try the next publish: after the retry delay, if the caller was full; else once
-/// the pacer lets one more through (already done when `paced`: the last try did not publish).
-async fn ready(pacer: Option<&Pacer>, retry_at: Option<Instant>, paced: bool) {
+/// Ready to try the next publish, with how many may go: after the retry delay, if the caller
+/// was full; then the credit left, or what the pacer grants next (as many as are left
+/// without one).
+async fn ready(pacer: Option<&Pacer>, retry_at: Option<Instant>, credit: u32) -> u32 {
     if let Some(at) = retry_at {
         tokio::time::sleep_until(at).await;
     }
-    if let (Some(pacer), false) = (pacer, paced) {
-        pacer.wait().await;
+    match pacer {
+        _ if credit > 0 => credit,
+        Some(pacer) => pacer.wait().await,
+        None => u32::MAX,
     }
 }
 
