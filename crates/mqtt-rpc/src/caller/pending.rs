@@ -134,16 +134,20 @@ impl ParkedCalls {
     /// other outcome ends it.
     pub(crate) fn resolve(&self, id: &CorrelationId, outcome: CallOutcome) -> bool {
         let mut calls = self.lock();
-        if let Some(Waiter::Many(tx)) = calls.get(id) {
+        // One lookup for a plain call's reply; a group call's is put back.
+        let waiter = calls.remove(id);
+        if let Some(Waiter::Many(tx)) = &waiter {
             if matches!(
                 outcome,
                 CallOutcome::Reply(_) | CallOutcome::InvalidStatus(_) | CallOutcome::BufferFull
             ) {
                 let _ = tx.send(Message::Answer(outcome));
+                if let Some(waiter) = waiter {
+                    calls.insert(*id, waiter);
+                }
                 return true;
             }
         }
-        let waiter = calls.remove(id);
         drop(calls);
         match waiter {
             Some(waiter) => waiter.finish(outcome),
