@@ -377,3 +377,109 @@ async fn cors_preflight_and_responses_for_browser_apps() {
     assert_eq!(call.headers()["access-control-expose-headers"], "*");
     assert_eq!(call.headers()["x-mqtt-room"], "hall");
 }
+
+/// A fan-out is refused whole when one of its devices is outside the caller's scopes, a group
+/// needs a scope over every device, and a selector only picks devices the caller may call.
+#[tokio::test]
+async fn a_fan_out_stays_within_the_callers_scopes() {
+    let broker = TestBroker::start();
+    let _kitchen = demo_device(&broker, "kitchen-1").await;
+    let _garage = demo_device(&broker, "garage-1").await;
+    let (_dir, path, keys) = keys_file(&[
+        ("kitchen-app", &["devices/kitchen-*/services/*"]),
+        ("operator", &["devices/*/services/echo"]),
+    ]);
+    let app = TestApp::spawn_with(&broker, &["--api-keys-file", &path]).await;
+    // Both known to the registry (asked as the operator, who may see them).
+    for id in ["kitchen-1", "garage-1"] {
+        let url = app.url(&format!("/api/v1/devices/{id}"));
+        let started = std::time::Instant::now();
+        loop {
+            let response = app
+                .http
+                .get(&url)
+                .bearer_auth(&keys[1])
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 200 {
+                let device: serde_json::Value = response.json().await.unwrap();
+                if device["online"] == true {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{id} never announced"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut spy = RawClient::connect(&broker, "spy", &["devices/#", "groups/#"]).await;
+    let fan_out = |key: Option<&str>, body: serde_json::Value| {
+        let mut request = app
+            .http
+            .post(app.url("/api/v1/services/echo/fan-out"))
+            .json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+
+    let anonymous = fan_out(None, serde_json::json!({ "devices": ["kitchen-1"] }))
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let mixed = fan_out(
+        Some(&keys[0]),
+        serde_json::json!({ "devices": ["kitchen-1", "garage-1"] }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(mixed.status(), 403);
+    let problem = problem(mixed).await;
+    assert_eq!(problem["code"], "insufficient-scope");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("garage-1"),
+        "{problem}"
+    );
+    let group = fan_out(
+        Some(&keys[0]),
+        serde_json::json!({ "group": { "name": "demo" } }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        group.status(),
+        403,
+        "a group reaches devices the key may not call"
+    );
+    assert!(
+        spy.next(Duration::from_millis(300)).await.is_none(),
+        "nothing of a refused fan-out was published"
+    );
+
+    // The selector picks only what the key may call: kitchen-1, not garage-1.
+    let selected = fan_out(
+        Some(&keys[0]),
+        serde_json::json!({ "select": { "id": "*" }, "payload": 1 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(selected.status(), 200);
+    let body: serde_json::Value = selected.json().await.unwrap();
+    let results: Vec<&String> = body["results"].as_object().unwrap().keys().collect();
+    assert_eq!(results, ["kitchen-1"]);
+    // A scope over every device may call a group: both demo devices are members of `demo`.
+    let group = fan_out(
+        Some(&keys[1]),
+        serde_json::json!({ "group": { "name": "demo", "stall_ms": 500 }, "payload": 1 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(group.status(), 200);
+    let body: serde_json::Value = group.json().await.unwrap();
+    let members: Vec<&String> = body["results"].as_object().unwrap().keys().collect();
+    assert_eq!(members, ["garage-1", "kitchen-1"]);
+}
