@@ -440,27 +440,10 @@ fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, P
         .registry
         .check(head.device.as_str(), head.service.as_str())
     {
-        Check::Send => {}
-        Check::Validate(validator) => head.validator = Some(validator),
         // An async call waits for the device instead (queued).
         Check::Offline { .. } if matches!(head.mode, Mode::Async { .. }) => head.offline = true,
-        Check::Offline { since } => {
-            return Err(ApiError::DeviceAnnouncedOffline {
-                device: head.device.to_string(),
-                since,
-            })
-        }
-        Check::UnknownService { offered } => {
-            return Err(ApiError::UnknownService {
-                device: head.device.to_string(),
-                service: head.service.to_string(),
-                offered,
-            })
-        }
-        Check::NotAnnounced => {
-            return Err(ApiError::NotAnnounced {
-                device: head.device.to_string(),
-            })
+        check => {
+            head.validator = registry_answer(check, head.device.as_str(), head.service.as_str())?
         }
     }
     if plan.too_large() {
@@ -480,6 +463,31 @@ fn admit(state: &AppState, parts: Parts, plan: &BodyPlan) -> Result<(CallHead, P
         };
     let slot = state.mqtt.reserve()?;
     Ok((head, Places { slot, caller }))
+}
+
+/// What the registry's word on a call means: send it (checked against this schema, if any),
+/// or this answer at once, with nothing published.
+pub(super) fn registry_answer(
+    check: Check,
+    device: &str,
+    service: &str,
+) -> Result<Option<std::sync::Arc<jsonschema::Validator>>, ApiError> {
+    match check {
+        Check::Send => Ok(None),
+        Check::Validate(validator) => Ok(Some(validator)),
+        Check::Offline { since } => Err(ApiError::DeviceAnnouncedOffline {
+            device: device.to_owned(),
+            since,
+        }),
+        Check::UnknownService { offered } => Err(ApiError::UnknownService {
+            device: device.to_owned(),
+            service: service.to_owned(),
+            offered,
+        }),
+        Check::NotAnnounced => Err(ApiError::NotAnnounced {
+            device: device.to_owned(),
+        }),
+    }
 }
 
 /// The whole body, up to the limit, within the body timeout, its bytes held in the budget.

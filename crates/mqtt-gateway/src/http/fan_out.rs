@@ -34,7 +34,6 @@ use super::auth::{ApiCaller, CallerSlot};
 use super::calls_routes::{BodyDoc, KEEP_ALIVE};
 use super::error::{ApiError, Problem};
 use super::AppState;
-use crate::registry::Check;
 use mqtt_rpc::protocol::{DEVICE_PROPERTY, REQUEST_ID_PROPERTY};
 use mqtt_rpc::{
     CallError, DeviceId, FanOut, FanOutRun, GroupCall, GroupEnd, GroupName, GroupRun, GroupUpdate,
@@ -583,9 +582,10 @@ fn triage(
     let mut immediate = Vec::new();
     for target in targets {
         let device = target.device.as_str();
-        let refused = match state.registry.check(device, service.as_str()) {
-            Check::Send => None,
-            Check::Validate(validator) => {
+        let check = state.registry.check(device, service.as_str());
+        let refused = match super::devices::registry_answer(check, device, service.as_str()) {
+            Ok(None) => None,
+            Ok(Some(validator)) => {
                 let body = target.payload.as_ref().unwrap_or(payload);
                 crate::registry::violations(&validator, body).map(|errors| {
                     ApiError::SchemaMismatch {
@@ -594,18 +594,7 @@ fn triage(
                     }
                 })
             }
-            Check::Offline { since } => Some(ApiError::DeviceAnnouncedOffline {
-                device: device.to_owned(),
-                since,
-            }),
-            Check::UnknownService { offered } => Some(ApiError::UnknownService {
-                device: device.to_owned(),
-                service: service.to_string(),
-                offered,
-            }),
-            Check::NotAnnounced => Some(ApiError::NotAnnounced {
-                device: device.to_owned(),
-            }),
+            Err(error) => Some(error),
         };
         match refused {
             Some(error) => immediate.push((device.to_owned(), error)),

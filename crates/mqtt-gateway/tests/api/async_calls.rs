@@ -23,6 +23,18 @@ pub struct SseEvent {
 /// Reads events from a streaming response until the final one (`result` or `problem`), the
 /// end of the stream, or `max` events.
 pub async fn read_events(response: &mut reqwest::Response, max: usize) -> Vec<SseEvent> {
+    read_events_until(response, max, |event| {
+        event == "result" || event == "problem"
+    })
+    .await
+}
+
+/// Reads events until one `last` says is the last, the end of the stream, or `max` events.
+pub async fn read_events_until(
+    response: &mut reqwest::Response,
+    max: usize,
+    last: impl Fn(&str) -> bool,
+) -> Vec<SseEvent> {
     let mut buffer = String::new();
     let mut events = Vec::new();
     loop {
@@ -41,7 +53,7 @@ pub async fn read_events(response: &mut reqwest::Response, max: usize) -> Vec<Ss
             if event.is_empty() {
                 continue; // a keep-alive comment
             }
-            let last = event == "result" || event == "problem";
+            let last = last(&event);
             events.push(SseEvent {
                 event,
                 id,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use mqtt_rpc::responder::{Reply, RunningHost, ServiceHost};
 use serde_json::{json, Value};
 
+use crate::async_calls::read_events_until;
 use crate::helpers::*;
 
 /// A host that is every device `{prefix}{i}` for i in `range`, service `work`: after `delay`
@@ -90,43 +91,6 @@ async fn fan_out(
         request = request.header("accept", accept);
     }
     request.send().await.unwrap()
-}
-
-/// Server-sent events up to and including `summary`: (event, id, data).
-async fn sse(response: &mut reqwest::Response) -> Vec<(String, String, Value)> {
-    let mut buffer = String::new();
-    let mut events = Vec::new();
-    loop {
-        while let Some(at) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..at + 2).collect();
-            let (mut event, mut id, mut data) = (String::new(), String::new(), String::new());
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    event = v.trim().to_owned();
-                } else if let Some(v) = line.strip_prefix("id:") {
-                    id = v.trim().to_owned();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
-                }
-            }
-            if event.is_empty() {
-                continue;
-            }
-            let last = event == "summary";
-            events.push((event, id, serde_json::from_str(&data).expect("JSON data")));
-            if last {
-                return events;
-            }
-        }
-        let chunk = tokio::time::timeout(Duration::from_secs(20), response.chunk())
-            .await
-            .expect("an event within 20 s")
-            .expect("the stream reads");
-        match chunk {
-            Some(bytes) => buffer.push_str(std::str::from_utf8(&bytes).unwrap()),
-            None => return events,
-        }
-    }
 }
 
 #[tokio::test]
@@ -279,25 +243,31 @@ async fn streamed_results_come_in_arrival_order_then_a_summary() {
     let mut response = fan_out(&app, "", body.clone(), Some("text/event-stream")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let events = sse(&mut response).await;
-    let order: Vec<(&str, &str, &str)> = events
+    let events = read_events_until(&mut response, 10, |event| event == "summary").await;
+    let order: Vec<(&str, u64, &str)> = events
         .iter()
-        .filter(|(e, _, _)| e == "result")
-        .map(|(e, id, data)| (e.as_str(), id.as_str(), data["device_id"].as_str().unwrap()))
+        .filter(|e| e.event == "result")
+        .map(|e| {
+            (
+                e.event.as_str(),
+                e.id,
+                e.data["device_id"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         order,
         [
-            ("result", "1", "now-0"),
-            ("result", "2", "mid-0"),
-            ("result", "3", "late-0")
+            ("result", 1, "now-0"),
+            ("result", 2, "mid-0"),
+            ("result", 3, "late-0")
         ],
         "in arrival order, not the list's"
     );
-    let (last, _, summary) = events.last().unwrap();
-    assert_eq!(last, "summary");
-    assert_eq!(summary["succeeded"], 3);
-    assert_eq!(summary["ended"], "completed");
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "summary");
+    assert_eq!(last.data["succeeded"], 3);
+    assert_eq!(last.data["ended"], "completed");
     assert!(started.elapsed() < Duration::from_secs(5));
 
     let response = fan_out(&app, "", body, Some("application/x-ndjson")).await;
