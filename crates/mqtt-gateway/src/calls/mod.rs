@@ -561,7 +561,7 @@ impl Calls {
     }
 
     /// [`Calls::on_progress`], then the same in the shared store.
-    async fn progress_update(&self, record: &Record, received: Received) {
+    pub(crate) async fn progress_update(&self, record: &Record, received: Received) {
         let Some(message) = self.on_progress(record, received) else {
             return;
         };
@@ -592,7 +592,7 @@ impl Calls {
     }
 
     /// [`Calls::finish`], then the same in the shared store.
-    async fn end(&self, record: &Record, state: CallState, outcome: Outcome) {
+    pub(crate) async fn end(&self, record: &Record, state: CallState, outcome: Outcome) {
         self.finish(record, state, outcome);
         let Some(shared) = &self.shared else { return };
         let (state, outcome) = {
@@ -635,7 +635,7 @@ impl Calls {
     }
 
     /// A reply or an error, as the record keeps it.
-    async fn finish_with(&self, record: &Record, result: Result<Received, CallError>) {
+    pub(crate) async fn finish_with(&self, record: &Record, result: Result<Received, CallError>) {
         let (state, outcome) = match result {
             Ok(received) => match self.message(received) {
                 Some(message) => {

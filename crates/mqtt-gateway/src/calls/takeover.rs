@@ -97,6 +97,12 @@ async fn adopt(
         if snapshot.progress().state.is_final() {
             continue;
         }
+        if snapshot.device == crate::http::FAN_OUT_DEVICE {
+            // A fan-out's devices were called by the instance that died, each under its own
+            // correlation data, none of it in the store: nothing here can wait for them.
+            tracing::warn!(call = %id, "a fan-out of an instance that died cannot be taken over");
+            continue;
+        }
         if let Err(error) = shared.take_over(&id).await {
             tracing::warn!(%error, call = %id, "cannot take a call over");
             continue;

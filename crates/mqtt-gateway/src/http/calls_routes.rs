@@ -468,7 +468,7 @@ pub(super) async fn start(
 
 /// Whose answer [`answer`] gives.
 #[derive(Clone, Copy)]
-enum Answer {
+pub(super) enum Answer {
     /// The request that made the call, with its timeout.
     New { timeout: Duration },
     /// A repeat of it with the same `Idempotency-Key`.
@@ -476,7 +476,12 @@ enum Answer {
 }
 
 /// Answers for a kept call, as the mode asks.
-async fn answer(state: &AppState, record: &Arc<Record>, mode: Mode, how: Answer) -> Response {
+pub(super) async fn answer(
+    state: &AppState,
+    record: &Arc<Record>,
+    mode: Mode,
+    how: Answer,
+) -> Response {
     let location = header_value(&location(record));
     let mut response = match mode {
         Mode::Stream => {

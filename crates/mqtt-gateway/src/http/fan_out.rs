@@ -31,9 +31,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{ApiCaller, CallerSlot};
-use super::calls_routes::{BodyDoc, KEEP_ALIVE};
+use super::calls_routes::{self, BodyDoc, Mode, KEEP_ALIVE};
 use super::error::{ApiError, Problem};
 use super::AppState;
+use crate::calls::{CallState, Calls, Created, Full, Outcome, Record};
 use mqtt_rpc::protocol::{DEVICE_PROPERTY, REQUEST_ID_PROPERTY};
 use mqtt_rpc::{
     CallError, DeviceId, FanOut, FanOutRun, GroupCall, GroupEnd, GroupName, GroupRun, GroupUpdate,
@@ -216,7 +217,9 @@ pub(crate) struct FanOutResult {
 /// **424** when none did. With `Accept: text/event-stream` (or `application/x-ndjson`) the
 /// results stream as they arrive, each a `result` event (a line `{"result": ...}`), then one
 /// `summary`; the status is then 200. A client that leaves stops the fan-out, and every device
-/// still working on it is sent its cancel.
+/// still working on it is sent its cancel. With `Prefer: respond-async` the fan-out is a call
+/// resource like an async call's (202 and `Location: /api/v1/calls/{call_id}`): each device's
+/// result a progress event, the document its result, and `DELETE` cancels the rest.
 ///
 /// Try it with the demo device: `{"devices": ["demo-1"], "payload": {"hello": "world"}}` to
 /// service `echo`.
@@ -230,12 +233,18 @@ pub(crate) struct FanOutResult {
         ("service" = String, Path, description = "The service to call on every device, with the rules of a call's `service`.", min_length = 1, max_length = 256, example = "echo"),
         ("timeout_ms" = Option<u64>, Query, description = "The one deadline, in milliseconds, for every device (each request's Message Expiry is what is left of it when it is sent). From 100 to `--max-timeout-ms`; default 10000.", minimum = 100, maximum = 300000, example = 5000),
         ("Accept" = Option<String>, Header, description = "`text/event-stream` or `application/x-ndjson` stream each result as it arrives, then the summary."),
+        ("Prefer" = Option<String>, Header, description = "`respond-async` (with `wait=N`, seconds): the fan-out becomes a call resource, as for an async call: 202 with `Location: /api/v1/calls/{call_id}`, whose `device_id` is `$fan-out`, each device's result a progress event, and this document its result. `timeout_ms` may then go up to `--max-async-timeout-ms`.", example = "respond-async"),
     ),
     request_body(content = FanOutRequest, content_type = "application/json",
         example = json!({"devices": ["demo-1"], "payload": {"hello": "world"}})),
     responses(
         (status = 200, description = "Every device succeeded; or, streamed, the results as they arrive.", body = FanOutResult,
             example = json!({"service": "echo", "results": {"demo-1": {"device_id": "demo-1", "outcome": "succeeded", "status": 200, "reply": {"content_type": "application/json", "user_properties": [], "json": {"hello": "world"}}}}, "summary": {"targets": 1, "succeeded": 1, "failed": 0, "outcomes": {"succeeded": 1}, "unanswered": [], "ended": "completed", "elapsed_ms": 3}})),
+        (status = 202, description = "`Prefer: respond-async`: the fan-out runs as a call resource; follow `Location`. `GET` shows the results so far (`progress_count`, `latest_progress`), `/events` streams each as a `progress` event and the document as the `result`, `/result` answers the document with its status once finished, and `DELETE` stops it and cancels every device still working.", body = super::calls_routes::CallStatus,
+            headers(
+                ("Location" = String, description = "`/api/v1/calls/{call_id}`"),
+                ("Preference-Applied" = String, description = "`respond-async`, with the `wait` applied"),
+            )),
         (status = 207, description = "Some devices succeeded and some did not: see each result.", body = FanOutResult),
         (status = 400, description = "Bad input, nothing published. Codes: `invalid-targets` (not the documented JSON, no targets or two kinds, an empty list, an invalid or repeated id, a bad `stall_ms` or `max_replies`), `invalid-group`, `invalid-service`, `invalid-timeout`, `unknown-query-parameter`, `invalid-header`.", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:mqtt-gateway:problem:invalid-targets", "title": "Invalid fan-out targets", "status": 400, "detail": "invalid fan-out: device \"sensor-2\" is listed twice (devices[1] and devices[4]); nothing was sent", "code": "invalid-targets"})),
@@ -246,18 +255,21 @@ pub(crate) struct FanOutResult {
         (status = 422, description = "More devices than `--max-fan-out-targets` (`too-many-targets`), or a selector that matches no device (`no-matching-devices`); nothing published.", body = Problem, content_type = "application/problem+json"),
         (status = 424, description = "No device succeeded: see each result's problem.", body = FanOutResult),
         (status = 429, description = "The caller is over its rate limit or in-flight limit. Codes: `rate-limited`, `too-many-in-flight`.", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Not connected to the broker. Code: `broker-unavailable`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not connected to the broker (`broker-unavailable`); with `Prefer: respond-async`, as many calls kept as may be (`too-many-calls`), or the shared store did not answer (`store-unavailable`).", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 async fn fan_out(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
     match prepare(&state, request).await {
-        Ok((plan, answer)) => {
+        Ok((plan, Delivery::Kept { wait, owner })) => {
+            keep(&state, plan, wait, owner, started).await
+        }
+        Ok((plan, delivery)) => {
             let gather = plan.start(&state, started);
-            match answer {
-                Answer::Json => gather.json().await,
-                Answer::Sse => sse(gather),
-                Answer::Ndjson => ndjson(gather),
+            match delivery {
+                Delivery::Sse => sse(gather),
+                Delivery::Ndjson => ndjson(gather),
+                _ => gather.json().await,
             }
         }
         Err(error) => error.into_response(),
@@ -265,15 +277,27 @@ async fn fan_out(State(state): State<AppState>, request: Request) -> Response {
 }
 
 /// How the results go back.
-#[derive(Debug, Clone, Copy)]
-enum Answer {
+#[derive(Debug, Clone)]
+enum Delivery {
     Json,
     Sse,
     Ndjson,
+    /// `Prefer: respond-async`: a call resource, after waiting up to `wait` for the end.
+    Kept {
+        wait: Option<Duration>,
+        owner: Option<std::sync::Arc<str>>,
+    },
 }
 
-impl Answer {
-    fn of(request: &Request) -> Self {
+impl Delivery {
+    fn of(request: &Request, max_wait: Duration) -> Self {
+        if let Mode::Async { wait } = Mode::of(request.headers(), max_wait) {
+            let owner = request
+                .extensions()
+                .get::<ApiCaller>()
+                .map(|c| c.name.clone());
+            return Delivery::Kept { wait, owner };
+        }
         let accept = request
             .headers()
             .get_all(header::ACCEPT)
@@ -282,11 +306,11 @@ impl Answer {
             .collect::<Vec<_>>()
             .join(",");
         if accept.contains("text/event-stream") {
-            Answer::Sse
+            Delivery::Sse
         } else if accept.contains("application/x-ndjson") {
-            Answer::Ndjson
+            Delivery::Ndjson
         } else {
-            Answer::Json
+            Delivery::Json
         }
     }
 }
@@ -314,8 +338,9 @@ enum Kind {
 }
 
 /// Reads and checks the request; publishes nothing.
-async fn prepare(state: &AppState, request: Request) -> Result<(Plan, Answer), ApiError> {
-    let answer = Answer::of(&request);
+async fn prepare(state: &AppState, request: Request) -> Result<(Plan, Delivery), ApiError> {
+    let limits = &state.limits;
+    let answer = Delivery::of(&request, Duration::from_millis(limits.max_timeout_ms));
     let (parts, body) = request.into_parts();
     let raw = parts
         .uri
@@ -326,10 +351,14 @@ async fn prepare(state: &AppState, request: Request) -> Result<(Plan, Answer), A
     let service = ServiceName::parse(super::devices::path_segment("service", raw)?)
         .map_err(ApiError::InvalidService)?;
     let caller = parts.extensions.get::<ApiCaller>();
-    let limits = &state.limits;
+    // A fan-out kept as a call resource may run as long as an async call may.
+    let gateway_max = match answer {
+        Delivery::Kept { .. } => limits.max_async_timeout_ms,
+        _ => limits.max_timeout_ms,
+    };
     let max_timeout_ms = caller
         .and_then(|c| c.max_timeout_ms)
-        .map_or(limits.max_timeout_ms, |own| own.min(limits.max_timeout_ms));
+        .map_or(gateway_max, |own| own.min(gateway_max));
     let timeout = super::devices::parse_timeout(parts.uri.query(), limits, max_timeout_ms)?;
     let mut user_properties = super::devices::user_properties(&parts.headers)?;
     if let Some(id) = parts.headers.get("x-request-id") {
@@ -850,41 +879,11 @@ impl Gather {
 
     /// Every result, then one document: 200, 207 or 424.
     async fn json(mut self) -> Response {
-        let mut results = BTreeMap::new();
-        let mut unattributed = Vec::new();
-        // Held until the response is made, so the budget counts the replies kept.
-        let mut held = Vec::new();
+        let mut aggregate = Aggregate::default();
         while let Some(item) = self.next().await {
-            let Item {
-                doc,
-                _held,
-                attributed,
-            } = item;
-            held.push(_held);
-            match (&doc.device_id, attributed) {
-                (Some(id), true) => {
-                    results.insert(id.clone(), doc);
-                }
-                _ => unattributed.push(doc),
-            }
+            aggregate.add(item);
         }
-        let summary = std::mem::take(&mut self.summary);
-        let status = if summary.succeeded > 0 && summary.failed == 0 {
-            StatusCode::OK
-        } else if summary.succeeded > 0 {
-            StatusCode::MULTI_STATUS
-        } else {
-            StatusCode::FAILED_DEPENDENCY
-        };
-        let document = FanOutResult {
-            service: self.service.clone(),
-            group: self.group.clone(),
-            results,
-            unattributed,
-            summary,
-        };
-        let body = serde_json::to_vec(&document).unwrap_or_default();
-        drop(held);
+        let (status, body) = aggregate.document(&mut self);
         (
             status,
             [(
@@ -895,6 +894,142 @@ impl Gather {
         )
             .into_response()
     }
+}
+
+/// The results gathered for the one document, each holding its reply's bytes in the budget
+/// until the document is made.
+#[derive(Default)]
+struct Aggregate {
+    results: BTreeMap<String, DeviceResult>,
+    unattributed: Vec<DeviceResult>,
+    held: Vec<Held>,
+}
+
+impl Aggregate {
+    fn add(&mut self, item: Item) {
+        let Item {
+            doc,
+            _held,
+            attributed,
+        } = item;
+        self.held.extend(_held);
+        match (&doc.device_id, attributed) {
+            (Some(id), true) => {
+                self.results.insert(id.clone(), doc);
+            }
+            _ => self.unattributed.push(doc),
+        }
+    }
+
+    /// The document once the fan-out has ended, and its status: 200 when every device
+    /// succeeded, 207 when some did, 424 when none did.
+    fn document(self, gather: &mut Gather) -> (StatusCode, Vec<u8>) {
+        let summary = std::mem::take(&mut gather.summary);
+        let status = if summary.succeeded > 0 && summary.failed == 0 {
+            StatusCode::OK
+        } else if summary.succeeded > 0 {
+            StatusCode::MULTI_STATUS
+        } else {
+            StatusCode::FAILED_DEPENDENCY
+        };
+        let document = FanOutResult {
+            service: gather.service.clone(),
+            group: gather.group.clone(),
+            results: self.results,
+            unattributed: self.unattributed,
+            summary,
+        };
+        (status, serde_json::to_vec(&document).unwrap_or_default())
+    }
+}
+
+/// The `device` of a fan-out's call resource: never a device id (a device id cannot start
+/// with `$`), so nothing takes it for one.
+pub(crate) const FAN_OUT_DEVICE: &str = "$fan-out";
+
+/// `Prefer: respond-async`: keeps the fan-out as a call resource (each device's result a
+/// progress event, the document its result), then answers as an async call does.
+async fn keep(
+    state: &AppState,
+    plan: Plan,
+    wait: Option<Duration>,
+    owner: Option<std::sync::Arc<str>>,
+    started: Instant,
+) -> Response {
+    let timeout = plan.timeout;
+    let service = plan.service.to_string();
+    let created = state
+        .calls
+        .create(owner, FAN_OUT_DEVICE, &service, timeout, None, None)
+        .await;
+    let (record, cancelled) = match created {
+        Ok(Created::New(record, cancelled)) => (record, cancelled),
+        // Without an idempotency key there is no earlier call to find.
+        Ok(Created::Repeat(_) | Created::Mismatch) => {
+            return ApiError::IdempotencyKeyReused.into_response()
+        }
+        Err(Full::Calls(limit)) => return ApiError::TooManyCalls { limit }.into_response(),
+        Err(Full::Bytes(limit)) => return ApiError::CallStoreFull { limit }.into_response(),
+        Err(Full::Store) => return ApiError::StoreUnavailable.into_response(),
+    };
+    let gather = plan.start(state, started);
+    tokio::spawn(run_kept(
+        state.calls.clone(),
+        record.clone(),
+        gather,
+        cancelled,
+    ));
+    let new = calls_routes::Answer::New { timeout };
+    calls_routes::answer(state, &record, Mode::Async { wait }, new).await
+}
+
+/// Feeds a kept fan-out's record: each result as a progress event, then the document as its
+/// result; or, cancelled (`DELETE`), stops it, which cancels every device still working.
+async fn run_kept(
+    calls: std::sync::Arc<Calls>,
+    record: std::sync::Arc<Record>,
+    mut gather: Gather,
+    mut cancelled: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut aggregate = Aggregate::default();
+    let json = |payload: Vec<u8>, status: Option<u16>| Received {
+        reply: mqtt_rpc::Reply {
+            payload: Bytes::from(payload),
+            content_type: Some("application/json".into()),
+            status,
+            user_properties: Vec::new(),
+        },
+        held: None,
+    };
+    let mut cancel_open = true;
+    loop {
+        tokio::select! {
+            item = gather.next() => match item {
+                Some(item) => {
+                    let event = serde_json::to_vec(&item.doc).unwrap_or_default();
+                    calls.progress_update(&record, json(event, None)).await;
+                    aggregate.add(item);
+                }
+                None => {
+                    let (status, body) = aggregate.document(&mut gather);
+                    let result = Ok(json(body, Some(status.as_u16())));
+                    return calls.finish_with(&record, result).await;
+                }
+            },
+            cancel = &mut cancelled, if cancel_open => {
+                if cancel.is_err() {
+                    // Its sender went with an outcome: nothing to cancel.
+                    cancel_open = false;
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+    // Dropping the fan-out sends every device still working its cancel.
+    drop(gather);
+    let cancelled = Outcome::Problem(ApiError::Cancelled.stored());
+    calls.end(&record, CallState::Cancelled, cancelled).await;
 }
 
 /// Results as server-sent events: `result` (ids from 1), then `summary`.

@@ -38,6 +38,7 @@ pub use auth::new_api_key;
 pub use docs::openapi_json;
 pub(crate) use error::ApiError;
 pub use error::{Problem, ProblemCode, Retry, SchemaViolation, PROBLEM_TYPE_PREFIX};
+pub(crate) use fan_out::FAN_OUT_DEVICE;
 
 /// The shortest `timeout_ms` a caller may ask for. A round trip through a broker takes about a
 /// millisecond on one machine and more across a network; below 100 ms a call would mostly

@@ -14,29 +14,32 @@ use crate::async_calls::read_events_until;
 use crate::helpers::*;
 
 /// A host that is every device `{prefix}{i}` for i in `range`, service `work`: after `delay`
-/// it answers `{"device": its id, "got": the payload}` with `status`. Counts the handlers
-/// stopped before they answered in `stopped`.
+/// it answers `{"device": its id, "got": the payload}` with `status`. Counts in `handlers`
+/// those that started, and those stopped before they answered.
 async fn devices(
     broker: &TestBroker,
     prefix: &str,
     range: std::ops::Range<usize>,
     delay: Duration,
     status: u16,
-    stopped: Option<Arc<AtomicUsize>>,
+    handlers: Option<Arc<Handlers>>,
 ) -> RunningHost {
     let handler = move |request: mqtt_rpc::ServiceRequest| {
-        let stopped = stopped.clone();
+        let handlers = handlers.clone();
         async move {
             // Counts a handler dropped before it finished: the device's cancel stopped it.
-            struct Guard(Option<Arc<AtomicUsize>>, bool);
+            struct Guard(Option<Arc<Handlers>>, bool);
             impl Drop for Guard {
                 fn drop(&mut self) {
                     if let (Some(count), false) = (&self.0, self.1) {
-                        count.fetch_add(1, Ordering::SeqCst);
+                        count.stopped.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             }
-            let mut guard = Guard(stopped, false);
+            if let Some(count) = &handlers {
+                count.started.fetch_add(1, Ordering::SeqCst);
+            }
+            let mut guard = Guard(handlers, false);
             tokio::time::sleep(delay).await;
             guard.1 = true;
             let device = request
@@ -58,6 +61,23 @@ async fn devices(
             .unwrap();
     }
     start_ready(host).await
+}
+
+/// How many of a host's handlers started, and how many were stopped before they answered.
+#[derive(Default)]
+struct Handlers {
+    started: AtomicUsize,
+    stopped: AtomicUsize,
+}
+
+impl Handlers {
+    fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    fn stopped(&self) -> usize {
+        self.stopped.load(Ordering::SeqCst)
+    }
 }
 
 /// A group member: device `id`, in group `floor-1`, answering `work` after `delay`.
@@ -98,14 +118,14 @@ async fn a_fan_out_to_200_devices_gives_each_its_own_result_by_the_deadline() {
     let broker = TestBroker::start();
     let app = TestApp::spawn(&broker).await;
     let _ok = devices(&broker, "ok-", 0..120, Duration::ZERO, 200, None).await;
-    let slow_stopped = Arc::new(AtomicUsize::new(0));
+    let slow = Arc::new(Handlers::default());
     let _slow = devices(
         &broker,
         "slow-",
         0..30,
         Duration::from_secs(30),
         200,
-        Some(slow_stopped.clone()),
+        Some(slow.clone()),
     )
     .await;
     let _refusing = devices(&broker, "no-", 0..30, Duration::ZERO, 403, None).await;
@@ -213,10 +233,7 @@ async fn a_fan_out_to_200_devices_gives_each_its_own_result_by_the_deadline() {
     );
     // The slow devices were told to stop when the deadline passed.
     assert!(
-        eventually(Duration::from_secs(10), || {
-            slow_stopped.load(Ordering::SeqCst) == 30
-        })
-        .await,
+        eventually(Duration::from_secs(10), || { slow.stopped() == 30 }).await,
         "every slow device's handler was stopped"
     );
     assert_eq!(app.mqtt.stats().parked, 0, "no call left parked");
@@ -362,14 +379,14 @@ async fn a_client_that_leaves_mid_way_cancels_every_device_still_working() {
     let broker = TestBroker::start();
     let app = TestApp::spawn(&broker).await;
     let _fast = devices(&broker, "fast-", 0..1, Duration::ZERO, 200, None).await;
-    let stopped = Arc::new(AtomicUsize::new(0));
+    let long = Arc::new(Handlers::default());
     let _long = devices(
         &broker,
         "long-",
         0..5,
         Duration::from_secs(60),
         200,
-        Some(stopped.clone()),
+        Some(long.clone()),
     )
     .await;
     let list: Vec<String> = std::iter::once("fast-0".to_owned())
@@ -393,12 +410,13 @@ async fn a_client_that_leaves_mid_way_cancels_every_device_still_working() {
         buffer.push_str(std::str::from_utf8(&chunk).unwrap());
     }
     assert!(buffer.contains("fast-0"), "{buffer}");
-    assert!(eventually(Duration::from_secs(5), || app.mqtt.stats().parked == 5).await);
+    // Every long device is working on it (a cancel that comes before its handler starts
+    // stops it unseen).
+    assert!(eventually(Duration::from_secs(5), || long.started() == 5).await);
+    assert_eq!(app.mqtt.stats().parked, 5);
     drop(response);
     assert!(
-        eventually(Duration::from_secs(10), || stopped.load(Ordering::SeqCst)
-            == 5)
-        .await,
+        eventually(Duration::from_secs(10), || long.stopped() == 5).await,
         "every long device's handler was stopped"
     );
     assert_eq!(app.mqtt.stats().parked, 0);
@@ -555,4 +573,113 @@ async fn a_bad_fan_out_is_refused_with_a_clear_problem_and_publishes_nothing() {
         body["results"]["demo-1"]["reply"]["json"],
         json!({ "x": 1 })
     );
+}
+
+#[tokio::test]
+async fn an_async_fan_out_is_a_call_resource_whose_delete_cancels_the_rest() {
+    let broker = TestBroker::start();
+    let app = TestApp::spawn(&broker).await;
+    let _now = devices(&broker, "now-", 0..2, Duration::ZERO, 200, None).await;
+    let long = Arc::new(Handlers::default());
+    let _long = devices(
+        &broker,
+        "long-",
+        0..3,
+        Duration::from_secs(60),
+        200,
+        Some(long.clone()),
+    )
+    .await;
+    let list = json!({ "devices": ["now-0", "long-0", "now-1", "long-1", "long-2"], "payload": 7 });
+    let response = app
+        .http
+        .post(app.url("/api/v1/services/work/fan-out?timeout_ms=120000"))
+        .header("prefer", "respond-async")
+        .json(&list)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.headers()["preference-applied"], "respond-async");
+    let at = response.headers()["location"].to_str().unwrap().to_owned();
+    let doc: Value = response.json().await.unwrap();
+    assert_eq!(doc["device_id"], "$fan-out");
+    assert_eq!(doc["service"], "work");
+
+    // Each device's result is a progress event, as it arrives.
+    let mut events = app
+        .http
+        .get(app.url(&format!("{at}/events")))
+        .send()
+        .await
+        .unwrap();
+    let progress = read_events_until(&mut events, 2, |_| false).await;
+    let mut answered: Vec<&str> = progress
+        .iter()
+        .map(|e| {
+            assert_eq!(e.event, "progress");
+            assert_eq!(e.data["json"]["outcome"], "succeeded");
+            e.data["json"]["device_id"].as_str().unwrap()
+        })
+        .collect();
+    answered.sort();
+    assert_eq!(answered, ["now-0", "now-1"]);
+    let status: Value = app
+        .http
+        .get(app.url(&at))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["progress_count"], 2, "{status}");
+    assert!(status["state"] != "succeeded", "still running: {status}");
+
+    // DELETE stops it: the three devices still working are told to stop.
+    assert!(eventually(Duration::from_secs(5), || long.started() == 3).await);
+    let deleted = app.http.delete(app.url(&at)).send().await.unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(10), || long.stopped() == 3).await,
+        "every device still working was cancelled"
+    );
+    assert!(eventually(Duration::from_secs(5), || app.mqtt.stats().parked == 0).await);
+
+    // With wait=N, a fan-out that ends within it is answered with its document.
+    let response = app
+        .http
+        .post(app.url("/api/v1/services/work/fan-out"))
+        .header("prefer", "respond-async, wait=5")
+        .json(&json!({ "devices": ["now-0", "now-1"], "payload": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["preference-applied"], "wait=5");
+    let at = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["summary"]["succeeded"], 2);
+    let result = app
+        .http
+        .get(app.url(&format!("{at}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 200);
+    let again: Value = result.json().await.unwrap();
+    assert_eq!(again, body, "/result is the same document");
+    let status: Value = app
+        .http
+        .get(app.url(&at))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "succeeded");
 }
