@@ -31,52 +31,62 @@ const RETRY_FULL: Duration = Duration::from_millis(5);
 /// Paces requests: at most `per_second` a second, in bursts of at most `burst`. One pacer
 /// shared by every fan-out of a caller keeps them together within the rate, so a fan-out to
 /// thousands of devices neither floods the broker nor fills the request channel that ordinary
-/// calls use. A rate limiter from `governor` (GCRA), awaited on tokio's timer, never spun on.
+/// calls use. Requests go a chunk at a time (5 ms' worth), so paced requests are still written
+/// to the broker a batch at a time: one at a time costs a write and a wake-up each, about
+/// twice the CPU per request (measured, BENCHMARKS.md).
+///
+/// A token bucket on tokio's timer, written here rather than taken from `governor` (the
+/// gateway's rate limiter): a device author's build of this crate must not grow by a rate
+/// limiter's tree for a feature only callers use (`.ci/run` checks the tree), and the bucket
+/// is a dozen lines.
 pub struct Pacer {
-    limiter: governor::DefaultDirectRateLimiter,
-    /// Requests let through together: a few milliseconds' worth, so that paced requests are
-    /// still written to the broker a batch at a time (one at a time costs a write and a
-    /// wake-up each: twice the CPU per request, measured).
-    chunk: NonZeroU32,
+    per_second: f64,
+    burst: f64,
+    chunk: u32,
+    /// Tokens now, and when they were counted.
+    bucket: std::sync::Mutex<(f64, Instant)>,
 }
 
 impl std::fmt::Debug for Pacer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pacer").finish_non_exhaustive()
+        f.debug_struct("Pacer")
+            .field("per_second", &self.per_second)
+            .field("burst", &self.burst)
+            .finish_non_exhaustive()
     }
 }
 
 impl Pacer {
-    /// A pacer of `per_second` requests a second, `burst` at once.
+    /// A pacer of `per_second` requests a second, `burst` at once (it starts full).
     pub fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Arc<Self> {
-        let quota = governor::Quota::per_second(per_second).allow_burst(burst);
         // 5 ms' worth, within the burst.
         let chunk = (per_second.get() / 200).clamp(1, burst.get());
         Arc::new(Self {
-            limiter: governor::RateLimiter::direct(quota),
-            chunk: NonZeroU32::new(chunk).unwrap_or(NonZeroU32::MIN),
+            per_second: f64::from(per_second.get()),
+            burst: f64::from(burst.get()),
+            chunk,
+            bucket: std::sync::Mutex::new((f64::from(burst.get()), Instant::now())),
         })
     }
 
-    /// Waits until the next requests may go, and says how many (a chunk). On tokio's timer,
-    /// not governor's own (which runs a thread of its own and wakes it for every wait).
+    /// Waits until the next requests may go, and says how many (a chunk).
     async fn wait(&self) -> u32 {
-        use governor::clock::Clock as _;
         loop {
-            match self.limiter.check_n(self.chunk) {
-                Ok(Ok(())) => return self.chunk.get(),
-                Ok(Err(not_until)) => {
-                    let now = self.limiter.clock().now();
-                    tokio::time::sleep(not_until.wait_time_from(now)).await;
+            let short = {
+                // Every critical section leaves the bucket whole: a poisoned lock is usable.
+                let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                let (tokens, at) = *bucket;
+                let tokens = (tokens + (now - at).as_secs_f64() * self.per_second).min(self.burst);
+                let chunk = f64::from(self.chunk);
+                if tokens >= chunk {
+                    *bucket = (tokens - chunk, now);
+                    return self.chunk;
                 }
-                // The chunk is never larger than the burst; one at a time if it were.
-                Err(_) => {
-                    if self.limiter.check().is_ok() {
-                        return 1;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
+                *bucket = (tokens, now);
+                chunk - tokens
+            };
+            tokio::time::sleep(Duration::from_secs_f64(short / self.per_second)).await;
         }
     }
 }
@@ -492,5 +502,33 @@ impl GroupRun {
     fn end(&mut self, end: GroupEnd) -> GroupUpdate {
         self.parked = None;
         GroupUpdate::Done(end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pacer_lets_its_burst_through_then_keeps_its_rate() {
+        let pacer = Pacer::new(1_000.try_into().unwrap(), 100.try_into().unwrap());
+        let started = Instant::now();
+        let mut granted = 0;
+        while granted < 100 {
+            granted += pacer.wait().await;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(1),
+            "the burst at once"
+        );
+        while granted < 1_100 {
+            granted += pacer.wait().await;
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(990) && took <= Duration::from_millis(1_010),
+            "1,000 more at 1,000 a second: {took:?}"
+        );
+        assert_eq!(pacer.chunk, 5, "5 ms' worth at a time");
     }
 }
