@@ -233,7 +233,7 @@ pub(crate) struct FanOutResult {
         ("service" = String, Path, description = "The service to call on every device, with the rules of a call's `service`.", min_length = 1, max_length = 256, example = "echo"),
         ("timeout_ms" = Option<u64>, Query, description = "The one deadline, in milliseconds, for every device (each request's Message Expiry is what is left of it when it is sent). From 100 to `--max-timeout-ms`; default 10000.", minimum = 100, maximum = 300000, example = 5000),
         ("Accept" = Option<String>, Header, description = "`text/event-stream` or `application/x-ndjson` stream each result as it arrives, then the summary."),
-        ("Prefer" = Option<String>, Header, description = "`respond-async` (with `wait=N`, seconds): the fan-out becomes a call resource, as for an async call: 202 with `Location: /api/v1/calls/{call_id}`, whose `device_id` is `$fan-out`, each device's result a progress event, and this document its result. `timeout_ms` may then go up to `--max-async-timeout-ms`.", example = "respond-async"),
+        ("Prefer" = Option<String>, Header, description = "`respond-async` (with `wait=N`, seconds): the fan-out becomes a call resource, as for an async call: 202 with `Location: /api/v1/calls/{call_id}`, whose `device_id` is `$fan-out`, each device's result a progress event (its JSON has `result` and `so_far`: the counts of results so far, succeeded, failed and by outcome, so `GET`'s `latest_progress` shows them), and this document its result. `timeout_ms` may then go up to `--max-async-timeout-ms`.", example = "respond-async"),
     ),
     request_body(content = FanOutRequest, content_type = "application/json",
         example = json!({"devices": ["demo-1"], "payload": {"hello": "world"}})),
@@ -943,6 +943,23 @@ impl Aggregate {
     }
 }
 
+/// One progress event of a fan-out kept as a call resource: a device's result, and the counts
+/// so far (so `GET`, which shows the latest event, shows them too).
+#[derive(Serialize)]
+struct KeptEvent<'a> {
+    result: &'a DeviceResult,
+    so_far: SoFar<'a>,
+}
+
+/// The counts of a fan-out's results so far.
+#[derive(Serialize)]
+struct SoFar<'a> {
+    results: usize,
+    succeeded: usize,
+    failed: usize,
+    outcomes: &'a BTreeMap<String, usize>,
+}
+
 /// The `device` of a fan-out's call resource: never a device id (a device id cannot start
 /// with `$`), so nothing takes it for one.
 pub(crate) const FAN_OUT_DEVICE: &str = "$fan-out";
@@ -1006,7 +1023,17 @@ async fn run_kept(
         tokio::select! {
             item = gather.next() => match item {
                 Some(item) => {
-                    let event = serde_json::to_vec(&item.doc).unwrap_or_default();
+                    let summary = &gather.summary;
+                    let event = KeptEvent {
+                        result: &item.doc,
+                        so_far: SoFar {
+                            results: summary.succeeded + summary.failed,
+                            succeeded: summary.succeeded,
+                            failed: summary.failed,
+                            outcomes: &summary.outcomes,
+                        },
+                    };
+                    let event = serde_json::to_vec(&event).unwrap_or_default();
                     calls.progress_update(&record, json(event, None)).await;
                     aggregate.add(item);
                 }

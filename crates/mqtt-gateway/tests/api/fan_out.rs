@@ -618,8 +618,8 @@ async fn an_async_fan_out_is_a_call_resource_whose_delete_cancels_the_rest() {
         .iter()
         .map(|e| {
             assert_eq!(e.event, "progress");
-            assert_eq!(e.data["json"]["outcome"], "succeeded");
-            e.data["json"]["device_id"].as_str().unwrap()
+            assert_eq!(e.data["json"]["result"]["outcome"], "succeeded");
+            e.data["json"]["result"]["device_id"].as_str().unwrap()
         })
         .collect();
     answered.sort();
@@ -635,6 +635,11 @@ async fn an_async_fan_out_is_a_call_resource_whose_delete_cancels_the_rest() {
         .unwrap();
     assert_eq!(status["progress_count"], 2, "{status}");
     assert!(status["state"] != "succeeded", "still running: {status}");
+    // GET shows the counts so far with the latest result.
+    let so_far = &status["latest_progress"]["json"]["so_far"];
+    assert_eq!(so_far["results"], 2, "{status}");
+    assert_eq!(so_far["succeeded"], 2);
+    assert_eq!(so_far["outcomes"], json!({ "succeeded": 2 }));
 
     // DELETE stops it: the three devices still working are told to stop.
     assert!(eventually(Duration::from_secs(5), || long.started() == 3).await);
