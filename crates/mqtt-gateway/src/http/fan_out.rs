@@ -231,7 +231,7 @@ pub(crate) struct FanOutResult {
     security((), ("bearer" = [])),
     params(
         ("service" = String, Path, description = "The service to call on every device, with the rules of a call's `service`.", min_length = 1, max_length = 256, example = "echo"),
-        ("timeout_ms" = Option<u64>, Query, description = "The one deadline, in milliseconds, for every device (each request's Message Expiry is what is left of it when it is sent). From 100 to `--max-timeout-ms`; default 10000.", minimum = 100, maximum = 300000, example = 5000),
+        ("timeout_ms" = Option<u64>, Query, description = "The one deadline, in milliseconds, for every device (each request's Message Expiry is what is left of it when it is sent). From 100; default 10000; the maximum is 300000 unless the gateway is configured otherwise (`--max-timeout-ms`), and 3600000 with `Prefer: respond-async` (`--max-async-timeout-ms`).", minimum = 100, maximum = 3600000, example = 5000),
         ("Accept" = Option<String>, Header, description = "`text/event-stream` or `application/x-ndjson` stream each result as it arrives, then the summary."),
         ("Prefer" = Option<String>, Header, description = "`respond-async` (with `wait=N`, seconds): the fan-out becomes a call resource, as for an async call: 202 with `Location: /api/v1/calls/{call_id}`, whose `device_id` is `$fan-out`, each device's result a progress event (its JSON has `result` and `so_far`: the counts of results so far, succeeded, failed and by outcome, so `GET`'s `latest_progress` shows them), and this document its result. `timeout_ms` may then go up to `--max-async-timeout-ms`.", example = "respond-async"),
     ),
