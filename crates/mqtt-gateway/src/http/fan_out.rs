@@ -68,7 +68,7 @@ pub(crate) struct FanOutRequest {
     group: Option<GroupTarget>,
     /// The payload, as JSON: sent as its JSON text, with Content Type `application/json`
     /// unless `content_type` says otherwise.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<serde_json::Value>)]
     payload: Option<serde_json::Value>,
     /// The payload as bytes, base64 (standard alphabet), in place of `payload`.
     payload_base64: Option<String>,
@@ -87,7 +87,7 @@ pub(crate) enum DeviceTarget {
         /// The device id.
         id: String,
         /// Its payload, sent as JSON text.
-        #[schema(value_type = Object)]
+        #[schema(value_type = serde_json::Value)]
         payload: serde_json::Value,
     },
 }
