@@ -158,8 +158,8 @@ pub(crate) struct SseEventDoc {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum BodyDoc {
-    /// The payload, parsed.
-    #[schema(value_type = Object)]
+    /// The payload, parsed: any JSON value.
+    #[schema(value_type = serde_json::Value)]
     Json(serde_json::Value),
     /// The payload as text.
     Text(String),
