@@ -33,6 +33,7 @@ pub const PROGRESS_PROPERTY: &str = "rpc-progress";
 /// publishes an empty message (QoS 1) to the request topic with this in place of the
 /// service (`devices/{device_id}/$cancel`), with the call's Response Topic and Correlation
 /// Data. A responder stops the handler running for that pair and sends nothing more for it.
+/// A group call's cancel goes to `groups/{group}/$cancel`, where every member receives it.
 /// No service can be called `$cancel` (a service name never starts with `$`), and a responder
 /// never answers a message on this topic.
 pub const CANCEL_SERVICE: &str = "$cancel";

@@ -113,6 +113,18 @@ pub fn group_topic(group: &GroupName, service: &ServiceName) -> String {
     )
 }
 
+/// Where a caller cancels a group call ([`crate::protocol::CANCEL_SERVICE`] in the service
+/// level of the group's topics): `groups/{group}/$cancel`. Every member subscribed to one of
+/// the group's services receives it, and the one still running that call stops it.
+pub(crate) fn group_cancel_topic(group: &str) -> String {
+    format!(
+        "{}/{}/{}",
+        crate::protocol::GROUP_TOPIC_PREFIX,
+        group,
+        crate::protocol::CANCEL_SERVICE
+    )
+}
+
 /// Where requests are published: a template such as `devices/{device_id}/{service}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate(String);

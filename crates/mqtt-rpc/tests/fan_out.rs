@@ -178,3 +178,77 @@ async fn a_group_call_gathers_every_members_reply_until_the_stall_timer() {
     assert!(matches!(end, GroupEnd::MaxReplies), "{end:?}");
     assert_eq!(caller.stats().parked, 0);
 }
+
+#[tokio::test]
+async fn a_group_call_given_up_on_stops_the_members_still_working() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let broker = broker();
+    let _quick = device(&broker, "quick", Duration::ZERO).await;
+    // A member that takes a minute, and counts its handlers started and stopped unfinished.
+    let started = Arc::new(AtomicUsize::new(0));
+    let stopped = Arc::new(AtomicUsize::new(0));
+    let (s, t) = (started.clone(), stopped.clone());
+    let handler = move |_request: mqtt_rpc::ServiceRequest| {
+        struct Unfinished(Arc<AtomicUsize>);
+        impl Drop for Unfinished {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        s.fetch_add(1, Ordering::SeqCst);
+        let unfinished = Unfinished(t.clone());
+        async move {
+            let _unfinished = unfinished;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Reply::new("too late")
+        }
+    };
+    let slow = ServiceHost::new(broker.mqtt_options("device-slow"))
+        .device_id(id("slow"))
+        .service("groups/floor-1/whoami", handler)
+        .unwrap()
+        .start();
+    tokio::time::timeout(Duration::from_secs(10), slow.wait_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    let caller = caller(&broker, "group-canceller").await;
+
+    let call = GroupCall {
+        stall: Some(Duration::from_millis(300)),
+        timeout: Duration::from_secs(30),
+        ..GroupCall::new(
+            GroupName::parse("floor-1").unwrap(),
+            ServiceName::parse("whoami").unwrap(),
+            "hi",
+        )
+    };
+    let mut run = caller.send_group(caller.reserve().unwrap(), call).unwrap();
+    let mut replies = 0;
+    let end = loop {
+        match run.next().await.unwrap() {
+            GroupUpdate::Reply(_) => replies += 1,
+            GroupUpdate::Skipped(e) => panic!("skipped: {e}"),
+            GroupUpdate::Done(end) => break end,
+        }
+    };
+    assert_eq!(replies, 1, "only the quick member answered");
+    assert!(matches!(end, GroupEnd::Stalled), "{end:?}");
+    assert_eq!(started.load(Ordering::SeqCst), 1, "the slow member got it");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stopped.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        stopped.load(Ordering::SeqCst),
+        1,
+        "the group's cancel stopped the slow member's handler"
+    );
+    assert_eq!(
+        caller.stats().cancels_sent,
+        1,
+        "one cancel for the whole group"
+    );
+}

@@ -27,21 +27,11 @@ async fn devices(
     let handler = move |request: mqtt_rpc::ServiceRequest| {
         let handlers = handlers.clone();
         async move {
-            // Counts a handler dropped before it finished: the device's cancel stopped it.
-            struct Guard(Option<Arc<Handlers>>, bool);
-            impl Drop for Guard {
-                fn drop(&mut self) {
-                    if let (Some(count), false) = (&self.0, self.1) {
-                        count.stopped.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-            if let Some(count) = &handlers {
-                count.started.fetch_add(1, Ordering::SeqCst);
-            }
-            let mut guard = Guard(handlers, false);
+            let unfinished = handlers.as_ref().map(|h| h.start());
             tokio::time::sleep(delay).await;
-            guard.1 = true;
+            if let Some(unfinished) = unfinished {
+                unfinished.finished();
+            }
             let device = request
                 .topic
                 .split('/')
@@ -70,7 +60,31 @@ struct Handlers {
     stopped: AtomicUsize,
 }
 
+/// A handler under way: counted as stopped if dropped before [`Unfinished::finished`] (the
+/// device's cancel stopped it).
+struct Unfinished(Option<Arc<Handlers>>);
+
+impl Unfinished {
+    fn finished(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(count) = &self.0 {
+            count.stopped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 impl Handlers {
+    /// Counts a handler started; the guard counts it stopped unless it finishes.
+    fn start(self: &Arc<Self>) -> Unfinished {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        Unfinished(Some(self.clone()))
+    }
+
     fn started(&self) -> usize {
         self.started.load(Ordering::SeqCst)
     }
@@ -82,13 +96,27 @@ impl Handlers {
 
 /// A group member: device `id`, in group `floor-1`, answering `work` after `delay`.
 async fn member(broker: &TestBroker, id: &str, delay: Duration) -> RunningHost {
+    counted_member(broker, id, delay, None).await
+}
+
+/// [`member`], counting in `handlers` its handlers started and stopped before they answered.
+async fn counted_member(
+    broker: &TestBroker,
+    id: &str,
+    delay: Duration,
+    handlers: Option<Arc<Handlers>>,
+) -> RunningHost {
     let me = id.to_owned();
     let host = ServiceHost::new(broker.mqtt_options(&format!("member-{id}")))
         .device_id(mqtt_rpc::DeviceId::parse(id).unwrap())
         .service("groups/floor-1/work", move |request| {
             let me = me.clone();
+            let unfinished = handlers.as_ref().map(|h| h.start());
             async move {
                 tokio::time::sleep(delay).await;
+                if let Some(unfinished) = unfinished {
+                    unfinished.finished();
+                }
                 let got: Value = serde_json::from_slice(&request.payload).unwrap_or(Value::Null);
                 Reply::json(&json!({ "device": me, "got": got }))
             }
@@ -372,6 +400,60 @@ async fn a_group_fan_out_gathers_however_many_members_answer() {
     };
     assert_eq!(body["summary"]["ended"], ended, "{body}");
     assert_eq!(body["summary"]["targets"], 0);
+}
+
+#[tokio::test]
+async fn a_group_fan_out_given_up_on_stops_the_members_still_working() {
+    let broker = TestBroker::start();
+    let app = TestApp::spawn(&broker).await;
+    let _quick = member(&broker, "quick", Duration::ZERO).await;
+    let slow = Arc::new(Handlers::default());
+    let mut _slow = Vec::new();
+    for id in ["slow-0", "slow-1"] {
+        let handlers = Some(slow.clone());
+        _slow.push(counted_member(&broker, id, Duration::from_secs(60), handlers).await);
+    }
+
+    // The stall timer ends it: the two slow members are told to stop.
+    let response = fan_out(
+        &app,
+        "?timeout_ms=60000",
+        json!({ "group": { "name": "floor-1", "stall_ms": 500 } }),
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["summary"]["ended"], "stalled", "{body}");
+    let answered: Vec<&String> = body["results"].as_object().unwrap().keys().collect();
+    assert_eq!(answered, ["quick"]);
+    assert_eq!(slow.started(), 2);
+    assert!(
+        eventually(Duration::from_secs(10), || slow.stopped() == 2).await,
+        "the group's cancel stopped both slow members: {} stopped",
+        slow.stopped()
+    );
+
+    // A kept group fan-out: DELETE tells the members still working to stop.
+    let response = app
+        .http
+        .post(app.url("/api/v1/services/work/fan-out?timeout_ms=60000"))
+        .header("prefer", "respond-async")
+        .json(&json!({ "group": { "name": "floor-1" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let at = response.headers()["location"].to_str().unwrap().to_owned();
+    assert!(eventually(Duration::from_secs(5), || slow.started() == 4).await);
+    let deleted = app.http.delete(app.url(&at)).send().await.unwrap();
+    assert_eq!(deleted.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(10), || slow.stopped() == 4).await,
+        "DELETE stopped both slow members: {} stopped",
+        slow.stopped()
+    );
+    assert!(eventually(Duration::from_secs(5), || app.mqtt.stats().parked == 0).await);
 }
 
 #[tokio::test]

@@ -376,7 +376,9 @@ impl Caller {
                     timeout: call.timeout,
                     _slot: Slot { _permit: permit },
                     caller: inner.clone(),
-                    cancel: inner.cancel_abandoned.then(|| call.device.as_str().into()),
+                    cancel: inner
+                        .cancel_abandoned
+                        .then(|| CancelTo::Device(call.device.as_str().into())),
                 };
                 Some(Streaming {
                     deadline: now + call.timeout,
@@ -495,20 +497,20 @@ impl Caller {
         self.park_and_publish_with(slot, kind, timeout, held, |reply_to| {
             let (publish, device) = call.into_publish_to(topics, reply_to);
             // Its cancel topic is made only if the call is abandoned.
-            (publish, Some(device.into_boxed_str()))
+            (publish, Some(CancelTo::Device(device.into_boxed_str())))
         })
     }
 
     /// Parks a call of this kind, builds its PUBLISH (given the Response Topic and
     /// Correlation Data, None for a one-way request) and hands it to the connection. `build`
-    /// also names the device an abandoned call's cancel goes to, if any.
+    /// also names where an abandoned call's cancel goes, if anywhere.
     fn park_and_publish_with(
         &self,
         slot: Slot,
         kind: Kind,
         timeout: Duration,
         held: Option<Held>,
-        build: impl FnOnce(Option<(&str, CorrelationId)>) -> (Publish, Option<Box<str>>),
+        build: impl FnOnce(Option<(&str, CorrelationId)>) -> (Publish, Option<CancelTo>),
     ) -> Result<Parked, CallError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
@@ -568,8 +570,11 @@ impl Caller {
     }
 
     /// Publishes one request to a group topic ([`crate::topic::group_topic`]) and gathers the
-    /// members' replies as they come: see [`GroupCall`]. A group call is not cancelled on the
-    /// devices when it ends (the caller cannot know who is still working on it).
+    /// members' replies as they come: see [`GroupCall`]. When it ends before the broker refused
+    /// it (its deadline, the stall timer, the most replies, or the [`GroupRun`] dropped), its
+    /// cancel goes to `groups/{group}/$cancel` ([`CallerOptions::cancel_abandoned`]): the
+    /// caller cannot know which members are still working, so every member receives it, and
+    /// those still running the call stop.
     pub fn send_group(&self, slot: Slot, call: GroupCall) -> Result<GroupRun, CallError> {
         let GroupCall {
             group,
@@ -591,7 +596,7 @@ impl Caller {
                 timeout,
                 reply_to,
             );
-            (publish, None)
+            (publish, Some(CancelTo::Group(group.as_str().into())))
         })?;
         Ok(GroupRun::new(parked, stall, max_replies))
     }
@@ -707,8 +712,16 @@ pub struct Parked {
     timeout: Duration,
     _slot: Slot,
     caller: Arc<Inner>,
-    /// The device, when abandoned calls are cancelled.
-    cancel: Option<Box<str>>,
+    /// Where its cancel goes, when abandoned calls are cancelled.
+    cancel: Option<CancelTo>,
+}
+
+/// Where an abandoned call's cancel goes: a name, its topic made only if it is needed.
+enum CancelTo {
+    /// The device's cancel topic ([`TopicTemplate::cancel_topic`]).
+    Device(Box<str>),
+    /// The group's (`groups/{group}/$cancel`): every member receives it.
+    Group(Box<str>),
 }
 
 impl Parked {
@@ -733,8 +746,11 @@ impl Parked {
 impl Drop for Parked {
     fn drop(&mut self) {
         if self.parked.leave() {
-            if let Some(device) = &self.cancel {
-                let topic = self.caller.topics.cancel_topic_of(device);
+            if let Some(to) = &self.cancel {
+                let topic = match to {
+                    CancelTo::Device(device) => self.caller.topics.cancel_topic_of(device),
+                    CancelTo::Group(group) => crate::topic::group_cancel_topic(group),
+                };
                 let caller = &self.caller;
                 caller.cancel(&topic, &caller.response_topic, self.parked.id());
             }

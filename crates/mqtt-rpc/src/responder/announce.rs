@@ -372,21 +372,20 @@ pub(super) fn json_properties() -> PublishProperties {
 }
 
 /// The cancel topic filters a host subscribes to: one per device level (a name or `+`) of
-/// the filters made from the template whose service level names one service (a `+` or `#`
-/// there already covers the cancel topic).
+/// the filters made from the template, and one per group level of the group filters
+/// (`groups/{group}/{service}`), whose service level names one service (a `+` or `#` there
+/// already covers the cancel topic).
 pub(super) fn cancel_filters<'f>(
     template: &TopicTemplate,
     filters: impl Iterator<Item = &'f TopicFilter>,
 ) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for filter in filters {
-        let Some((device, service)) = names_in(template, filter) else {
-            continue;
+        let cancel = match (group_in(filter), names_in(template, filter)) {
+            (Some((_, "+")), _) | (None, Some((_, "+"))) | (None, None) => continue,
+            (Some((group, _)), _) => crate::topic::group_cancel_topic(group),
+            (None, Some((device, _))) => template.filter(device, crate::protocol::CANCEL_SERVICE),
         };
-        if service == "+" {
-            continue;
-        }
-        let cancel = template.filter(device, crate::protocol::CANCEL_SERVICE);
         if !out.contains(&cancel) {
             out.push(cancel);
         }
@@ -394,9 +393,31 @@ pub(super) fn cancel_filters<'f>(
     out
 }
 
-/// Whether a topic is a cancel topic of the template: its shape, with
-/// [`crate::protocol::CANCEL_SERVICE`] in the service level.
+/// The group and service levels of a group filter (`groups/{group}/{service}`, `$share`
+/// stripped); None for any other filter, and for a `#` in either level.
+fn group_in(filter: &TopicFilter) -> Option<(&str, &str)> {
+    match filter.levels() {
+        [prefix, group, service]
+            if prefix == crate::protocol::GROUP_TOPIC_PREFIX && group != "#" && service != "#" =>
+        {
+            Some((group, service))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a topic is a cancel topic: the template's shape with
+/// [`crate::protocol::CANCEL_SERVICE`] in the service level, or a group's
+/// (`groups/{group}/$cancel`).
 pub(super) fn is_cancel_topic(template: &TopicTemplate, topic: &str) -> bool {
+    if let [prefix, group, service] = topic.split('/').collect::<Vec<_>>()[..] {
+        if prefix == crate::protocol::GROUP_TOPIC_PREFIX
+            && !group.is_empty()
+            && service == crate::protocol::CANCEL_SERVICE
+        {
+            return true;
+        }
+    }
     let mut levels = topic.split('/');
     for expected in template.as_str().split('/') {
         let Some(level) = levels.next() else {
@@ -509,12 +530,21 @@ mod tests {
         assert!(!is_cancel_topic(&t, "devices/d1/echo"));
         assert!(!is_cancel_topic(&t, "devices/d1/$cancel/x"));
         assert!(!is_cancel_topic(&t, "other/d1/$cancel"));
+        assert!(is_cancel_topic(&t, "groups/floor-1/$cancel"));
+        assert!(!is_cancel_topic(&t, "groups/floor-1/echo"));
+        assert!(!is_cancel_topic(&t, "groups//$cancel"));
+        assert!(!is_cancel_topic(&t, "groups/floor-1/$cancel/x"));
         let filters: Vec<TopicFilter> = [
             "devices/d1/echo",
             "devices/d1/get",
             "$share/g/devices/+/echo",
             "devices/d2/+",
             "devices/#",
+            "groups/floor-1/echo",
+            "groups/floor-1/get",
+            "groups/+/reboot",
+            "groups/floor-2/+",
+            "groups/#",
         ]
         .iter()
         .map(|f| TopicFilter::parse(f).unwrap())
@@ -523,9 +553,11 @@ mod tests {
             cancel_filters(&t, filters.iter()),
             vec![
                 "devices/d1/$cancel".to_owned(),
-                "devices/+/$cancel".to_owned()
+                "devices/+/$cancel".to_owned(),
+                "groups/floor-1/$cancel".to_owned(),
+                "groups/+/$cancel".to_owned(),
             ],
-            "one per device level; `+` and `#` service levels already receive it"
+            "one per device or group level; `+` and `#` service levels already receive it"
         );
     }
 }

@@ -39,7 +39,7 @@
 //! or it was cancelled), it publishes a cancel message (`docs/PROTOCOL.md`, section 12) and
 //! the host **drops the handler's future**: it stops at its next `.await`, its destructors run,
 //! and nothing more is sent for it. The host subscribes to its devices' cancel topics
-//! (`devices/{id}/$cancel`) next to its services. Work that must not stop half-way belongs in
+//! (`devices/{id}/$cancel`), and its groups' (`groups/{group}/$cancel`), next to its services. Work that must not stop half-way belongs in
 //! a task the handler spawns.
 //!
 //! Backpressure: at most [`ServiceHost::max_concurrent`] handlers run at once, and at most
