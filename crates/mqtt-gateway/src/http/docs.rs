@@ -84,7 +84,10 @@ fn describe_problem_codes(spec: &mut utoipa::openapi::OpenApi) {
     };
     let mut text = String::from(
         "The stable, machine-readable problem codes. Clients switch on these; they never change \
-         meaning.\n\n| code | status | title | Retry-After |\n|---|---|---|---|\n",
+         meaning. Every problem response also says, in its `Mqtt-Request-Sent` header, whether \
+         a device may have received the request: `no` (a retry anywhere is safe; every 503 is \
+         one), `maybe` (retry only with the same `Idempotency-Key`) or `yes`.\n\n\
+         | code | status | title | Retry-After | Mqtt-Request-Sent |\n|---|---|---|---|---|\n",
     );
     for &code in ProblemCode::ALL {
         let retry = match code.retry() {
@@ -93,10 +96,11 @@ fn describe_problem_codes(spec: &mut utoipa::openapi::OpenApi) {
             Retry::After => "when the limit refills",
         };
         text.push_str(&format!(
-            "| `{}` | {} | {} | {retry} |\n",
+            "| `{}` | {} | {} | {retry} | {} |\n",
             code.as_str(),
             code.status().as_u16(),
-            code.title()
+            code.title(),
+            code.sent().as_str()
         ));
     }
     schema.description = Some(text);

@@ -116,7 +116,8 @@ pub(crate) enum ApiError {
 /// Whether a caller may simply retry, as the `Retry-After` header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
-    /// No `Retry-After`: the request itself must change.
+    /// No `Retry-After`: the request itself must change, or a retry may run the call twice
+    /// (see [`Sent`]).
     No,
     /// `Retry-After: 1`: the condition passes on its own (overload, a reconnect).
     Soon,
@@ -124,13 +125,46 @@ pub enum Retry {
     After,
 }
 
+/// Whether a device may have received the request of a call that failed: what the
+/// `Mqtt-Request-Sent` header of every problem response says, so that a load balancer (or a
+/// client) retries only what cannot run twice. Every 503 is [`Sent::No`], and every
+/// [`Sent::Maybe`] or [`Sent::Yes`] problem has another status, so a balancer that retries
+/// 503s only (`retry-on 503`) never runs a call twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// `no`: no device received it (nothing was published, or the broker delivered it to
+    /// nobody); a retry anywhere is safe.
+    No,
+    /// `maybe`: it was published and then lost, timed out, cancelled or interrupted; retry
+    /// only with the same `Idempotency-Key`.
+    Maybe,
+    /// `yes`: the device received it and answered (an invalid reply, or one that could not
+    /// be held or kept).
+    Yes,
+}
+
+impl Sent {
+    /// The header's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sent::No => "no",
+            Sent::Maybe => "maybe",
+            Sent::Yes => "yes",
+        }
+    }
+}
+
+/// The response header of every problem that says whether a device may have received the
+/// request ([`Sent`]).
+pub(crate) const REQUEST_SENT_HEADER: &str = "mqtt-request-sent";
+
 /// The problem codes, declared once: the enum, its string, status, title and retry advice, the
 /// list of all codes (for the OpenAPI document and the tests) come from this table. Clients
 /// switch on the code; a code never changes meaning.
 macro_rules! problem_codes {
     ($(
         $(#[doc = $doc:literal])*
-        $variant:ident = $code:literal, $status:ident, $title:literal, $retry:ident;
+        $variant:ident = $code:literal, $status:ident, $title:literal, $retry:ident, $sent:ident;
     )*) => {
         /// The stable, machine-readable problem codes. Clients switch on these; they never
         /// change meaning.
@@ -177,101 +211,116 @@ macro_rules! problem_codes {
                     $(ProblemCode::$variant => Retry::$retry,)*
                 }
             }
+
+            /// Whether a device may have received the request (the `Mqtt-Request-Sent`
+            /// header).
+            pub fn sent(self) -> Sent {
+                match self {
+                    $(ProblemCode::$variant => Sent::$sent,)*
+                }
+            }
         }
     };
 }
 
 problem_codes! {
     /// The device id is empty, too long, or holds a character that is not allowed.
-    InvalidDeviceId = "invalid-device-id", BAD_REQUEST, "Invalid device id", No;
+    InvalidDeviceId = "invalid-device-id", BAD_REQUEST, "Invalid device id", No, No;
     /// The service name is empty, too long, or holds a character that is not allowed.
-    InvalidService = "invalid-service", BAD_REQUEST, "Invalid service name", No;
+    InvalidService = "invalid-service", BAD_REQUEST, "Invalid service name", No, No;
     /// The path is not valid UTF-8 once percent-decoded.
-    InvalidPath = "invalid-path", BAD_REQUEST, "Invalid path", No;
+    InvalidPath = "invalid-path", BAD_REQUEST, "Invalid path", No, No;
     /// `timeout_ms` is not a whole number in range.
-    InvalidTimeout = "invalid-timeout", BAD_REQUEST, "Invalid timeout", No;
+    InvalidTimeout = "invalid-timeout", BAD_REQUEST, "Invalid timeout", No, No;
     /// A query parameter other than `timeout_ms`.
-    UnknownQueryParameter = "unknown-query-parameter", BAD_REQUEST, "Unknown query parameter", No;
+    UnknownQueryParameter = "unknown-query-parameter", BAD_REQUEST, "Unknown query parameter", No, No;
     /// A header that cannot become an MQTT property.
-    InvalidHeader = "invalid-header", BAD_REQUEST, "Invalid header", No;
+    InvalidHeader = "invalid-header", BAD_REQUEST, "Invalid header", No, No;
     /// The body could not be read.
-    InvalidBody = "invalid-body", BAD_REQUEST, "Request body unreadable", No;
+    InvalidBody = "invalid-body", BAD_REQUEST, "Request body unreadable", No, No;
     /// The body did not arrive within `--http-body-timeout-ms`.
-    BodyTimeout = "body-timeout", REQUEST_TIMEOUT, "Request body timed out", No;
+    BodyTimeout = "body-timeout", REQUEST_TIMEOUT, "Request body timed out", No, No;
     /// No bearer token, or not a valid one.
-    Unauthorized = "unauthorized", UNAUTHORIZED, "Authentication required", No;
+    Unauthorized = "unauthorized", UNAUTHORIZED, "Authentication required", No, No;
     /// The caller's scopes do not cover this device and service.
-    InsufficientScope = "insufficient-scope", FORBIDDEN, "Not allowed to call this service", No;
+    InsufficientScope = "insufficient-scope", FORBIDDEN, "Not allowed to call this service", No, No;
     /// The caller is over its rate limit.
-    RateLimited = "rate-limited", TOO_MANY_REQUESTS, "Rate limit exceeded", After;
+    RateLimited = "rate-limited", TOO_MANY_REQUESTS, "Rate limit exceeded", After, No;
     /// The caller has as many calls in flight as it may.
-    TooManyInFlight = "too-many-in-flight", TOO_MANY_REQUESTS, "Too many calls in flight", Soon;
+    TooManyInFlight = "too-many-in-flight", TOO_MANY_REQUESTS, "Too many calls in flight", Soon, No;
     /// An open gateway refuses a browser request from another web origin.
-    OriginNotAllowed = "origin-not-allowed", FORBIDDEN, "Origin not allowed", No;
+    OriginNotAllowed = "origin-not-allowed", FORBIDDEN, "Origin not allowed", No, No;
     /// An open gateway refuses a `Host` that is not its own (DNS rebinding).
-    HostNotAllowed = "host-not-allowed", FORBIDDEN, "Host not allowed", No;
+    HostNotAllowed = "host-not-allowed", FORBIDDEN, "Host not allowed", No, No;
     /// The broker refused the request (PUBACK 0x87).
-    NotAuthorized = "not-authorized", FORBIDDEN, "The broker refused the request", No;
+    NotAuthorized = "not-authorized", FORBIDDEN, "The broker refused the request", No, No;
     /// The device announced that it is offline, or no device is subscribed to the service's
     /// topic (PUBACK 0x10).
-    DeviceOffline = "device-offline", NOT_FOUND, "No device is listening", No;
+    DeviceOffline = "device-offline", NOT_FOUND, "No device is listening", No, No;
     /// The device is online but did not announce this service.
-    UnknownService = "unknown-service", NOT_FOUND, "The device does not offer this service", No;
+    UnknownService = "unknown-service", NOT_FOUND, "The device does not offer this service", No, No;
     /// No device with this id has announced itself.
-    UnknownDevice = "unknown-device", NOT_FOUND, "No such device", No;
+    UnknownDevice = "unknown-device", NOT_FOUND, "No such device", No, No;
     /// The body does not match the request schema the device announced for the service.
-    SchemaMismatch = "schema-mismatch", UNPROCESSABLE_ENTITY, "The body does not match the service's request schema", No;
+    SchemaMismatch = "schema-mismatch", UNPROCESSABLE_ENTITY, "The body does not match the service's request schema", No, No;
     /// A query parameter with a value it cannot take.
-    InvalidQuery = "invalid-query", BAD_REQUEST, "Invalid query parameter", No;
+    InvalidQuery = "invalid-query", BAD_REQUEST, "Invalid query parameter", No, No;
     /// No such call is kept for this caller.
-    UnknownCall = "unknown-call", NOT_FOUND, "No such call", No;
+    UnknownCall = "unknown-call", NOT_FOUND, "No such call", No, No;
     /// The call was cancelled (`DELETE`, or the client of a streamed call left).
-    CallCancelled = "call-cancelled", CONFLICT, "The call was cancelled", No;
+    CallCancelled = "call-cancelled", CONFLICT, "The call was cancelled", No, Maybe;
     /// A sync request with this `Idempotency-Key` is still in progress.
-    RequestInProgress = "request-in-progress", CONFLICT, "A request with this Idempotency-Key is in progress", No;
+    RequestInProgress = "request-in-progress", CONFLICT, "A request with this Idempotency-Key is in progress", No, No;
     /// The `Idempotency-Key` was used for a different request.
-    IdempotencyKeyReused = "idempotency-key-reused", UNPROCESSABLE_ENTITY, "Idempotency-Key reused for another request", No;
+    IdempotencyKeyReused = "idempotency-key-reused", UNPROCESSABLE_ENTITY, "Idempotency-Key reused for another request", No, No;
     /// The call's result was asked for before it finished.
-    CallNotFinished = "call-not-finished", CONFLICT, "The call has not finished", No;
+    CallNotFinished = "call-not-finished", CONFLICT, "The call has not finished", No, No;
     /// As many calls are kept as may be, and all still run; or their bytes are spent.
-    TooManyCalls = "too-many-calls", SERVICE_UNAVAILABLE, "Too many calls kept", Soon;
+    TooManyCalls = "too-many-calls", SERVICE_UNAVAILABLE, "Too many calls kept", Soon, No;
     /// The store the gateway instances share (Redis) did not answer.
-    StoreUnavailable = "store-unavailable", SERVICE_UNAVAILABLE, "The call store is unavailable", Soon;
+    StoreUnavailable = "store-unavailable", SERVICE_UNAVAILABLE, "The call store is unavailable", Soon, No;
     /// The device's reply could not be kept: the store's bytes were spent.
-    ResultTooLarge = "result-too-large", INSUFFICIENT_STORAGE, "The result could not be kept", No;
+    ResultTooLarge = "result-too-large", INSUFFICIENT_STORAGE, "The result could not be kept", No, Yes;
     /// A fan-out's targets are missing, empty, repeated, given in two ways at once, or its
     /// body is not the documented JSON.
-    InvalidTargets = "invalid-targets", BAD_REQUEST, "Invalid fan-out targets", No;
+    InvalidTargets = "invalid-targets", BAD_REQUEST, "Invalid fan-out targets", No, No;
     /// The group name is empty, too long, or holds a character that is not allowed.
-    InvalidGroup = "invalid-group", BAD_REQUEST, "Invalid group name", No;
+    InvalidGroup = "invalid-group", BAD_REQUEST, "Invalid group name", No, No;
     /// A fan-out names more devices than `--max-fan-out-targets`.
-    TooManyTargets = "too-many-targets", UNPROCESSABLE_ENTITY, "Too many fan-out targets", No;
+    TooManyTargets = "too-many-targets", UNPROCESSABLE_ENTITY, "Too many fan-out targets", No, No;
     /// A fan-out's selector matches no device the caller may call.
-    NoMatchingDevices = "no-matching-devices", UNPROCESSABLE_ENTITY, "No device matches the selector", No;
+    NoMatchingDevices = "no-matching-devices", UNPROCESSABLE_ENTITY, "No device matches the selector", No, No;
     /// No such route.
-    NotFound = "not-found", NOT_FOUND, "No such route", No;
+    NotFound = "not-found", NOT_FOUND, "No such route", No, No;
     /// Wrong method for this route.
-    MethodNotAllowed = "method-not-allowed", METHOD_NOT_ALLOWED, "Method not allowed", No;
+    MethodNotAllowed = "method-not-allowed", METHOD_NOT_ALLOWED, "Method not allowed", No, No;
     /// The body or the MQTT packet is too large.
-    PayloadTooLarge = "payload-too-large", PAYLOAD_TOO_LARGE, "Payload too large", No;
+    PayloadTooLarge = "payload-too-large", PAYLOAD_TOO_LARGE, "Payload too large", No, No;
     /// The broker's quota is exceeded (PUBACK 0x97).
-    QuotaExceeded = "quota-exceeded", TOO_MANY_REQUESTS, "The broker's quota is exceeded", No;
+    QuotaExceeded = "quota-exceeded", TOO_MANY_REQUESTS, "The broker's quota is exceeded", No, No;
     /// The broker refused the request for another reason.
-    BrokerRefused = "broker-refused", BAD_GATEWAY, "The broker refused the request", No;
+    BrokerRefused = "broker-refused", BAD_GATEWAY, "The broker refused the request", No, No;
     /// The device's reply has an invalid status property, or too many user properties.
-    InvalidDeviceReply = "invalid-device-reply", BAD_GATEWAY, "The device's reply is invalid", No;
+    InvalidDeviceReply = "invalid-device-reply", BAD_GATEWAY, "The device's reply is invalid", No, Yes;
     /// Not connected to the broker.
-    BrokerUnavailable = "broker-unavailable", SERVICE_UNAVAILABLE, "Not connected to the MQTT broker", Soon;
-    /// The connection to the broker dropped while the call waited.
-    ConnectionLost = "connection-lost", SERVICE_UNAVAILABLE, "Connection to the broker lost", Soon;
+    BrokerUnavailable = "broker-unavailable", SERVICE_UNAVAILABLE, "Not connected to the MQTT broker", Soon, No;
+    /// The connection to the broker dropped while the call waited: the request had been sent,
+    /// and the device may have acted on it.
+    ConnectionLost = "connection-lost", BAD_GATEWAY, "Connection to the broker lost", No, Maybe;
+    /// The gateway shut down while the call waited for its reply: the request had been sent,
+    /// and the device may have acted on it.
+    CallInterrupted = "call-interrupted", BAD_GATEWAY, "The gateway shut down during the call", No, Maybe;
+    /// The device's reply came but the gateway held as many bytes as it may
+    /// (`--max-buffered-bytes`), so it was dropped: the device did receive the request.
+    ReplyDropped = "reply-dropped", BAD_GATEWAY, "The device's reply could not be held", No, Yes;
     /// Too many calls in flight, bytes held, or connections open.
-    Overloaded = "overloaded", SERVICE_UNAVAILABLE, "Gateway overloaded", Soon;
+    Overloaded = "overloaded", SERVICE_UNAVAILABLE, "Gateway overloaded", Soon, No;
     /// The gateway is shutting down.
-    ShuttingDown = "shutting-down", SERVICE_UNAVAILABLE, "Gateway shutting down", Soon;
+    ShuttingDown = "shutting-down", SERVICE_UNAVAILABLE, "Gateway shutting down", Soon, No;
     /// No subscriber yet, just after the gateway reconnected to the broker.
-    DevicesReconnecting = "devices-reconnecting", SERVICE_UNAVAILABLE, "Devices are reconnecting", Soon;
+    DevicesReconnecting = "devices-reconnecting", SERVICE_UNAVAILABLE, "Devices are reconnecting", Soon, No;
     /// The device did not answer within `timeout_ms`.
-    DeviceTimeout = "device-timeout", GATEWAY_TIMEOUT, "The device did not answer in time", No;
+    DeviceTimeout = "device-timeout", GATEWAY_TIMEOUT, "The device did not answer in time", No, Maybe;
 }
 
 /// An RFC 9457 problem: what went wrong and what to fix.
@@ -358,6 +407,8 @@ impl ApiError {
             Call(e) => match e {
                 C::NotConnected => ProblemCode::BrokerUnavailable,
                 C::Overloaded | C::BufferFull { .. } => ProblemCode::Overloaded,
+                C::ReplyDropped { .. } => ProblemCode::ReplyDropped,
+                C::Interrupted => ProblemCode::CallInterrupted,
                 C::DevicesReconnecting => ProblemCode::DevicesReconnecting,
                 C::ShuttingDown => ProblemCode::ShuttingDown,
                 C::ConnectionLost => ProblemCode::ConnectionLost,
@@ -492,6 +543,10 @@ fn problem_response(problem: &Problem, retry_after: Option<&str>) -> Response {
     if let Some(value) = retry_after.and_then(|s| HeaderValue::from_str(s).ok()) {
         headers.insert(header::RETRY_AFTER, value);
     }
+    headers.insert(
+        REQUEST_SENT_HEADER,
+        HeaderValue::from_static(problem.code.sent().as_str()),
+    );
     response
 }
 
@@ -568,8 +623,10 @@ mod tests {
             (CallError::NotConnected, 503, "broker-unavailable"),
             (CallError::Overloaded, 503, "overloaded"),
             (CallError::BufferFull { limit: 1 }, 503, "overloaded"),
-            (CallError::ConnectionLost, 503, "connection-lost"),
+            (CallError::ReplyDropped { limit: 1 }, 502, "reply-dropped"),
+            (CallError::ConnectionLost, 502, "connection-lost"),
             (CallError::ShuttingDown, 503, "shutting-down"),
+            (CallError::Interrupted, 502, "call-interrupted"),
             (CallError::DevicesReconnecting, 503, "devices-reconnecting"),
             (
                 CallError::Timeout(Duration::from_millis(5)),
@@ -583,9 +640,15 @@ mod tests {
             ),
         ];
         for (error, status, code) in cases {
+            let reached = error.may_have_reached_device();
             let problem = ApiError::Call(error).problem();
             assert_eq!((problem.status, problem.code.as_str()), (status, code));
             assert_eq!(problem.kind, format!("{PROBLEM_TYPE_PREFIX}{code}"));
+            assert_eq!(
+                problem.code.sent() != Sent::No,
+                reached,
+                "{code}: the header agrees with mqtt-rpc's may_have_reached_device"
+            );
         }
     }
 }
@@ -634,5 +697,29 @@ mod code_tests {
                 );
             }
         }
+    }
+
+    /// A balancer that retries 503s only (the shipped HAProxy's `retry-on 503`) never runs a
+    /// call twice: every 503 says no device received the request, and every problem whose
+    /// request may have reached a device has another status and no `Retry-After`.
+    #[test]
+    fn every_503_was_never_sent_and_nothing_sent_is_a_503() {
+        for &code in ProblemCode::ALL {
+            let is_503 = code.status() == StatusCode::SERVICE_UNAVAILABLE;
+            match code.sent() {
+                Sent::No => {}
+                Sent::Maybe | Sent::Yes => {
+                    assert!(!is_503, "{} may have been sent", code.as_str());
+                    assert_eq!(code.retry(), Retry::No, "{}", code.as_str());
+                }
+            }
+        }
+        let response = ApiError::Call(CallError::ConnectionLost).into_response();
+        assert_eq!(response.status(), 502);
+        assert_eq!(response.headers()[REQUEST_SENT_HEADER], "maybe");
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+        let response = ApiError::NotReady.into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[REQUEST_SENT_HEADER], "no");
     }
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use crate::helpers::*;
 
 #[tokio::test]
-async fn calls_parked_when_the_broker_dies_get_503_at_once_and_service_returns() {
+async fn calls_parked_when_the_broker_dies_get_502_at_once_and_service_returns() {
     let mut broker = TestBroker::start();
     let device = demo_device(&broker, "d").await;
     let app = TestApp::spawn(&broker).await;
@@ -17,8 +17,10 @@ async fn calls_parked_when_the_broker_dies_get_503_at_once_and_service_returns()
         async move {
             let started = Instant::now();
             let response = http.post(url).body("10000").send().await.unwrap();
+            let sent = response.headers()["mqtt-request-sent"].to_str().unwrap();
             (
                 response.status().as_u16(),
+                sent.to_owned(),
                 response.text().await.unwrap(),
                 started.elapsed(),
             )
@@ -27,9 +29,10 @@ async fn calls_parked_when_the_broker_dies_get_503_at_once_and_service_returns()
     assert!(eventually(Duration::from_secs(5), || app.mqtt.stats().parked == 1).await);
     broker.kill();
 
-    let (status, body, elapsed) = parked.await.unwrap();
-    assert_eq!(status, 503, "{body}");
+    let (status, sent, body, elapsed) = parked.await.unwrap();
+    assert_eq!(status, 502, "{body}");
     assert!(body.contains("connection-lost"), "{body}");
+    assert_eq!(sent, "maybe", "the request had been published");
     assert!(
         elapsed < Duration::from_secs(5),
         "failed at once, not at the timeout: {elapsed:?}"
@@ -38,6 +41,11 @@ async fn calls_parked_when_the_broker_dies_get_503_at_once_and_service_returns()
 
     let down = app.call("d", "echo", "x").await;
     assert_eq!(down.status(), 503, "refused at once while disconnected");
+    assert_eq!(
+        down.headers()["mqtt-request-sent"],
+        "no",
+        "nothing was published"
+    );
 
     broker.restart();
     assert!(

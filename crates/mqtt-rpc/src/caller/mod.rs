@@ -120,15 +120,32 @@ pub enum CallError {
     /// [`CallerOptions::max_in_flight`] calls are in flight, or the request channel is full.
     #[error("too many calls in flight; retry shortly")]
     Overloaded,
-    /// The reply did not fit in the [`CallerOptions::budget`].
+    /// The request's bytes did not fit in the [`CallerOptions::budget`]; nothing was sent.
     #[error("as many bytes are held for calls as may be ({limit} bytes); retry shortly")]
     BufferFull {
         /// The budget's limit.
         limit: usize,
     },
-    /// [`Caller::begin_shutdown`] was called.
+    /// The device's reply came, but did not fit in the [`CallerOptions::budget`], so it was
+    /// dropped: the device did receive the request.
+    #[error(
+        "the device's reply came, but as many bytes are held for calls as may be ({limit} \
+         bytes), so it was dropped; the device did receive the request"
+    )]
+    ReplyDropped {
+        /// The budget's limit.
+        limit: usize,
+    },
+    /// [`Caller::begin_shutdown`] was called: the call was refused, nothing was sent.
     #[error("shutting down")]
     ShuttingDown,
+    /// The caller shut down ([`Caller::fail_parked`]) while the call waited for its reply:
+    /// the request had been sent, and the device may have acted on it.
+    #[error(
+        "the caller shut down before the device answered; the request had been sent, so the \
+         device may have acted on it"
+    )]
+    Interrupted,
     /// PUBACK 0x10 (no matching subscribers) within [`CallerOptions::reconnect_settle`]
     /// of a reconnect, when devices may still be re-subscribing.
     #[error(
@@ -156,6 +173,30 @@ pub enum CallError {
     /// No reply within the call's timeout.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+}
+
+impl CallError {
+    /// Whether the request may have reached a device, so that sending it again could run it
+    /// twice. False when nothing was sent (not connected, overloaded, shutting down, too
+    /// large) and when the broker refused it in its PUBACK (0x10 included: it delivered the
+    /// request to nobody); a retry of those is always safe. True once it was sent and then
+    /// lost, timed out, interrupted or answered.
+    pub fn may_have_reached_device(&self) -> bool {
+        match self {
+            CallError::NotConnected
+            | CallError::Overloaded
+            | CallError::BufferFull { .. }
+            | CallError::ShuttingDown
+            | CallError::DevicesReconnecting
+            | CallError::PacketTooLarge { .. }
+            | CallError::Refused(_) => false,
+            CallError::ReplyDropped { .. }
+            | CallError::Interrupted
+            | CallError::InvalidStatus(_)
+            | CallError::ConnectionLost
+            | CallError::Timeout(_) => true,
+        }
+    }
 }
 
 /// Everything a caller needs to start. [`CallerOptions::new`] gives the defaults; change the
@@ -686,7 +727,7 @@ impl Caller {
     }
 
     /// Shutdown, step 2 (the grace period is over): fail every call still waiting
-    /// ([`CallError::ShuttingDown`]). Returns how many there were.
+    /// ([`CallError::Interrupted`]). Returns how many there were.
     pub fn fail_parked(&self) -> usize {
         self.inner.parked.fail_all(|| CallOutcome::ShuttingDown)
     }
@@ -836,12 +877,12 @@ impl Inner {
                 Err(CallError::DevicesReconnecting)
             }
             CallOutcome::Refused(refusal) => Err(CallError::Refused(refusal)),
-            CallOutcome::BufferFull => Err(CallError::BufferFull {
+            CallOutcome::BufferFull => Err(CallError::ReplyDropped {
                 limit: self.budget.limit(),
             }),
             CallOutcome::InvalidStatus(why) => Err(CallError::InvalidStatus(why)),
             CallOutcome::ConnectionLost => Err(CallError::ConnectionLost),
-            CallOutcome::ShuttingDown => Err(CallError::ShuttingDown),
+            CallOutcome::ShuttingDown => Err(CallError::Interrupted),
             // Only one-way requests are accepted without a reply ([`OneWay::accepted`]).
             CallOutcome::Accepted => Ok(Received {
                 reply: Reply::default(),
