@@ -19,8 +19,11 @@ use crate::http::metrics::Metrics;
 use crate::http::server::{ServerLimits, ServerStats};
 use crate::http::{self, AppState, Limits};
 use crate::registry::{Registry, RegistryOptions};
-use crate::settings::{Settings, SettingsError, DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS};
+use crate::settings::{
+    MqttSettings, Settings, SettingsError, DEFAULT_MAX_CONNECTIONS, RESERVED_DESCRIPTORS,
+};
 use mqtt_rpc::responder::RunningHost;
+use mqtt_rpc::rumqttc::v5::MqttOptions;
 use mqtt_rpc::{BrokerUrl, PresenceWatch};
 
 /// Why the gateway could not start.
@@ -49,18 +52,41 @@ pub enum StartError {
 /// Where the broker is, and whether we started it.
 #[derive(Debug, Clone)]
 pub struct BrokerChoice {
-    /// Its URL.
+    /// Its URL (the first of `--mqtt-url`'s list).
     pub url: BrokerUrl,
+    /// The other nodes of its cluster, connected to in turn when a connection fails or is
+    /// lost (the rest of `--mqtt-url`'s list).
+    pub failover: Vec<BrokerUrl>,
     /// Set when the embedded broker was started for this process.
     pub embedded: bool,
 }
 
-/// Uses `--mqtt-url`, or starts the embedded broker when none is given.
+impl BrokerChoice {
+    /// Client options for the first broker, and where the others are.
+    pub fn options(
+        &self,
+        mqtt: &MqttSettings,
+        client_id: &str,
+    ) -> Result<(MqttOptions, Vec<MqttOptions>), SettingsError> {
+        let first = mqtt.options(&self.url, client_id)?;
+        let others = self
+            .failover
+            .iter()
+            .map(|url| mqtt.options(url, client_id))
+            .collect::<Result<_, _>>()?;
+        Ok((first, others))
+    }
+}
+
+/// Uses `--mqtt-url` (one broker, or several nodes of one cluster), or starts the embedded
+/// broker when none is given.
 pub fn choose_broker(args: &ServeArgs) -> Result<BrokerChoice, StartError> {
     if let Some(raw) = &args.mqtt.mqtt_url {
-        let url = BrokerUrl::parse(raw).map_err(SettingsError::from)?;
+        let mut urls = BrokerUrl::parse_list(raw).map_err(SettingsError::from)?;
+        let url = urls.remove(0);
         return Ok(BrokerChoice {
             url,
+            failover: urls,
             embedded: false,
         });
     }
@@ -71,6 +97,7 @@ pub fn choose_broker(args: &ServeArgs) -> Result<BrokerChoice, StartError> {
         let url = BrokerUrl::parse(&broker.url()).map_err(SettingsError::from)?;
         Ok(BrokerChoice {
             url,
+            failover: Vec::new(),
             embedded: true,
         })
     }
@@ -152,16 +179,11 @@ impl App {
     /// [`App::serve`]'s.
     pub async fn start(settings: Settings, broker: BrokerChoice) -> Result<App, StartError> {
         let client_id = format!("mqtt-gateway-{}", settings.gateway_id);
-        let mqtt = settings
-            .mqtt
-            .options(&broker.url, &client_id)
-            .map_err(SettingsError::from)?;
+        let (mqtt, failover) = broker.options(&settings.mqtt, &client_id)?;
         let demo = match &settings.demo_device {
             Some(id) => {
-                let options = settings
-                    .mqtt
-                    .options(&broker.url, &format!("demo-device-{id}"))
-                    .map_err(SettingsError::from)?;
+                let (options, others) =
+                    broker.options(&settings.mqtt, &format!("demo-device-{id}"))?;
                 let host = crate::demo::host(
                     options,
                     &settings.caller_topics(),
@@ -172,7 +194,7 @@ impl App {
                     id: id.clone(),
                     source,
                 })?;
-                Some(host.start())
+                Some(host.failover(others).start())
             }
             None => None,
         };
@@ -204,6 +226,7 @@ impl App {
         };
         let mut options = settings.caller.options(mqtt, &settings.gateway_id);
         options.presence = Some(watch);
+        options.failover = failover;
         let (mqtt, mqtt_task) = mqtt_rpc::Caller::start(options);
         tokio::spawn(crate::registry::run(feed, registry.clone()));
         let calls = crate::calls::Calls::new(
@@ -362,11 +385,12 @@ async fn start_kept(
 ) -> Result<(mqtt_rpc::Caller, tokio::task::JoinHandle<()>), StartError> {
     let mqtt_settings = settings.mqtt.clone();
     let caller_settings = settings.caller.clone();
-    let url = broker.url.clone();
+    let broker = broker.clone();
     let options = move |client_id: &str, topic: &str| {
-        let mqtt = mqtt_settings.options(&url, client_id).ok()?;
+        let (mqtt, failover) = broker.options(&mqtt_settings, client_id).ok()?;
         let mut options = caller_settings.options(mqtt, "");
         options.response_topic = topic.to_owned();
+        options.failover = failover;
         Some(options)
     };
     let client_id = format!("mqtt-gateway-{}-calls", shared.instance);

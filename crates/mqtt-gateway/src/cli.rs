@@ -460,8 +460,10 @@ pub struct BrokerArgs {
 #[derive(Debug, Clone, Args)]
 pub struct MqttArgs {
     /// The broker: `mqtt://host[:1883]`, `mqtts://host[:8883]` (TLS), `ws://host[:80]/path` or
-    /// `wss://host[:443]/path` (WebSocket), optionally with `user:password@`. Without it, `serve`
-    /// starts the embedded broker.
+    /// `wss://host[:443]/path` (WebSocket), optionally with `user:password@`. Several URLs,
+    /// comma-separated, are the nodes of one cluster: the first is connected to first, the
+    /// next each time a connection fails or is lost (the first URL's credentials, or
+    /// --mqtt-username, go to every node). Without it, `serve` starts the embedded broker.
     #[arg(long, env = "GATEWAY_MQTT_URL")]
     pub mqtt_url: Option<String>,
 

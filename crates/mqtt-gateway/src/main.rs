@@ -121,10 +121,18 @@ async fn run_device(args: DeviceArgs) -> Result<(), String> {
         .mqtt_url
         .as_deref()
         .ok_or("the device needs --mqtt-url (or GATEWAY_MQTT_URL)")?;
-    let url = BrokerUrl::parse(raw).map_err(|e| e.to_string())?;
-    let options = MqttSettings::from_args(&args.mqtt)
-        .map_err(|e| e.to_string())?
-        .options(&url, &format!("demo-device-{}", args.device_id))
+    let mut urls = BrokerUrl::parse_list(raw).map_err(|e| e.to_string())?;
+    let url = urls.remove(0);
+    let broker = mqtt_gateway::app::BrokerChoice {
+        url: url.clone(),
+        failover: urls,
+        embedded: false,
+    };
+    let (options, failover) = broker
+        .options(
+            &MqttSettings::from_args(&args.mqtt).map_err(|e| e.to_string())?,
+            &format!("demo-device-{}", args.device_id),
+        )
         .map_err(|e| e.to_string())?;
     let host = mqtt_gateway::demo::host(
         options,
@@ -134,7 +142,8 @@ async fn run_device(args: DeviceArgs) -> Result<(), String> {
     )
     .map_err(|e| format!("invalid --device-id {:?}: {e}", args.device_id))?
     .max_concurrent(args.max_concurrent)
-    .max_queued(args.max_queued);
+    .max_queued(args.max_queued)
+    .failover(failover);
     logging::print(&format!(
         "demo device {:?} serving echo, get_config, control and delay via {}\n",
         args.device_id,

@@ -285,11 +285,13 @@ impl Settings {
         let mqtt = MqttSettings::from_args(&args.mqtt)?;
         // Credentials and certificates that do not go together fail now, not once the broker
         // is up (the embedded broker's URL is plain TCP on loopback).
-        let url = match &args.mqtt.mqtt_url {
-            Some(raw) => BrokerUrl::parse(raw)?,
-            None => BrokerUrl::parse("mqtt://127.0.0.1:1883")?,
+        let urls = match &args.mqtt.mqtt_url {
+            Some(raw) => BrokerUrl::parse_list(raw)?,
+            None => vec![BrokerUrl::parse("mqtt://127.0.0.1:1883")?],
         };
-        mqtt.options(&url, "check")?;
+        for url in &urls {
+            mqtt.options(url, "check")?;
+        }
 
         let demo_device = match (&args.demo_device, args.no_demo_device, embedded_broker) {
             (Some(id), _, _) => Some(id.clone()),
@@ -390,6 +392,7 @@ impl CallerSettings {
             budget: ByteBudget::new(self.max_buffered_bytes),
             presence: None,
             cancel_abandoned: true,
+            failover: Vec::new(),
         }
     }
 }

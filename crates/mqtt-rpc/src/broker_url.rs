@@ -117,6 +117,20 @@ impl BrokerUrl {
         })
     }
 
+    /// Parses a comma-separated list of broker URLs (the nodes of one cluster, to connect to
+    /// in turn: [`crate::CallerOptions::failover`], [`crate::ServiceHost::failover`]); at
+    /// least one, none empty.
+    pub fn parse_list(raw: &str) -> Result<Vec<Self>, BrokerUrlError> {
+        raw.split(',')
+            .map(|one| match one.trim() {
+                "" => Err(BrokerUrlError::Invalid(
+                    "an empty entry in the list of broker URLs".into(),
+                )),
+                one => Self::parse(one),
+            })
+            .collect()
+    }
+
     /// The address without credentials, for banners and logs.
     pub fn display_address(&self) -> String {
         let scheme = match self.scheme {
@@ -353,6 +367,23 @@ mod tests {
         let err = BrokerUrl::parse("mqtt://u:hunter2@[bad").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(BrokerUrl::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn a_list_of_broker_urls_is_the_nodes_of_one_cluster() {
+        let list = BrokerUrl::parse_list("mqtt://a:1883, mqtt://b:1884").unwrap();
+        let hosts: Vec<_> = list.iter().map(|u| (u.host.as_str(), u.port)).collect();
+        assert_eq!(hosts, [("a", 1883), ("b", 1884)]);
+        assert_eq!(BrokerUrl::parse_list("mqtt://a").unwrap().len(), 1);
+        for bad in [
+            "",
+            "mqtt://a,",
+            ",mqtt://a",
+            "mqtt://a,,mqtt://b",
+            "mqtt://a,http://b",
+        ] {
+            assert!(BrokerUrl::parse_list(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

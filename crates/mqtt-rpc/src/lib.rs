@@ -66,6 +66,7 @@ mod broker_url;
 mod budget;
 pub mod caller;
 mod event_loop_access;
+mod failover;
 pub mod presence;
 pub mod protocol;
 pub mod responder;

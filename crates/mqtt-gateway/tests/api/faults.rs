@@ -105,3 +105,47 @@ async fn right_after_a_reconnect_no_subscriber_means_retry_not_offline() {
         "once settled, no subscriber means offline"
     );
 }
+
+#[tokio::test]
+async fn a_gateway_given_several_brokers_moves_to_the_next_when_its_broker_dies() {
+    let mut first = TestBroker::start();
+    let second = TestBroker::start();
+    // A device on each broker; the one on the second also knows the first (and so follows
+    // the gateway there and back), `--mqtt-url`'s list for the gateway.
+    let _on_first = demo_device(&first, "on-first").await;
+    let topics = mqtt_rpc::TopicTemplate::default();
+    let host = mqtt_gateway::demo::host(
+        second.mqtt_options("demo-on-second"),
+        &topics,
+        &mqtt_rpc::PresenceTopics::default(),
+        "on-second",
+    )
+    .expect("valid demo device")
+    .failover(vec![first.mqtt_options("ignored")]);
+    let _on_second = start_ready(host).await;
+    let urls = format!("{},{}", first.url(), second.url());
+    let app = TestApp::spawn_unready(&urls, &[]).await;
+    assert!(eventually(Duration::from_secs(10), || app.mqtt.is_ready()).await);
+    assert_eq!(
+        app.mqtt.broker_address(),
+        format!("127.0.0.1:{}", first.port)
+    );
+    assert_eq!(app.call("on-first", "echo", "a").await.status(), 200);
+
+    first.kill();
+    let killed = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || app.mqtt.is_ready()
+            && app.mqtt.broker_address()
+                == format!("127.0.0.1:{}", second.port))
+        .await,
+        "the gateway connected to the second broker"
+    );
+    let moved_in = killed.elapsed();
+    let response = app.call("on-second", "echo", "b").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "b");
+    report(&format!(
+        "failover: ready on the second broker {moved_in:?} after the first was killed"
+    ));
+}

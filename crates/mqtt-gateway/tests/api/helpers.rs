@@ -7,11 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use mqtt_gateway::app::{App, BrokerChoice};
+use mqtt_gateway::app::App;
 use mqtt_gateway::cli::{Cli, Command as CliCommand};
 use mqtt_gateway::settings::Settings;
 use mqtt_rpc::responder::{RunningHost, ServiceHost};
-use mqtt_rpc::BrokerUrl;
 use tokio::sync::oneshot;
 
 pub use test_support::{
@@ -77,10 +76,8 @@ impl TestApp {
         let Some(CliCommand::Serve(args)) = cli.command else {
             unreachable!("serve was given")
         };
-        let broker = BrokerChoice {
-            url: BrokerUrl::parse(mqtt_url).expect("valid url"),
-            embedded: false,
-        };
+        // `--mqtt-url` as the binary reads it: one URL, or a cluster's list.
+        let broker = mqtt_gateway::app::choose_broker(&args).expect("valid broker URLs");
         let settings = Settings::from_args(&args, false).expect("valid settings");
         let app = App::start(settings, broker).await.expect("gateway starts");
         let mqtt = app.mqtt().clone();

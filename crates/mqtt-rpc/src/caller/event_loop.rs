@@ -454,6 +454,15 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                 inner.connection_lost(&mut eventloop);
                 let lived = connected_at.take().map(|at| at.elapsed());
                 let delay = backoff.after_failure(&e, "caller", &inner.client_id, lived);
+                let next = inner
+                    .failover
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .advance(&mut eventloop.options);
+                if let Some(broker) = next {
+                    info!(%broker, "connecting to the next broker");
+                    *inner.broker.lock().unwrap_or_else(|e| e.into_inner()) = broker;
+                }
                 tokio::time::sleep(delay).await;
             }
         }

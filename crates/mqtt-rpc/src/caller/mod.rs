@@ -235,6 +235,11 @@ pub struct CallerOptions {
     /// or [`Streaming`] dropped): publish to the device's cancel topic
     /// ([`crate::protocol::CANCEL_SERVICE`]) so its handler stops. On by default.
     pub cancel_abandoned: bool,
+    /// More brokers to connect to, in turn after `mqtt`'s, each time a connection fails or
+    /// is lost: the other nodes of one cluster. Only where each is (host, port, transport and
+    /// TLS) is taken from these options; the client itself (id, credentials, session, packet
+    /// limit) stays `mqtt`'s. Empty by default.
+    pub failover: Vec<MqttOptions>,
 }
 
 impl CallerOptions {
@@ -252,6 +257,7 @@ impl CallerOptions {
             budget: ByteBudget::new(64 * 1024 * 1024),
             presence: None,
             cancel_abandoned: true,
+            failover: Vec::new(),
         }
     }
 }
@@ -351,6 +357,10 @@ struct Inner {
     readiness: Mutex<Readiness>,
     presence: Option<PresenceWatch>,
     cancel_abandoned: bool,
+    /// The brokers to connect to in turn ([`CallerOptions::failover`]).
+    failover: Mutex<crate::failover::Failover>,
+    /// The broker the connection goes to now (`host:port`).
+    broker: Mutex<String>,
     /// One-way requests waiting for their PUBACK: while there are none, a PUBACK 0x00 costs
     /// no lookup.
     one_way: std::sync::atomic::AtomicUsize,
@@ -446,6 +456,8 @@ impl Caller {
             mqtt.set_session_expiry_interval(Some(expiry));
         }
         let client_id = mqtt.client_id();
+        let failover = crate::failover::Failover::new(&mqtt, options.failover);
+        let broker = crate::failover::address(&mqtt);
         let (client, eventloop) = AsyncClient::new(mqtt, options.request_queue);
         let inner = Arc::new(Inner {
             client,
@@ -468,6 +480,8 @@ impl Caller {
             readiness: Mutex::new(Readiness::default()),
             presence: options.presence,
             cancel_abandoned: options.cancel_abandoned,
+            failover: Mutex::new(failover),
+            broker: Mutex::new(broker),
             one_way: Default::default(),
         });
         (inner, eventloop)
@@ -696,6 +710,16 @@ impl Caller {
         let mut rx = self.inner.ready.subscribe();
         // The sender lives in `inner`, which we hold, so the channel cannot close.
         let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    /// The broker the connection goes to now, as `host:port` (with
+    /// [`CallerOptions::failover`], the one it moved to last).
+    pub fn broker_address(&self) -> String {
+        self.inner
+            .broker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The topic replies must be published to.

@@ -52,6 +52,7 @@
 mod announce;
 mod filter;
 
+use crate::failover::Failover;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -276,6 +277,8 @@ pub struct ServiceHost {
     presence: PresenceTopics,
     identity: Identity,
     metadata: serde_json::Map<String, serde_json::Value>,
+    /// More brokers to try in turn ([`ServiceHost::failover`]).
+    failover: Vec<MqttOptions>,
 }
 
 impl ServiceHost {
@@ -294,7 +297,17 @@ impl ServiceHost {
             presence: PresenceTopics::default(),
             identity: Identity::default(),
             metadata: serde_json::Map::new(),
+            failover: Vec::new(),
         }
+    }
+
+    /// More brokers to connect to, in turn after the first, each time a connection fails or is
+    /// lost: the other nodes of one cluster. Only where each is (host, port, transport and
+    /// TLS) is taken from these options; the client itself (id, credentials, session, Will)
+    /// stays the host's.
+    pub fn failover(mut self, brokers: Vec<MqttOptions>) -> Self {
+        self.failover = brokers;
+        self
     }
 
     /// The request topic template the filters follow ([`TopicTemplate::DEFAULT`] unless
@@ -423,6 +436,7 @@ impl ServiceHost {
             announce::cancel_filters(&self.topics, self.services.iter().map(|s| &s.filter));
         // Room for every running handler's reply plus the busy replies of a burst, so replies
         // rarely wait for the event loop.
+        let failover = Failover::new(&self.options, self.failover);
         let (client, eventloop) = AsyncClient::new(self.options, 2 * self.max_concurrent + 64);
         let ready = watch::Sender::new(Readiness::Connecting);
         let shared = Arc::new(Shared {
@@ -439,7 +453,7 @@ impl ServiceHost {
             next_call: AtomicU64::new(0),
             device,
         });
-        let task = tokio::spawn(serve(eventloop, shared.clone()));
+        let task = tokio::spawn(serve(eventloop, shared.clone(), failover));
         RunningHost {
             client,
             ready,
@@ -649,7 +663,7 @@ impl Drop for Registered<'_> {
     }
 }
 
-async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
+async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>, mut failover: Failover) {
     let mut backoff = Backoff::default();
     let client_id = eventloop.options.client_id();
     // When the current connection's CONNACK came (see `Backoff::after_failure`).
@@ -741,6 +755,9 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>) {
                 }
                 let lived = connected_at.take().map(|at| at.elapsed());
                 let delay = backoff.after_failure(&e, "device", &client_id, lived);
+                if let Some(broker) = failover.advance(&mut eventloop.options) {
+                    info!(%broker, "connecting to the next broker");
+                }
                 tokio::time::sleep(delay).await;
             }
         }
