@@ -55,6 +55,14 @@ pub const DEVICE_PROPERTY: &str = "rpc-device";
 /// no responder ever receives a probe.
 pub const PROBE_PREFIX: &[u8] = b"mqtt-gateway-probe:";
 
+/// The device id of a caller's **no-subscribers probe** starts with this; 16 hex digits
+/// follow. After each connect a caller publishes one empty request (QoS 1, no Response Topic,
+/// Message Expiry 5 s) to that device's `probe` service, which no device is, to learn whether
+/// the broker answers PUBACK 0x10 ([`crate::caller::BrokerInfo`]). No device should have an id
+/// that starts with it. A responder with a `+` device filter receives the probe; it has no
+/// Response Topic, so nothing is answered.
+pub const NO_SUBSCRIBERS_PROBE_PREFIX: &str = "mqtt-rpc-probe-";
+
 /// A reply, as a responder sends it and a caller receives it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reply {

@@ -166,6 +166,62 @@ impl Collector for ConnectionCollector {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
+        // What the broker can do (its CONNACK, and the no-subscribers probe): 1 or 0 per
+        // capability, absent while unknown; and its limits.
+        let broker = self.mqtt.broker();
+        let capabilities = [
+            ("answers_no_subscribers", broker.answers_no_subscribers),
+            ("shared_subscriptions", Some(broker.shared_subscriptions)),
+            ("retain", Some(broker.retain_available)),
+            (
+                "wildcard_subscriptions",
+                Some(broker.wildcard_subscriptions),
+            ),
+            (
+                "subscription_identifiers",
+                Some(broker.subscription_identifiers),
+            ),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "broker_capability",
+            "1 when the broker offers it, 0 when not (its CONNACK; answers_no_subscribers: PUBACK 0x10, probed after each connect); absent while unknown",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (capability, offered) in capabilities {
+            if let (Some(offered), true) = (offered, broker.connected) {
+                let labels = [("capability", capability)];
+                ConstGauge::new(i64::from(offered)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let limits: [(&str, &str, Option<u32>); 3] = [
+            (
+                "broker_maximum_packet_bytes",
+                "The Maximum Packet Size the broker accepts (its CONNACK); absent when it sets none",
+                broker.maximum_packet_size,
+            ),
+            (
+                "broker_receive_maximum",
+                "The QoS 1 publishes the broker takes before their PUBACKs (its CONNACK's Receive Maximum)",
+                Some(u32::from(broker.receive_maximum)),
+            ),
+            (
+                "broker_topic_alias_maximum",
+                "The topic aliases the broker takes (its CONNACK's Topic Alias Maximum)",
+                Some(u32::from(broker.topic_alias_maximum)),
+            ),
+        ];
+        for (name, help, value) in limits {
+            if let (Some(value), true) = (value, broker.connected) {
+                let gauge = ConstGauge::new(i64::from(value));
+                gauge.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
         let registry = &self.devices.counters;
         let counters: [(&str, &str, u64); 14] = [
             (

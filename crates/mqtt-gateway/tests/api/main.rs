@@ -6,6 +6,7 @@
 #![allow(unreachable_pub)]
 
 mod async_calls;
+mod brokers;
 mod calls;
 mod cli;
 mod device_library;

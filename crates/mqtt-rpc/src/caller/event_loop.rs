@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use super::publish_order::Written;
 use super::readiness::{self, Action, Problem, Readiness};
-use super::{CallOutcome, CorrelationId, Inner, Link, PublishRefusal, Received};
+use super::{BrokerInfo, CallOutcome, CorrelationId, Inner, Link, PublishRefusal, Received};
 use crate::backoff::Backoff;
 use crate::event_loop_access;
 use crate::presence::{self, Discovery, PresenceEvent, PresenceMessage};
@@ -366,12 +366,22 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                     .and_then(|p| p.max_packet_size)
                     .unwrap_or(0);
                 inner.broker_max_packet.store(max_packet, Ordering::Relaxed);
+                let known = BrokerInfo::from_connack(
+                    crate::failover::address(&eventloop.options),
+                    ack.properties.as_ref(),
+                );
                 info!(
                     response_topic = %inner.response_topic,
+                    broker = %known.address,
                     broker_max_packet = max_packet,
+                    receive_maximum = known.receive_maximum,
+                    topic_alias_maximum = known.topic_alias_maximum,
+                    shared_subscriptions = known.shared_subscriptions,
+                    retain_available = known.retain_available,
                     session_present = ack.session_present,
                     "connected to the MQTT broker"
                 );
+                *inner.lock_broker() = known;
                 if !ack.session_present && inner.session_expiry.is_some() {
                     inner.session_lost(&mut eventloop);
                 }
@@ -459,9 +469,13 @@ pub(super) async fn run(mut eventloop: EventLoop, inner: Arc<Inner>) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .advance(&mut eventloop.options);
-                if let Some(broker) = next {
-                    info!(%broker, "connecting to the next broker");
-                    *inner.broker.lock().unwrap_or_else(|e| e.into_inner()) = broker;
+                {
+                    let mut known = inner.lock_broker();
+                    known.connected = false;
+                    if let Some(broker) = next {
+                        info!(%broker, "connecting to the next broker");
+                        known.address = broker;
+                    }
                 }
                 tokio::time::sleep(delay).await;
             }

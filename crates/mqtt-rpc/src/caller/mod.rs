@@ -13,6 +13,7 @@
 //! (`readiness.rs`): a broker whose ACL silently drops the replies is caught at start, not by
 //! the first caller's timeout.
 
+mod broker_info;
 mod event_loop;
 mod fan_out;
 mod pending;
@@ -33,11 +34,13 @@ use tokio::task::JoinHandle;
 use crate::budget::{ByteBudget, Held};
 use crate::presence::PresenceWatch;
 use crate::protocol::Reply;
-use crate::topic::{DeviceId, TopicTemplate};
+use crate::topic::{DeviceId, ServiceName, TopicTemplate};
+use bytes::Bytes;
 use pending::{Kind, Message, ParkedCalls, Ticket};
 use publish_order::PublishOrder;
 use readiness::Readiness;
 
+pub use broker_info::BrokerInfo;
 pub use fan_out::{
     Answer, FanOut, FanOutRun, GroupCall, GroupEnd, GroupRun, GroupUpdate, Pacer, Target,
 };
@@ -359,8 +362,8 @@ struct Inner {
     cancel_abandoned: bool,
     /// The brokers to connect to in turn ([`CallerOptions::failover`]).
     failover: Mutex<crate::failover::Failover>,
-    /// The broker the connection goes to now (`host:port`).
-    broker: Mutex<String>,
+    /// What the broker said of itself, and the probe found out.
+    broker: Mutex<BrokerInfo>,
     /// One-way requests waiting for their PUBACK: while there are none, a PUBACK 0x00 costs
     /// no lookup.
     one_way: std::sync::atomic::AtomicUsize,
@@ -444,6 +447,9 @@ impl Caller {
     fn spawn(inner: &Arc<Inner>, eventloop: rumqttc::v5::EventLoop) -> JoinHandle<()> {
         let task = tokio::spawn(event_loop::run(eventloop, inner.clone()));
         tokio::spawn(event_loop::watch_readiness(inner.clone()));
+        tokio::spawn(probe_no_subscribers(Caller {
+            inner: inner.clone(),
+        }));
         task
     }
 
@@ -457,7 +463,10 @@ impl Caller {
         }
         let client_id = mqtt.client_id();
         let failover = crate::failover::Failover::new(&mqtt, options.failover);
-        let broker = crate::failover::address(&mqtt);
+        let broker = BrokerInfo {
+            address: crate::failover::address(&mqtt),
+            ..BrokerInfo::default()
+        };
         let (client, eventloop) = AsyncClient::new(mqtt, options.request_queue);
         let inner = Arc::new(Inner {
             client,
@@ -715,11 +724,13 @@ impl Caller {
     /// The broker the connection goes to now, as `host:port` (with
     /// [`CallerOptions::failover`], the one it moved to last).
     pub fn broker_address(&self) -> String {
-        self.inner
-            .broker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.broker().address
+    }
+
+    /// What the broker said of itself at the latest connect, and whether it answers PUBACK
+    /// 0x10 when nobody subscribes (probed after each connect).
+    pub fn broker(&self) -> BrokerInfo {
+        self.inner.lock_broker().clone()
     }
 
     /// The topic replies must be published to.
@@ -892,7 +903,75 @@ impl Streaming {
     }
 }
 
+/// After each connect, once ready: publishes one request that no device can be subscribed to
+/// (a fresh device id, QoS 1, empty, a 5 s expiry) and notes whether the broker answered
+/// PUBACK 0x10 ([`BrokerInfo::answers_no_subscribers`]).
+async fn probe_no_subscribers(caller: Caller) {
+    let mut ready = caller.inner.ready.subscribe();
+    loop {
+        // The sender lives in `inner`, which this task holds: the channel cannot close.
+        let _ = ready.wait_for(|ready| *ready).await;
+        if caller.inner.disconnecting.load(Ordering::SeqCst) {
+            return;
+        }
+        let nobody = format!(
+            "{}{:016x}",
+            crate::protocol::NO_SUBSCRIBERS_PROBE_PREFIX,
+            rand::random::<u64>()
+        );
+        let answer = match (
+            DeviceId::parse(nobody),
+            ServiceName::parse("probe"),
+            caller.reserve(),
+        ) {
+            (Ok(device), Ok(service), Ok(slot)) => {
+                let call = Call::new(device, service, Bytes::new()).with_timeout(PROBE_EXPIRY);
+                match caller.send_one_way(slot, call) {
+                    Ok(sent) => sent.accepted().await,
+                    Err(e) => Err(e),
+                }
+            }
+            (_, _, Err(e)) => Err(e),
+            _ => Err(CallError::InvalidStatus("unreachable: fixed names".into())),
+        };
+        let answers = match answer {
+            Ok(()) => Some(false),
+            Err(
+                CallError::Refused(PublishRefusal::NoMatchingSubscribers)
+                | CallError::DevicesReconnecting,
+            ) => Some(true),
+            Err(e) => {
+                tracing::debug!(error = %e, "the no-subscribers probe got no answer");
+                None
+            }
+        };
+        match answers {
+            Some(true) => tracing::info!(
+                "the broker answers PUBACK 0x10 when nobody subscribes: calls to devices that \
+                 are not there are answered 404 at once"
+            ),
+            Some(false) => tracing::warn!(
+                "the broker never answers PUBACK 0x10 (no matching subscribers), or something \
+                 subscribes to every request topic: a call to a device that is not there and \
+                 never announced itself waits for its timeout (504). Devices that announce \
+                 themselves are still answered at once when offline (docs/BROKERS.md)"
+            ),
+            None => {}
+        }
+        caller.inner.lock_broker().answers_no_subscribers = answers;
+        let _ = ready.wait_for(|ready| !*ready).await;
+    }
+}
+
+/// How long the no-subscribers probe may wait for its PUBACK.
+const PROBE_EXPIRY: Duration = Duration::from_secs(5);
+
 impl Inner {
+    fn lock_broker(&self) -> std::sync::MutexGuard<'_, BrokerInfo> {
+        // Every critical section is one assignment: a poisoned lock is still consistent.
+        self.broker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A call's outcome as the caller reports it.
     fn result(&self, outcome: CallOutcome) -> Result<Received, CallError> {
         match outcome {
