@@ -6,6 +6,11 @@
 //!   broker stays up.
 //! - [`RawClient`]: a plain rumqttc client whose publishes arrive on a channel.
 //! - [`TestRedis`]: a real `redis-server` per test on a free loopback port.
+//! - [`EjabberdCluster`]: a real MQTT 5 cluster per test, ejabberd nodes on loopback, whose
+//!   nodes can be killed and restarted.
+//! - [`TestHaproxy`]: HAProxy with the shipped `deploy/haproxy/haproxy.cfg` in front of a
+//!   test's gateways; [`ClusterStack`]: all of it at once, the product scaled out.
+//! - [`Process`]: a child process with its output in a log file, killed when dropped.
 //! - [`http_client`], [`h2_client`]: HTTP clients, the second with windows of our choosing.
 //! - [`make_certificates`]: a CA, a server and a client certificate for TLS tests.
 //! - Processes and ports: [`free_port`], [`wait_connectable`], [`sbin`], [`repo_root`].
@@ -14,7 +19,11 @@
 
 mod broker;
 mod certs;
+mod cluster;
+mod ejabberd;
+mod haproxy;
 mod http;
+mod process;
 mod raw;
 mod redis;
 mod relay;
@@ -26,7 +35,11 @@ use std::time::{Duration, Instant};
 
 pub use broker::{BrokerKind, Embedded, TestBroker};
 pub use certs::make_certificates;
+pub use cluster::{ClusterPlan, ClusterStack, GatewayInstance};
+pub use ejabberd::EjabberdCluster;
+pub use haproxy::TestHaproxy;
 pub use http::{h2_client, h2_post, http_client};
+pub use process::Process;
 pub use raw::RawClient;
 pub use redis::TestRedis;
 pub use relay::FaultyLink;

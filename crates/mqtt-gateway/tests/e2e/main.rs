@@ -17,4 +17,8 @@
 
 mod acl;
 mod calls;
+mod events;
+mod fan_out;
+mod long_calls;
+mod registry;
 mod stack;

@@ -20,6 +20,12 @@ pub struct Stack {
     pub gateway_url: String,
     /// The demo device the stack runs.
     pub device_id: String,
+    /// Every demo device the stack runs (`E2E_DEVICE_IDS`; else only `device_id`), spread over
+    /// the broker's nodes on a cluster.
+    pub device_ids: Vec<String>,
+    /// Each gateway instance's own HTTP base behind the balancer (`E2E_GATEWAY_URLS`; else only
+    /// `gateway_url`): what a call accepted on one instance is read back from.
+    pub instance_urls: Vec<String>,
     /// The broker with the device's credentials, when known (`MQTT_URL`).
     pub device_mqtt_url: Option<String>,
     /// The broker with the gateway's credentials, when known (`E2E_GATEWAY_MQTT_URL`).
@@ -49,17 +55,34 @@ impl Stack {
     /// here because Mosquitto is not installed.
     pub async fn get(test: &str) -> Option<Stack> {
         let stack = match std::env::var("GATEWAY_URL") {
-            Ok(url) if !url.is_empty() => Stack {
-                gateway_url: url.trim_end_matches('/').to_owned(),
-                device_id: std::env::var("E2E_DEVICE_ID").unwrap_or_else(|_| "demo-1".into()),
-                device_mqtt_url: std::env::var("MQTT_URL").ok().filter(|u| !u.is_empty()),
-                gateway_mqtt_url: std::env::var("E2E_GATEWAY_MQTT_URL")
-                    .ok()
-                    .filter(|u| !u.is_empty()),
-                api_key: std::env::var("E2E_API_KEY").ok().filter(|k| !k.is_empty()),
-                http: http_client(),
-                _own: None,
-            },
+            Ok(url) if !url.is_empty() => {
+                let gateway_url = url.trim_end_matches('/').to_owned();
+                let device_id = std::env::var("E2E_DEVICE_ID").unwrap_or_else(|_| "demo-1".into());
+                let list = |name: &str, or: &str| -> Vec<String> {
+                    std::env::var(name)
+                        .ok()
+                        .filter(|v| !v.is_empty())
+                        .map(|v| {
+                            v.split(',')
+                                .map(|u| u.trim().trim_end_matches('/').to_owned())
+                                .collect()
+                        })
+                        .unwrap_or_else(|| vec![or.to_owned()])
+                };
+                Stack {
+                    device_ids: list("E2E_DEVICE_IDS", &device_id),
+                    instance_urls: list("E2E_GATEWAY_URLS", &gateway_url),
+                    gateway_url,
+                    device_id,
+                    device_mqtt_url: std::env::var("MQTT_URL").ok().filter(|u| !u.is_empty()),
+                    gateway_mqtt_url: std::env::var("E2E_GATEWAY_MQTT_URL")
+                        .ok()
+                        .filter(|u| !u.is_empty()),
+                    api_key: std::env::var("E2E_API_KEY").ok().filter(|k| !k.is_empty()),
+                    http: http_client(),
+                    _own: None,
+                }
+            }
             _ => OwnStack::start(test)?,
         };
         let serving = match &stack._own {
@@ -96,7 +119,15 @@ impl Stack {
 
     /// A GET with the stack's API key, when it has one.
     pub fn fetch(&self, url: &str) -> reqwest::RequestBuilder {
-        let request = self.http.get(url);
+        self.with_key(self.http.get(url))
+    }
+
+    /// A DELETE with the stack's API key, when it has one.
+    pub fn delete(&self, url: &str) -> reqwest::RequestBuilder {
+        self.with_key(self.http.delete(url))
+    }
+
+    fn with_key(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.api_key {
             Some(key) => request.bearer_auth(key),
             None => request,
@@ -265,9 +296,12 @@ impl OwnStack {
                 ("GATEWAY_MQTT_PASSWORD", device_password.clone()),
             ]),
         );
+        let gateway_url = format!("http://127.0.0.1:{http_port}");
         Some(Stack {
-            gateway_url: format!("http://127.0.0.1:{http_port}"),
+            instance_urls: vec![gateway_url.clone()],
+            gateway_url,
             device_id: DEVICE_ID.into(),
+            device_ids: vec![DEVICE_ID.into()],
             device_mqtt_url: Some(with_credentials(DEVICE_ID, &device_password)),
             gateway_mqtt_url: Some(with_credentials(GATEWAY_USER, &gateway_password)),
             api_key: Some(api_key),
