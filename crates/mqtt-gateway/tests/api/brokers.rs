@@ -78,3 +78,82 @@ async fn a_subscriber_to_every_request_topic_means_no_0x10_and_the_gateway_says_
         app.mqtt.broker()
     );
 }
+
+#[tokio::test]
+async fn across_a_mosquitto_bridge_calls_work_no_0x10_comes_and_the_registry_answers_for_devices_that_left(
+) {
+    let test = "across_a_mosquitto_bridge_calls_work_no_0x10_comes_and_the_registry_answers_for_devices_that_left";
+    let a = TestBroker::start();
+    if !a.is_mosquitto_for(test) {
+        return;
+    }
+    // Broker b bridges every topic both ways to broker a, in MQTT 5 (docs/BROKERS.md).
+    let b = TestBroker::start_with(
+        &format!(
+            "connection to-a\naddress 127.0.0.1:{}\ntopic # both 1\n\
+             bridge_protocol_version mqttv50\ncleansession true\nstart_type automatic\n\
+             restart_timeout 1\n",
+            a.port
+        ),
+        &[],
+    );
+    let app = TestApp::spawn(&a).await;
+    let device = demo_device(&b, "bridged").await;
+
+    // A call crosses the bridge both ways, properties and all.
+    let started = std::time::Instant::now();
+    let answered = loop {
+        let response = app.call("bridged", "echo", "\"across\"").await;
+        if response.status() == 200 {
+            break response;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the bridge carries calls: {} {}\n{}",
+            response.status(),
+            response.text().await.unwrap(),
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answered.text().await.unwrap(), "\"across\"");
+
+    // The bridge subscribes to everything on a: no 0x10 ever, and the gateway knows it.
+    assert!(
+        eventually(Duration::from_secs(10), || app
+            .mqtt
+            .broker()
+            .answers_no_subscribers
+            == Some(false))
+        .await,
+        "{:?}",
+        app.mqtt.broker()
+    );
+    let absent = app
+        .http
+        .post(format!(
+            "{}?timeout_ms=500",
+            app.service_url("never-there", "echo")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(absent.status(), 504, "no 0x10: the timeout answers");
+
+    // A device that says it leaves is answered offline at once, from the registry.
+    device.shutdown().await;
+    let left = std::time::Instant::now();
+    loop {
+        let response = app.call("bridged", "echo", "1").await;
+        if response.status() == 404 {
+            assert_eq!(problem(response).await["code"], "device-offline");
+            break;
+        }
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "the registry answers for the device that left: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

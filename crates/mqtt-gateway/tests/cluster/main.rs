@@ -291,3 +291,95 @@ async fn a_broker_node_killed_the_gateways_and_devices_move_to_the_other_and_it_
         restarted.elapsed()
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_retried_with_its_idempotency_key_after_its_gateway_died_runs_once() {
+    let test = "a_call_retried_with_its_idempotency_key_after_its_gateway_died_runs_once";
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut stack) = stack(test, plan(2)).await else {
+        return;
+    };
+    // A device on node 1 that counts how often it runs `work`, and takes 3 s.
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = runs.clone();
+    let device = mqtt_rpc::ServiceHost::new(stack.broker.mqtt_options(1, "device-once-1"))
+        .service("devices/once-1/work", move |_request| {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                mqtt_rpc::Reply::new(format!("done-{n}"))
+            }
+        })
+        .unwrap()
+        .start();
+    tokio::time::timeout(Duration::from_secs(10), device.wait_ready())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The call goes to gateway 0, which dies while the device works on it.
+    let http = test_support::http_client();
+    let key = format!("retry-{}", std::process::id());
+    let first = tokio::spawn({
+        let request = http
+            .post(format!(
+                "{}/api/v1/devices/once-1/services/work?timeout_ms=30000",
+                stack.gateways[0].url()
+            ))
+            .header("idempotency-key", &key)
+            .body("go");
+        async move { request.send().await.map(|r| r.status().as_u16()) }
+    });
+    let started = Instant::now();
+    while runs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the device got it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed_at = Instant::now();
+    stack.kill_gateway(0);
+    assert!(first.await.unwrap().is_err(), "its client lost the answer");
+
+    // The client retries through the balancer with the same key until it has the answer.
+    let mut in_progress = 0;
+    let answer = loop {
+        let retry = http
+            .post(format!(
+                "{}/api/v1/devices/once-1/services/work?timeout_ms=30000",
+                stack.url()
+            ))
+            .header("idempotency-key", &key)
+            .body("go")
+            .send()
+            .await
+            .unwrap();
+        match retry.status().as_u16() {
+            200 => {
+                assert_eq!(retry.headers()["idempotent-replayed"], "true");
+                break retry.text().await.unwrap();
+            }
+            409 => in_progress += 1,
+            other => panic!("the retry got {other}: {}", retry.text().await.unwrap()),
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "no answer for the retry\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(answer, "done-1", "the first run's answer");
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the device ran it once"
+    );
+    report(&format!(
+        "cluster: a call with an Idempotency-Key whose gateway was killed: retried through the \
+         balancer, 409 request-in-progress {in_progress} times, then its one answer {:?} after \
+         the kill (the call taken over by the other gateway); the device ran it once",
+        killed_at.elapsed()
+    ));
+}
