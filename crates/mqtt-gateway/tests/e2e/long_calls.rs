@@ -13,6 +13,24 @@ fn far_device(stack: &Stack) -> &str {
     stack.device_ids.last().expect("a device")
 }
 
+/// Starts `count` with `Prefer: respond-async` on the first instance; the call's path.
+async fn count_async(stack: &Stack, body: Value) -> String {
+    let accepted = stack
+        .post(&format!(
+            "{}/api/v1/devices/{}/services/count?timeout_ms=60000",
+            stack.instance_urls[0],
+            far_device(stack)
+        ))
+        .header("prefer", "respond-async")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    accepted.headers()["location"].to_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn a_streamed_call_sends_each_progress_message_then_its_result() {
     let Some(stack) =
@@ -44,20 +62,7 @@ async fn an_async_call_accepted_by_one_gateway_is_followed_and_read_on_every_gat
     let Some(stack) = Stack::get(test).await else {
         return;
     };
-    let first = &stack.instance_urls[0];
-    let accepted = stack
-        .post(&format!(
-            "{first}/api/v1/devices/{}/services/count?timeout_ms=30000",
-            far_device(&stack)
-        ))
-        .header("prefer", "respond-async")
-        .header("content-type", "application/json")
-        .body(json!({ "to": 4, "every_ms": 400 }).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(accepted.status(), 202);
-    let at = accepted.headers()["location"].to_str().unwrap().to_owned();
+    let at = count_async(&stack, json!({ "to": 4, "every_ms": 400 })).await;
 
     // Every instance knows it while it runs.
     for base in &stack.instance_urls {
@@ -98,20 +103,7 @@ async fn a_running_call_is_cancelled_from_any_gateway() {
     let Some(stack) = Stack::get("a_running_call_is_cancelled_from_any_gateway").await else {
         return;
     };
-    let first = &stack.instance_urls[0];
-    let accepted = stack
-        .post(&format!(
-            "{first}/api/v1/devices/{}/services/count?timeout_ms=60000",
-            far_device(&stack)
-        ))
-        .header("prefer", "respond-async")
-        .header("content-type", "application/json")
-        .body(json!({ "to": 1000, "every_ms": 100 }).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(accepted.status(), 202);
-    let at = accepted.headers()["location"].to_str().unwrap().to_owned();
+    let at = count_async(&stack, json!({ "to": 1000, "every_ms": 100 })).await;
     let last = stack.instance_urls.last().unwrap();
     // It runs: a progress message came.
     let mut events = stack

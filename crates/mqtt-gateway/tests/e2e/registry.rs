@@ -2,8 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::stack::{unique, Stack};
 
 /// How long a gateway may take to know every device. On a broker that keeps retained messages
@@ -20,14 +18,9 @@ async fn every_gateway_lists_every_device_that_announced_itself() {
     for base in &stack.instance_urls {
         let started = Instant::now();
         let listed = loop {
-            let page: Value = stack
-                .fetch(&format!("{base}/api/v1/devices?limit=1000"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page = stack
+                .json(&format!("{base}/api/v1/devices?limit=1000"))
+                .await;
             let ids: Vec<String> = page["devices"]
                 .as_array()
                 .expect("a list of devices")
@@ -42,14 +35,7 @@ async fn every_gateway_lists_every_device_that_announced_itself() {
         };
         for device in &stack.device_ids {
             assert!(listed.contains(device), "{base} lists {listed:?}");
-            let doc: Value = stack
-                .fetch(&format!("{base}/api/v1/devices/{device}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let doc = stack.json(&format!("{base}/api/v1/devices/{device}")).await;
             assert_eq!(doc["online"], true, "{doc}");
             assert!(doc["services"]["echo"].is_object(), "its services: {doc}");
         }
@@ -75,14 +61,7 @@ async fn every_gateway_says_which_broker_node_it_is_on_and_what_it_can_do() {
     for base in &stack.instance_urls {
         let started = Instant::now();
         let broker = loop {
-            let ready: Value = stack
-                .fetch(&format!("{base}/readyz"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let ready = stack.json(&format!("{base}/readyz")).await;
             let broker = ready["broker"].clone();
             if !broker["answers_no_subscribers"].is_null() || started.elapsed() > KNOWN_WITHIN {
                 break broker;

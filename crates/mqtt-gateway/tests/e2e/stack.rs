@@ -122,6 +122,17 @@ impl Stack {
         self.with_key(self.http.get(url))
     }
 
+    /// A GET's JSON body, with the stack's API key.
+    pub async fn json(&self, url: &str) -> serde_json::Value {
+        self.fetch(url)
+            .send()
+            .await
+            .expect("the gateway answers HTTP")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     /// A DELETE with the stack's API key, when it has one.
     pub fn delete(&self, url: &str) -> reqwest::RequestBuilder {
         self.with_key(self.http.delete(url))
