@@ -139,8 +139,19 @@ impl ClusterStack {
                 Process::spawn(&format!("device-{id}"), &mut command, dir.path()),
             ));
         }
+        for (i, gateway) in gateways.iter_mut().enumerate() {
+            gateway.process = Some(spawn_gateway(&plan.binary, i, &gateway.args, dir.path()));
+        }
+        for (i, gateway) in gateways.iter().enumerate() {
+            if !wait_ready(&gateway.url(), READY_WITHIN).await {
+                let log = std::fs::read_to_string(dir.path().join(format!("gateway-{i}.log")));
+                panic!("gateway {i} was not ready: {}", log.unwrap_or_default());
+            }
+        }
+        // The balancer last: its first health checks find every gateway up, so it sends
+        // calls to all of them at once (a gateway it found down waits `rise 2` checks).
         let lb = TestHaproxy::start(&addrs);
-        let mut stack = Self {
+        let stack = Self {
             broker,
             redis,
             gateways,
@@ -149,12 +160,6 @@ impl ClusterStack {
             plan,
             dir,
         };
-        for i in 0..stack.gateways.len() {
-            stack.spawn_gateway(i);
-        }
-        for i in 0..stack.gateways.len() {
-            stack.wait_ready(i, READY_WITHIN).await;
-        }
         stack.wait_devices().await;
         crate::report(&format!(
             "{test}: cluster of {} ejabberd nodes, {} gateways behind HAProxy, {} devices, \
@@ -235,29 +240,19 @@ impl ClusterStack {
     }
 
     fn spawn_gateway(&mut self, i: usize) {
-        let mut command = clean_command(&self.plan.binary);
-        command.args(&self.gateways[i].args);
-        let process = Process::spawn(&format!("gateway-{i}"), &mut command, self.dir.path());
+        let gateway = &self.gateways[i];
+        let process = spawn_gateway(&self.plan.binary, i, &gateway.args, self.dir.path());
         self.gateways[i].process = Some(process);
     }
 
     /// Until gateway `i` answers `/readyz` 200.
     pub async fn wait_ready(&self, i: usize, within: Duration) {
-        let http = http_client();
-        let url = format!("{}/readyz", self.gateways[i].url());
-        let started = Instant::now();
-        while started.elapsed() < within {
-            if let Ok(r) = http.get(&url).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !wait_ready(&self.gateways[i].url(), within).await {
+            panic!(
+                "gateway {i} was not ready within {within:?}\n{}",
+                self.logs()
+            );
         }
-        panic!(
-            "gateway {i} was not ready within {within:?}\n{}",
-            self.logs()
-        );
     }
 
     /// Until every device answers an echo through the balancer.
@@ -285,4 +280,27 @@ impl ClusterStack {
             }
         }
     }
+}
+
+/// Starts gateway `i` of the stack, its output in `gateway-{i}.log`.
+fn spawn_gateway(binary: &Path, i: usize, args: &[String], dir: &Path) -> Process {
+    let mut command = clean_command(binary);
+    command.args(args);
+    Process::spawn(&format!("gateway-{i}"), &mut command, dir)
+}
+
+/// Whether the gateway at `base` answers `/readyz` 200 within `within`.
+async fn wait_ready(base: &str, within: Duration) -> bool {
+    let http = http_client();
+    let url = format!("{base}/readyz");
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if let Ok(r) = http.get(&url).send().await {
+            if r.status() == 200 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }

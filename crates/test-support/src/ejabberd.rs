@@ -172,6 +172,17 @@ impl EjabberdCluster {
         self.nodes[i].mqtt_port
     }
 
+    /// The process id of node `i`'s Erlang VM (the `erl` started for it, which becomes
+    /// `beam.smp`), while it runs; for reading its CPU time (the scale-out benchmark).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].process.as_ref().map(Process::pid)
+    }
+
+    /// The process id of the cluster's own `epmd`.
+    pub fn epmd_pid(&self) -> u32 {
+        self.epmd.pid()
+    }
+
     /// Client options for node `i`, as `mqtt-rpc` builds them (TCP_NODELAY, a 1 MiB packet
     /// limit), with a 5 s keep-alive so a lost node is noticed quickly.
     pub fn mqtt_options(&self, i: usize, client_id: &str) -> MqttOptions {

@@ -76,6 +76,11 @@ impl TestHaproxy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Its process id, for reading its CPU time (the scale-out benchmark).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// What it logged: one line per request (`option httplog`), health check changes.
     pub fn log(&self) -> String {
         self.process.log()

@@ -47,6 +47,11 @@ impl TestRedis {
         panic!("redis-server did not start on any of 5 free ports");
     }
 
+    /// Its process id, for reading its CPU time (the scale-out benchmark).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its URL, for `--store-url`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
