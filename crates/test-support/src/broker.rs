@@ -200,6 +200,20 @@ impl TestBroker {
         }
     }
 
+    /// A second Mosquitto bridged to this one, every topic both ways in MQTT 5: the broker
+    /// without PUBACK 0x10 (the bridge's own subscription matches every topic). Mosquitto only;
+    /// see docs/BROKERS.md.
+    pub fn bridged(&self, embedded: &Embedded) -> TestBroker {
+        assert_eq!(self.kind, BrokerKind::Mosquitto, "a bridge is Mosquitto's");
+        let bridge = format!(
+            "connection to-{port}\naddress 127.0.0.1:{port}\ntopic # both 1\n\
+             bridge_protocol_version mqttv50\ncleansession true\nstart_type automatic\n\
+             restart_timeout 1\n",
+            port = self.port
+        );
+        TestBroker::start_on(embedded, &bridge, &[])
+    }
+
     /// Only Mosquitto answers PUBACK 0x10 (No matching subscribers), among other behaviours.
     /// Returns false, and reports the skip, when the test cannot run on this broker.
     pub fn is_mosquitto_for(&self, test: &str) -> bool {

@@ -117,7 +117,7 @@ pub(crate) enum ApiError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
     /// No `Retry-After`: the request itself must change, or a retry may run the call twice
-    /// (see [`Sent`]).
+    /// (see `Sent`).
     No,
     /// `Retry-After: 1`: the condition passes on its own (overload, a reconnect).
     Soon,

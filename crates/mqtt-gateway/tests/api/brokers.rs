@@ -88,15 +88,7 @@ async fn across_a_mosquitto_bridge_calls_work_no_0x10_comes_and_the_registry_ans
         return;
     }
     // Broker b bridges every topic both ways to broker a, in MQTT 5 (docs/BROKERS.md).
-    let b = TestBroker::start_with(
-        &format!(
-            "connection to-a\naddress 127.0.0.1:{}\ntopic # both 1\n\
-             bridge_protocol_version mqttv50\ncleansession true\nstart_type automatic\n\
-             restart_timeout 1\n",
-            a.port
-        ),
-        &[],
-    );
+    let b = a.bridged(&test_support::Embedded::InProcess);
     let app = TestApp::spawn(&a).await;
     let device = demo_device(&b, "bridged").await;
 
@@ -144,7 +136,17 @@ async fn across_a_mosquitto_bridge_calls_work_no_0x10_comes_and_the_registry_ans
     device.shutdown().await;
     let left = std::time::Instant::now();
     loop {
-        let response = app.call("bridged", "echo", "1").await;
+        // Until its death has crossed the bridge, a call is sent, and no 0x10 comes: it times
+        // out (500 ms).
+        let response = app
+            .http
+            .post(format!(
+                "{}?timeout_ms=500",
+                app.service_url("bridged", "echo")
+            ))
+            .send()
+            .await
+            .unwrap();
         if response.status() == 404 {
             assert_eq!(problem(response).await["code"], "device-offline");
             break;
