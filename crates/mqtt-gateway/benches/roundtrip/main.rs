@@ -22,8 +22,10 @@
 //! 7. a fan-out to 1,000 devices: time to the last result, CPU and memory per target, and the
 //!    latency of ordinary calls beside it (see `fanout`).
 //!
-//! It prints Markdown tables, the targets, and last the line
-//! `throughput ratio gateway/raw-mqtt at 64 in flight: X.XX`; the numbers also go to a JSON file
+//! It prints Markdown tables, the targets, the throughput ratio and the p50 overhead at 1 in
+//! flight, and last the line
+//! `gateway CPU per call / broker CPU per round trip at 64 in flight: X.XX` (issue 17: below 1,
+//! the broker, never the gateway, sets the pace); the numbers also go to a JSON file
 //! for `crates/mqtt-gateway/benches/plot_roundtrip.py`. `--quick` is a smoke run of well under a minute.
 //!
 //! Every load is closed (a fixed number of calls in flight), bounded in time and count, and only
@@ -459,6 +461,8 @@ async fn run(options: Options) -> Result<(), String> {
         json_path.display()
     );
     println!("run time: {}", report::seconds(began.elapsed()));
+    println!("{}", report.throughput_line());
+    println!("{}", report.p50_line());
     println!("{}", report.last_line());
     Ok(())
 }

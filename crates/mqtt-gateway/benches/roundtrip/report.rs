@@ -477,12 +477,43 @@ impl Report {
         lines
     }
 
-    /// The last line, exactly as the issue asks.
-    pub fn last_line(&self) -> String {
+    /// The throughput ratio at 64 in flight, 64 B.
+    pub fn throughput_line(&self) -> String {
         let ratio = self
             .ratios(Path::Gateway, 64, 64)
             .map_or(f64::NAN, |(t, _)| t);
         format!("throughput ratio gateway/raw-mqtt at 64 in flight: {ratio:.2}")
+    }
+
+    /// How much longer a call takes through the gateway than over raw MQTT, at 1 in flight.
+    pub fn p50_line(&self) -> String {
+        let extra = match (
+            self.phase(Path::Raw, 64, 1),
+            self.phase(Path::Gateway, 64, 1),
+        ) {
+            (Some(raw), Some(gw)) => gw.sample.p50_us() - raw.sample.p50_us(),
+            _ => f64::NAN,
+        };
+        format!("p50 overhead gateway − raw-mqtt at 1 in flight: {extra:.0} µs")
+    }
+
+    /// The gateway's CPU time per call over the broker's per round trip, both measured in the
+    /// gateway phase at 64 in flight, 64 B: below 1, the broker sets the pace.
+    pub fn cpu_ratio(&self) -> f64 {
+        self.phase(Path::Gateway, 64, 64)
+            .and_then(|p| {
+                let s = &p.sample;
+                Some(s.cpu_per_call_us(s.cpu.gateway)? / s.cpu_per_call_us(s.cpu.broker)?)
+            })
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The last line, exactly as issue 17 asks.
+    pub fn last_line(&self) -> String {
+        format!(
+            "gateway CPU per call / broker CPU per round trip at 64 in flight: {:.2}",
+            self.cpu_ratio()
+        )
     }
 
     pub fn to_json(&self) -> Value {
