@@ -515,7 +515,8 @@ async fn a_client_that_reads_nothing_holds_at_most_the_byte_budget_until_the_wri
         (1..=9).contains(&held),
         "only what fits 8 MiB is held for the client: {statuses:?}"
     );
-    assert_eq!(statuses.get(&503), Some(&(60 - held)), "{statuses:?}");
+    // The replies that did not fit were dropped: 502 reply-dropped (the devices did answer).
+    assert_eq!(statuses.get(&502), Some(&(60 - held)), "{statuses:?}");
     assert!(buffered <= 8_388_608.0, "{buffered}");
     assert!(grown < 40.0, "RSS grew {grown:.1} MiB");
 

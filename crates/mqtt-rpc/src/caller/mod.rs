@@ -21,7 +21,7 @@ mod publish_order;
 mod readiness;
 mod request;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -353,6 +353,8 @@ struct Inner {
     /// DISCONNECT was sent: the task ends instead of reconnecting.
     disconnecting: AtomicBool,
     counters: Counters,
+    /// No-subscribers probes waiting for their PUBACK (0 or 1), left out of the calls parked.
+    probing: AtomicUsize,
     budget: Arc<ByteBudget>,
     /// The client id, for the log line that says another client is using it.
     client_id: String,
@@ -484,6 +486,7 @@ impl Caller {
             shutting_down: AtomicBool::new(false),
             disconnecting: AtomicBool::new(false),
             counters: Counters::default(),
+            probing: AtomicUsize::new(0),
             budget: options.budget,
             client_id,
             readiness: Mutex::new(Readiness::default()),
@@ -742,7 +745,12 @@ impl Caller {
     pub fn stats(&self) -> CallerStats {
         let c = &self.inner.counters;
         CallerStats {
-            parked: self.inner.parked.len(),
+            // The no-subscribers probe waits in the same map for its PUBACK; it is no call.
+            parked: self
+                .inner
+                .parked
+                .len()
+                .saturating_sub(self.inner.probing.load(Ordering::SeqCst)),
             ready: self.is_ready(),
             reconnects: c.reconnects.load(Ordering::Relaxed),
             unmatched_replies: c.unmatched_replies.load(Ordering::Relaxed),
@@ -926,10 +934,13 @@ async fn probe_no_subscribers(caller: Caller) {
         ) {
             (Ok(device), Ok(service), Ok(slot)) => {
                 let call = Call::new(device, service, Bytes::new()).with_timeout(PROBE_EXPIRY);
-                match caller.send_one_way(slot, call) {
+                caller.inner.probing.fetch_add(1, Ordering::SeqCst);
+                let answer = match caller.send_one_way(slot, call) {
                     Ok(sent) => sent.accepted().await,
                     Err(e) => Err(e),
-                }
+                };
+                caller.inner.probing.fetch_sub(1, Ordering::SeqCst);
+                answer
             }
             (_, _, Err(e)) => Err(e),
             _ => Err(CallError::InvalidStatus("unreachable: fixed names".into())),
