@@ -21,10 +21,10 @@ NOISY_OTHER_CORES = 0.15
 STYLE = {
     "raw-mqtt": {"color": "#555555", "marker": "o", "label": "raw MQTT 5 (no HTTP)"},
     "gateway": {"color": "#1f77b4", "marker": "s", "label": "gateway (default)"},
-    "gateway-1-thread": {
+    "gateway-2-threads": {
         "color": "#ff7f0e",
         "marker": "^",
-        "label": "gateway --worker-threads 1",
+        "label": "gateway --worker-threads 2",
     },
 }
 

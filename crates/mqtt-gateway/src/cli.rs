@@ -431,9 +431,10 @@ pub struct ProcessArgs {
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Threads that run the process's tasks (default: one per CPU core). Where the broker
-    /// shares a small machine, 1 costs less CPU per call: HTTP and MQTT tasks then never wake
-    /// each other across threads (see BENCHMARKS.md).
+    /// Threads that run the process's tasks (default 1: everything on one thread, which costs
+    /// the least CPU per call; the broker, usually one thread too, sets the pace). Above 1, a
+    /// multi-threaded runtime: for CPU-heavy use (large schemas, large fan-outs) on a machine
+    /// of its own. More instances scale further (docs/SCALING.md; BENCHMARKS.md).
     #[arg(long, env = "GATEWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
 }

@@ -67,12 +67,20 @@ fn api_key(args: &mqtt_gateway::cli::ApiKeyArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The multi-threaded Tokio runtime, with `--worker-threads` threads (default: one per core).
+/// The Tokio runtime: by default (`--worker-threads 1`) a current-thread runtime, every task
+/// on the main thread with the I/O driver, so a call's HTTP task and the MQTT task hand work
+/// over without waking another thread, and the requests of several calls reach the MQTT task
+/// before it writes (one write for many). With `--worker-threads N` above 1, a multi-threaded
+/// one with N threads. Why: ARCHITECTURE.md, "One thread by default".
 fn runtime(worker_threads: Option<u16>) -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
-        builder.worker_threads(n.into());
-    }
+    let mut builder = match worker_threads {
+        None | Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.into());
+            builder
+        }
+    };
     builder
         .enable_all()
         .build()

@@ -80,6 +80,10 @@ pub struct BrokerUrl {
     pub credentials: Option<(String, Secret)>,
 }
 
+/// The most QoS 1 publishes one client has awaiting their PUBACK (before the broker's own
+/// Receive Maximum lowers it); past it, new ones wait in the client's queue.
+const MAX_UNACKED: u16 = 1024;
+
 impl BrokerUrl {
     /// Parses `mqtt://`, `mqtts://`, `ws://` or `wss://` URLs, with optional `user:password@`.
     pub fn parse(raw: &str) -> Result<Self, BrokerUrlError> {
@@ -268,6 +272,10 @@ impl Connect {
         options.set_max_packet_size(Some(self.max_packet_bytes));
         // Seconds: a broker that accepts TCP but never answers CONNECT is given up on quickly.
         options.set_connection_timeout(5);
+        // rumqttc keeps a slot for every packet id it may use, all allocated up front: 65,535
+        // slots were about 14 MiB of an idle gateway. A thousand publishes awaiting their PUBACK
+        // is far more than a broker allows anyway (its Receive Maximum lowers this further).
+        options.set_outgoing_inflight_upper_limit(MAX_UNACKED);
 
         let user = self
             .username

@@ -353,3 +353,48 @@ async fn an_abandoned_call_is_cancelled_on_the_device() {
         "the device went quiet"
     );
 }
+
+/// Write system calls made by this thread so far (`syscw` of /proc/thread-self/io).
+fn writes_by_this_thread() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").expect("Linux's per-thread I/O");
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a syscw line")
+}
+
+/// The workspace builds rumqttc from patches/rumqttc (PATCH.md): the requests waiting in a
+/// client's channel go out in one write. 32 calls queued before the caller's connection task
+/// runs, their 32 replies and the PUBACKs both ways, all on this one thread (a current-thread
+/// runtime), take a few writes, not one per packet (well over 64 upstream).
+#[tokio::test]
+async fn patched_rumqttc_writes_queued_requests_in_one_write() {
+    let broker = broker();
+    let _device = device(&broker).await;
+    let caller = caller(&broker, "batching-caller").await;
+    // One call first, so every connection is warm.
+    caller.call(call("d1", "echo", "warm")).await.unwrap();
+
+    let before = writes_by_this_thread();
+    // Queued without yielding: the connection task runs only once all are in its channel.
+    let parked: Vec<_> = (0..32)
+        .map(|i| {
+            let slot = caller.reserve().unwrap();
+            let echo = Call::new(
+                DeviceId::parse("d1").unwrap(),
+                ServiceName::parse("echo").unwrap(),
+                i.to_string(),
+            );
+            caller.send(slot, echo).unwrap()
+        })
+        .collect();
+    for (i, parked) in parked.into_iter().enumerate() {
+        let received = parked.reply().await.unwrap();
+        assert_eq!(received.reply.payload, format!("{i}").into_bytes());
+    }
+    let writes = writes_by_this_thread() - before;
+    assert!(
+        writes < 24,
+        "{writes} writes for 32 calls: the queued requests were not written together"
+    );
+}

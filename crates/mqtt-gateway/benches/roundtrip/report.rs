@@ -20,8 +20,8 @@ pub enum Path {
     Raw,
     /// Keep-alive HTTP/1.1 → gateway → broker → device → back, the gateway as it ships.
     Gateway,
-    /// The same with `--worker-threads 1`.
-    GatewayOneThread,
+    /// The same with `--worker-threads 2`: a multi-threaded runtime.
+    GatewayTwoThreads,
     /// The gateway as it ships, each call with `Prefer: respond-async, wait=10`: kept as a
     /// record, run by its own task, answered with the reply within the wait.
     GatewayAsync,
@@ -31,7 +31,7 @@ impl Path {
     pub const ALL: [Path; 4] = [
         Path::Raw,
         Path::Gateway,
-        Path::GatewayOneThread,
+        Path::GatewayTwoThreads,
         Path::GatewayAsync,
     ];
 
@@ -39,7 +39,7 @@ impl Path {
         match self {
             Path::Raw => "raw-mqtt",
             Path::Gateway => "gateway",
-            Path::GatewayOneThread => "gateway-1-thread",
+            Path::GatewayTwoThreads => "gateway-2-threads",
             Path::GatewayAsync => "gateway-async",
         }
     }
@@ -129,7 +129,7 @@ impl Report {
             w,
             "Round trips, QoS 1, JSON payloads. raw-mqtt: an MQTT 5 client with Response Topic + \
              Correlation Data, no HTTP. gateway: keep-alive HTTP/1.1 → gateway process → broker → \
-             device → back; gateway-1-thread: the same gateway run with --worker-threads 1. CPU columns are µs of CPU per call of each process (bench = load \
+             device → back; gateway-2-threads: the same gateway run with --worker-threads 2 (a multi-threaded runtime). CPU columns are µs of CPU per call of each process (bench = load \
              generator + echo device); cores busy = all three together; other cores = what \
              the rest of the machine used meanwhile (should be near 0).\n"
         );
@@ -430,7 +430,7 @@ impl Report {
     fn targets(&self) -> Vec<String> {
         let verdict = |ok: bool| if ok { "holds" } else { "MISSED" };
         let mut lines = Vec::new();
-        for gateway in [Path::Gateway, Path::GatewayOneThread] {
+        for gateway in [Path::Gateway, Path::GatewayTwoThreads] {
             let name = gateway.name();
             if let Some((ratio, _)) = self.ratios(gateway, 64, 64) {
                 lines.push(format!(

@@ -78,7 +78,7 @@ struct Options {
     gateways: Vec<usize>,
 
     /// Flags every gateway gets besides the stack's own, split at spaces (such as
-    /// `--worker-threads 1`); none by default: the gateway as it ships.
+    /// `--worker-threads 2`); none by default: the gateway as it ships.
     #[arg(long, allow_hyphen_values = true)]
     gateway_flags: Option<String>,
 
