@@ -44,10 +44,13 @@
 //!
 //! Backpressure: at most [`ServiceHost::max_concurrent`] handlers run at once, and at most
 //! [`ServiceHost::max_queued`] more requests wait for a slot. Past that, a request is answered at
-//! once with status 503 (`device busy`) instead of queueing without bound. (Holding back the
-//! PUBACK is no alternative: MQTT 5 requires QoS 1 acks in the order the requests arrived, so
-//! one slow handler would stall every request behind it.) Several processes can split one
-//! service's load with `$share/<group>/<filter>` filters.
+//! once with status 503 (`device busy`) instead of queueing without bound. Or, with
+//! [`ServiceHost::flow_control`], the broker holds back what the host cannot take yet (MQTT 5
+//! Receive Maximum): the host acknowledges a request only when a handler slot takes it, in the
+//! order the requests came, so the broker sends a new one only when the host has room. (Acking
+//! when a handler *ends* would not do: MQTT 5 requires QoS 1 acks in the order the requests
+//! arrived, so one slow handler would stall every request behind it.) Several processes can
+//! split one service's load with `$share/<group>/<filter>` filters.
 
 mod announce;
 mod filter;
@@ -69,7 +72,7 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
 use rumqttc::Outgoing;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -279,6 +282,9 @@ pub struct ServiceHost {
     metadata: serde_json::Map<String, serde_json::Value>,
     /// More brokers to try in turn ([`ServiceHost::failover`]).
     failover: Vec<MqttOptions>,
+    /// Requests that may wait unstarted under broker-side flow control
+    /// ([`ServiceHost::flow_control`]).
+    window: Option<u16>,
 }
 
 impl ServiceHost {
@@ -298,6 +304,7 @@ impl ServiceHost {
             identity: Identity::default(),
             metadata: serde_json::Map::new(),
             failover: Vec::new(),
+            window: None,
         }
     }
 
@@ -381,8 +388,32 @@ impl ServiceHost {
     }
 
     /// Bounds the requests waiting for a handler slot; beyond it they get a 503 reply at once.
+    /// (With [`ServiceHost::flow_control`], the window bounds them instead.)
     pub fn max_queued(mut self, n: usize) -> Self {
         self.max_queued = n;
+        self
+    }
+
+    /// Broker-side flow control: at most `window` requests (at least 1) wait in this host for
+    /// a handler slot, and the broker holds back the rest until one frees, instead of the host
+    /// answering them 503 `device busy` at once.
+    ///
+    /// The host tells the broker its Receive Maximum (`window`) and acknowledges each QoS 1
+    /// request only when a handler slot takes it, in the order the requests came (MQTT 5
+    /// requires that order); the broker never has more than `window` unacknowledged messages
+    /// on their way to the host, so a burst waits in the broker, each request within its
+    /// Message Expiry (the caller's timeout: what expires there is answered by the caller's
+    /// timeout, and the handler never runs late); the broker's own limit bounds how many it
+    /// holds (Mosquitto: `max_queued_messages`, 1000 per client by default, beyond which it
+    /// drops new ones and their callers time out). The host's other QoS 1 messages (cancels,
+    /// discovery) are acknowledged in that same order: a cancel still acts at once, only its
+    /// acknowledgement waits.
+    ///
+    /// Only brokers that honour the client's Receive Maximum hold requests back (Mosquitto,
+    /// EMQX, HiveMQ do; rumqttd 0.20 does not, and then the host answers 503 beyond
+    /// `max_concurrent + window` as without flow control). QoS 0 requests are never held back.
+    pub fn flow_control(mut self, window: u16) -> Self {
+        self.window = Some(window.max(1));
         self
     }
 
@@ -436,15 +467,29 @@ impl ServiceHost {
             announce::cancel_filters(&self.topics, self.services.iter().map(|s| &s.filter));
         // Room for every running handler's reply plus the busy replies of a burst, so replies
         // rarely wait for the event loop.
+        let queued = match self.window {
+            Some(window) => {
+                self.options.set_receive_maximum(Some(window));
+                self.options.set_manual_acks(true);
+                usize::from(window)
+            }
+            None => self.max_queued,
+        };
+        let capacity = self.max_concurrent + queued;
         let failover = Failover::new(&self.options, self.failover);
         let (client, eventloop) = AsyncClient::new(self.options, 2 * self.max_concurrent + 64);
         let ready = watch::Sender::new(Readiness::Connecting);
+        let running = Arc::new(Semaphore::new(self.max_concurrent));
+        let flow = self
+            .window
+            .map(|_| FlowControl::start(client.clone(), running.clone(), capacity));
         let shared = Arc::new(Shared {
             client: client.clone(),
             services: self.services,
-            running: Arc::new(Semaphore::new(self.max_concurrent)),
+            running,
+            flow,
             admitted: AtomicUsize::new(0),
-            capacity: self.max_concurrent + self.max_queued,
+            capacity,
             ready: ready.clone(),
             presence,
             cancel_filters,
@@ -582,6 +627,9 @@ struct Shared {
     services: Vec<Service>,
     /// One permit per handler allowed to run.
     running: Arc<Semaphore>,
+    /// Acknowledgements held until a slot takes the request, with
+    /// [`ServiceHost::flow_control`].
+    flow: Option<FlowControl>,
     /// Requests running or waiting for a permit.
     admitted: AtomicUsize,
     /// The most requests that may be admitted at once (running + queued).
@@ -672,6 +720,9 @@ async fn serve(mut eventloop: EventLoop, shared: Arc<Shared>, mut failover: Fail
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 connected_at = Some(Instant::now());
+                if let Some(flow) = &shared.flow {
+                    flow.connected();
+                }
                 if ack.session_present || (shared.services.is_empty() && shared.presence.is_none())
                 {
                     shared.ready.send_replace(Readiness::Ready);
@@ -790,6 +841,10 @@ fn invalid_response_topic(topic: &str) -> Option<&'static str> {
 /// Finds the handler and runs it in its own task; never blocks the event loop.
 fn dispatch(shared: &Arc<Shared>, publish: Publish) {
     let received = Instant::now();
+    // Under flow control every QoS 1 message is acknowledged through the one queue, in order:
+    // when this guard drops (whatever the message turns out to be), or, for a request that is
+    // run, once a handler slot takes it.
+    let ack = shared.flow.as_ref().and_then(|flow| flow.hold(&publish));
     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
     if let Some(presence) = &shared.presence {
         if presence.handle(&shared.client, &topic, &publish.payload) {
@@ -868,6 +923,7 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
         return;
     }
 
+    let slot = ack.map(HeldAck::after_slot);
     // Cancellable when the caller can name it: by its Response Topic and Correlation Data.
     let key = request.response_topic.clone().zip(correlation.clone());
     let registered = key.map(|key| (shared.register(key.clone()), key));
@@ -875,7 +931,7 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
     tokio::spawn(async move {
         let _admitted = Admitted(&shared.admitted);
         let Some(((call, cancelled), key)) = registered else {
-            return serve_request(&shared, index, request, correlation, deadline).await;
+            return serve_request(&shared, index, request, correlation, deadline, slot).await;
         };
         let _registered = Registered {
             shared: &shared,
@@ -884,7 +940,7 @@ fn dispatch(shared: &Arc<Shared>, publish: Publish) {
         };
         let topic = request.topic.clone();
         tokio::select! {
-            () = serve_request(&shared, index, request, correlation, deadline) => {}
+            () = serve_request(&shared, index, request, correlation, deadline, slot) => {}
             // A dropped sender (a duplicate took its place) is no cancel: that branch waits on.
             Ok(()) = cancelled => debug!(%topic, "handler stopped: the caller cancelled"),
         }
@@ -898,9 +954,15 @@ async fn serve_request(
     request: ServiceRequest,
     correlation: Option<Bytes>,
     deadline: Option<Instant>,
+    slot: Option<oneshot::Receiver<OwnedSemaphorePermit>>,
 ) {
-    // The semaphore is never closed, so acquiring cannot fail.
-    let Ok(_permit) = shared.running.clone().acquire_owned().await else {
+    // The semaphore is never closed, so acquiring cannot fail; under flow control the queue of
+    // acknowledgements acquires it, in the order the requests came.
+    let permit = match slot {
+        None => shared.running.clone().acquire_owned().await.ok(),
+        Some(slot) => slot.await.ok(),
+    };
+    let Some(_permit) = permit else {
         return;
     };
     let expired = |deadline: Option<Instant>| deadline.is_some_and(|d| Instant::now() >= d);
@@ -952,6 +1014,153 @@ fn is_group_topic(topic: &str) -> bool {
     topic
         .strip_prefix(protocol::GROUP_TOPIC_PREFIX)
         .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Broker-side flow control ([`ServiceHost::flow_control`]): one task acknowledges the host's
+/// QoS 1 messages in the order they came, each request's only once a handler slot is free for
+/// it (the slot then goes to the request's task).
+struct FlowControl {
+    client: AsyncClient,
+    queue: mpsc::Sender<ToAck>,
+    /// Counts connections: an acknowledgement for a message of an earlier connection is not
+    /// sent (that session's packet ids mean nothing on this one).
+    connection: Arc<AtomicU64>,
+    /// The direct acknowledgement of a message that found the queue full was logged.
+    overflowed: std::sync::atomic::AtomicBool,
+    running: Arc<Semaphore>,
+}
+
+/// A message waiting for its acknowledgement.
+struct ToAck {
+    pkid: u16,
+    qos: QoS,
+    connection: u64,
+    /// For a request to run: where its handler slot goes before the acknowledgement.
+    slot: Option<oneshot::Sender<OwnedSemaphorePermit>>,
+}
+
+impl FlowControl {
+    /// `bound`: the most messages held at once; the broker's window keeps the real number far
+    /// below it, unless the broker ignores the host's Receive Maximum.
+    fn start(client: AsyncClient, running: Arc<Semaphore>, bound: usize) -> Self {
+        let (queue, acks) = mpsc::channel(bound.max(1) + 1024);
+        let connection = Arc::new(AtomicU64::new(0));
+        tokio::spawn(ack_in_order(
+            client.clone(),
+            running.clone(),
+            connection.clone(),
+            acks,
+        ));
+        Self {
+            client,
+            queue,
+            connection,
+            overflowed: std::sync::atomic::AtomicBool::new(false),
+            running,
+        }
+    }
+
+    fn connected(&self) {
+        self.connection.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Holds the acknowledgement of a QoS 1 or 2 message.
+    fn hold(&self, publish: &Publish) -> Option<HeldAck<'_>> {
+        (publish.qos != QoS::AtMostOnce).then(|| HeldAck {
+            flow: self,
+            ack: Some(ToAck {
+                pkid: publish.pkid,
+                qos: publish.qos,
+                connection: self.connection.load(Ordering::Acquire),
+                slot: None,
+            }),
+        })
+    }
+
+    fn push(&self, ack: ToAck) {
+        if let Err(e) = self.queue.try_send(ack) {
+            // Only when the broker ignores the Receive Maximum and floods the host: acknowledge
+            // at once, out of order, rather than hold without bound.
+            let (mpsc::error::TrySendError::Full(ack) | mpsc::error::TrySendError::Closed(ack)) = e;
+            if !self.overflowed.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "the broker sends more than the host's Receive Maximum: acknowledging at \
+                     once what does not fit the queue (it ignores flow control)"
+                );
+            }
+            let mut publish = Publish::new("", ack.qos, Bytes::new(), None);
+            publish.pkid = ack.pkid;
+            // The request's slot is then its own to take, as without flow control.
+            if let Some(slot) = ack.slot {
+                let running = self.running.clone();
+                tokio::spawn(async move {
+                    if let Ok(permit) = running.acquire_owned().await {
+                        let _ = slot.send(permit);
+                    }
+                });
+            }
+            if ack.connection == self.connection.load(Ordering::Acquire) {
+                let _ = self.client.try_ack(&publish);
+            }
+        }
+    }
+}
+
+/// An acknowledgement held by [`FlowControl::hold`]: queued as it is when dropped.
+struct HeldAck<'a> {
+    flow: &'a FlowControl,
+    ack: Option<ToAck>,
+}
+
+impl HeldAck<'_> {
+    /// Queues the acknowledgement behind a handler slot; the slot comes out of the receiver.
+    fn after_slot(mut self) -> oneshot::Receiver<OwnedSemaphorePermit> {
+        let (slot, rx) = oneshot::channel();
+        if let Some(mut ack) = self.ack.take() {
+            ack.slot = Some(slot);
+            self.flow.push(ack);
+        }
+        rx
+    }
+}
+
+impl Drop for HeldAck<'_> {
+    fn drop(&mut self) {
+        if let Some(ack) = self.ack.take() {
+            self.flow.push(ack);
+        }
+    }
+}
+
+/// The flow control's task: acknowledges in order, each request once it has its slot.
+async fn ack_in_order(
+    client: AsyncClient,
+    running: Arc<Semaphore>,
+    connection: Arc<AtomicU64>,
+    mut acks: mpsc::Receiver<ToAck>,
+) {
+    while let Some(ack) = acks.recv().await {
+        if let Some(slot) = ack.slot {
+            // A request cancelled or given up meanwhile needs no slot.
+            if !slot.is_closed() {
+                // The semaphore is never closed.
+                let Ok(permit) = running.clone().acquire_owned().await else {
+                    return;
+                };
+                // If the request's task is gone by now, the permit comes back.
+                let _ = slot.send(permit);
+            }
+        }
+        if ack.connection != connection.load(Ordering::Acquire) {
+            continue;
+        }
+        let mut publish = Publish::new("", ack.qos, Bytes::new(), None);
+        publish.pkid = ack.pkid;
+        if client.ack(&publish).await.is_err() {
+            // The event loop is gone: the host has stopped.
+            return;
+        }
+    }
 }
 
 /// Counts a request as admitted until dropped, whatever way its task ends.
