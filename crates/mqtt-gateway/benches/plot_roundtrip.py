@@ -37,7 +37,13 @@ def main(source, target):
     with open(source) as f:
         data = json.load(f)
     phases = data["phases"]
-    payloads = sorted({p["payload"] for p in phases})
+    # A curve needs two settings: sizes measured at one number in flight only (64 KiB) are
+    # in the tables, not the plot.
+    payloads = sorted(
+        size
+        for size in {p["payload"] for p in phases}
+        if len({p["in_flight"] for p in phases if p["payload"] == size}) > 1
+    )
     fig, axes = plt.subplots(len(payloads), 2, figsize=(11, 4.2 * len(payloads)), squeeze=False)
     for row, payload in enumerate(payloads):
         for path, style in STYLE.items():

@@ -427,16 +427,23 @@ impl Report {
         out
     }
 
+    /// Issue 17's targets (they replace the earlier throughput ratio ≥ 0.85, p50 ≤ raw + 100 µs
+    /// and 2 KiB per parked call): the gateway's CPU per call against the broker's per round
+    /// trip in the same phase, the p50 overhead at 1 in flight, memory per parked call, idle RSS.
     fn targets(&self) -> Vec<String> {
         let verdict = |ok: bool| if ok { "holds" } else { "MISSED" };
         let mut lines = Vec::new();
         for gateway in [Path::Gateway, Path::GatewayTwoThreads] {
             let name = gateway.name();
-            if let Some((ratio, _)) = self.ratios(gateway, 64, 64) {
-                lines.push(format!(
-                    "throughput at 64 in flight, 64 B: {name}/raw = {ratio:.2} (target ≥ 0.85): {}",
-                    verdict(ratio >= 0.85)
-                ));
+            for (payload, in_flight, target) in [(64, 64, 0.8), (64, 256, 0.8), (65536, 64, 1.0)] {
+                if let Some(ratio) = self.cpu_ratio_of(gateway, payload, in_flight) {
+                    lines.push(format!(
+                        "CPU per call at {in_flight} in flight, {}: {name}/broker = {ratio:.2} \
+                         (target ≤ {target:.1}): {}",
+                        payload_label(payload),
+                        verdict(ratio <= target)
+                    ));
+                }
             }
             if let (Some(raw), Some(gw)) =
                 (self.phase(Path::Raw, 64, 1), self.phase(gateway, 64, 1))
@@ -449,8 +456,8 @@ impl Report {
                     )
                 });
                 lines.push(format!(
-                    "p50 at 1 in flight, 64 B: {name} − raw = {extra:.0} µs (target ≤ 100 µs): {}{floor}",
-                    verdict(extra <= 100.0)
+                    "p50 at 1 in flight, 64 B: {name} − raw = {extra:.0} µs (target ≤ 50 µs): {}{floor}",
+                    verdict(extra <= 50.0)
                 ));
             }
         }
@@ -462,9 +469,14 @@ impl Report {
                 ""
             };
             lines.push(format!(
-                "memory per parked call at {} parked: {bytes:.0} B (target ≤ 2048 B): {}{note}",
+                "memory per parked call at {} parked: {bytes:.0} B (target ≤ 1024 B): {}{note}",
                 p.parked,
-                verdict(bytes <= 2048.0 && p.answered == 0)
+                verdict(bytes <= 1024.0 && p.answered == 0)
+            ));
+            let idle_mib = p.rss_idle_kib as f64 / 1024.0;
+            lines.push(format!(
+                "idle RSS of a fresh gateway: {idle_mib:.1} MiB (target ≤ 12 MiB): {}",
+                verdict(idle_mib <= 12.0)
             ));
         }
         if let Some(o) = self.offline.iter().find(|o| o.in_flight == 1) {
@@ -498,14 +510,15 @@ impl Report {
     }
 
     /// The gateway's CPU time per call over the broker's per round trip, both measured in the
-    /// gateway phase at 64 in flight, 64 B: below 1, the broker sets the pace.
+    /// same phase: below 1, the broker sets the pace.
+    fn cpu_ratio_of(&self, gateway: Path, payload: usize, in_flight: usize) -> Option<f64> {
+        let s = &self.phase(gateway, payload, in_flight)?.sample;
+        Some(s.cpu_per_call_us(s.cpu.gateway)? / s.cpu_per_call_us(s.cpu.broker)?)
+    }
+
+    /// Issue 17's ratio at 64 in flight, 64 B.
     pub fn cpu_ratio(&self) -> f64 {
-        self.phase(Path::Gateway, 64, 64)
-            .and_then(|p| {
-                let s = &p.sample;
-                Some(s.cpu_per_call_us(s.cpu.gateway)? / s.cpu_per_call_us(s.cpu.broker)?)
-            })
-            .unwrap_or(f64::NAN)
+        self.cpu_ratio_of(Path::Gateway, 64, 64).unwrap_or(f64::NAN)
     }
 
     /// The last line, exactly as issue 17 asks.
