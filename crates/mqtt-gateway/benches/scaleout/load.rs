@@ -1,5 +1,8 @@
-//! The load: a closed loop of callers, each on its own keep-alive HTTP/1.1 connection making one
-//! `echo` call after another, so exactly as many calls are in flight as there are callers. Only
+//! The load: callers, each on its own keep-alive HTTP/1.1 connection making one `echo` call
+//! after another, so at most as many calls are in flight as there are callers. Closed (each
+//! caller calls again as soon as it has its answer) or paced (each caller starts a call every
+//! `pace`, staggered, and skips the starts it is late for: an offered rate, not the most the
+//! stack can take). Only
 //! calls that start and end inside the measured window count; every answer is checked (200 and
 //! the payload back byte for byte), so a fast wrong answer never counts.
 
@@ -168,17 +171,24 @@ struct CallerResult {
 
 /// Runs every caller in its own task: `warmup`, then the measured `window`, reading every
 /// watched process's CPU time and each gateway's answered calls at both ends of it.
-pub async fn closed_loop(
+pub async fn drive_callers(
     callers: Vec<Caller>,
     warmup: Duration,
     window: Duration,
+    pace: Option<Duration>,
     watched: &Watched,
 ) -> Sample {
     let start = Instant::now() + warmup;
     let end = start + window;
+    let count = callers.len() as u32;
     let tasks: Vec<_> = callers
         .into_iter()
-        .map(|caller| tokio::spawn(drive(caller, start, end)))
+        .enumerate()
+        .map(|(i, caller)| {
+            // Paced callers start staggered over one interval, so the calls arrive evenly.
+            let pace = pace.map(|every| (every, every * i as u32 / count.max(1)));
+            tokio::spawn(drive(caller, start, end, pace))
+        })
         .collect();
 
     tokio::time::sleep_until(start).await;
@@ -218,14 +228,30 @@ pub async fn closed_loop(
     sample
 }
 
-async fn drive(mut caller: Caller, start: Instant, end: Instant) -> CallerResult {
+async fn drive(
+    mut caller: Caller,
+    start: Instant,
+    end: Instant,
+    pace: Option<(Duration, Duration)>,
+) -> CallerResult {
     let mut result = CallerResult {
         calls: 0,
         errors: 0,
         first_error: None,
         latency: latency_histogram(),
     };
+    let mut next = pace.map(|(_, offset)| Instant::now() + offset);
     for _ in 0..MAX_CALLS_PER_CALLER {
+        if let (Some(at), Some((every, _))) = (next.as_mut(), pace) {
+            tokio::time::sleep_until(*at).await;
+            // The next start; one this caller is already late for is skipped, not made up
+            // for with a burst.
+            *at += every;
+            let now = Instant::now();
+            if *at < now {
+                *at = now;
+            }
+        }
         let began = Instant::now();
         if began >= end {
             break;

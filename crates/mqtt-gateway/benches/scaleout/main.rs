@@ -17,7 +17,10 @@
 //! gateway's share comes from its own `/metrics` (calls it answered in the window).
 //!
 //! On a 2-core machine every process shares the same two cores, so calls/s cannot grow with the
-//! number of gateways; what should stay flat is the gateway CPU per call.
+//! number of gateways; what should stay flat is the gateway CPU per call. In a closed loop each
+//! of N gateways gets 1/N of a fixed total, and a gateway that handles fewer calls per wakeup
+//! spends more per call; `--rate-per-gateway R` offers each gateway the same R calls a second
+//! instead (paced callers), which compares N at equal load per instance.
 //!
 //! Every load is closed, bounded in time and count, and only touches 127.0.0.1. The machine may
 //! be shared: each phase waits for the rest of it to be quiet, and one that other processes
@@ -41,7 +44,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use test_support::{ClusterPlan, ClusterStack};
 
-use load::{closed_loop, json_payload, Caller, Sample};
+use load::{drive_callers, json_payload, Caller, Sample};
 use watch::{Reading, Watched};
 
 /// A phase during which other processes used more than this many cores is disturbed.
@@ -65,9 +68,16 @@ struct Options {
     #[arg(long)]
     warmup: Option<f64>,
 
-    /// Calls in flight.
+    /// Calls in flight (at most, when paced).
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
+
+    /// Pace the callers: offer this many calls a second to each gateway (N gateways are
+    /// offered N times as many), instead of a closed loop that takes all the stack can do.
+    /// Every gateway then sees the same rate whatever N is, so its CPU per call compares
+    /// across N at equal load.
+    #[arg(long)]
+    rate_per_gateway: Option<f64>,
 
     /// Bytes of the JSON payload each call sends (and gets back).
     #[arg(long, default_value_t = 64)]
@@ -163,6 +173,12 @@ async fn run(options: Options) -> Result<(), String> {
     if options.gateways.contains(&0) || options.in_flight == 0 {
         return Err("--gateways and --in-flight must be at least 1".into());
     }
+    if options
+        .rate_per_gateway
+        .is_some_and(|r| !(r.is_finite() && r > 0.0))
+    {
+        return Err("--rate-per-gateway must be a positive number of calls a second".into());
+    }
     let payload = json_payload(options.payload);
     // Direct first: its callers' connections close with it, while HAProxy keeps its idle
     // connections to the gateways open after its phase (they would be counted in the next
@@ -204,7 +220,11 @@ async fn run(options: Options) -> Result<(), String> {
             let phase = loop {
                 wait_quiet(&watched, quiet_wait).await;
                 let callers = connect(&stack, via, options.in_flight, &payload).await?;
-                let sample = closed_loop(callers, warmup, measure, &watched).await;
+                // Each caller starts a call every in_flight / (rate × N) seconds.
+                let pace = options.rate_per_gateway.map(|rate| {
+                    Duration::from_secs_f64(options.in_flight as f64 / (rate * gateways as f64))
+                });
+                let sample = drive_callers(callers, warmup, measure, pace, &watched).await;
                 attempts += 1;
                 let phase = Phase {
                     gateways,
@@ -384,6 +404,13 @@ fn print_report(options: &Options, measure: Duration, warmup: Duration, phases: 
         warmup.as_secs_f64(),
         measure.as_secs_f64()
     );
+    if let Some(rate) = options.rate_per_gateway {
+        println!(
+            "- paced: {rate:.0} calls/s offered to each gateway (N × {rate:.0} in all), at most \
+             {} in flight; a call that ends after its caller's next start delays that start",
+            options.in_flight
+        );
+    }
     if let Some(flags) = &options.gateway_flags {
         println!("- gateway flags: `{flags}`");
     }
