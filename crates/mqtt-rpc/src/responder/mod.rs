@@ -407,7 +407,10 @@ impl ServiceHost {
     /// holds (Mosquitto: `max_queued_messages`, 1000 per client by default, beyond which it
     /// drops new ones and their callers time out). The host's other QoS 1 messages (cancels,
     /// discovery) are acknowledged in that same order: a cancel still acts at once, only its
-    /// acknowledgement waits.
+    /// acknowledgement waits. But they count against the window too: while `window` requests
+    /// wait in the host, the broker holds back a cancel (or a discovery request) until one of
+    /// them starts, so a waiting request's cancel stops its handler just after it has started
+    /// (at its first `.await`), not before.
     ///
     /// Only brokers that honour the client's Receive Maximum hold requests back (Mosquitto,
     /// EMQX, HiveMQ do; rumqttd 0.20 does not, and then the host answers 503 beyond
