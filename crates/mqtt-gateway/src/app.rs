@@ -153,6 +153,29 @@ pub fn raise_open_file_limit() -> u64 {
     open_file_limit()
 }
 
+/// glibc's malloc gives memory back to the kernel as soon as 128 KiB lie free at the top of its
+/// heap, and serves larger blocks with their own mmap. A gateway moving 64 KiB bodies then
+/// takes page faults on every call for memory it has just given back: 12% of its CPU at 64
+/// calls in flight with 64 KiB payloads, which put its CPU per call above the broker's
+/// (BENCHMARKS.md, issue 17). So the binary keeps up to 32 MiB free at the top of the heap
+/// for reuse, and serves blocks under 4 MiB from the heap. An operator's `GLIBC_TUNABLES`
+/// wins: with it set, nothing is changed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn tune_malloc() {
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only sets two of the allocator's parameters, under its own lock.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
+/// Other allocators decide for themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_malloc() {}
+
 /// A started gateway: connected (or connecting) to the broker, the demo device running if
 /// asked for, not yet serving HTTP.
 pub struct App {

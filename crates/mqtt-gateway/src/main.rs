@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 mod healthcheck;
 
 fn main() -> ExitCode {
+    mqtt_gateway::app::tune_malloc();
     let cli = Cli::parse();
     let worker_threads = match &cli.command {
         None => cli.serve.process.worker_threads,
