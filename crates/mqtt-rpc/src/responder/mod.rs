@@ -1042,6 +1042,15 @@ struct ToAck {
     slot: Option<oneshot::Sender<OwnedSemaphorePermit>>,
 }
 
+impl ToAck {
+    /// What rumqttc needs to acknowledge the message: its packet id and QoS.
+    fn publish(&self) -> Publish {
+        let mut publish = Publish::new("", self.qos, Bytes::new(), None);
+        publish.pkid = self.pkid;
+        publish
+    }
+}
+
 impl FlowControl {
     /// `bound`: the most messages held at once; the broker's window keeps the real number far
     /// below it, unless the broker ignores the host's Receive Maximum.
@@ -1091,8 +1100,7 @@ impl FlowControl {
                      once what does not fit the queue (it ignores flow control)"
                 );
             }
-            let mut publish = Publish::new("", ack.qos, Bytes::new(), None);
-            publish.pkid = ack.pkid;
+            let publish = ack.publish();
             // The request's slot is then its own to take, as without flow control.
             if let Some(slot) = ack.slot {
                 let running = self.running.clone();
@@ -1142,8 +1150,8 @@ async fn ack_in_order(
     connection: Arc<AtomicU64>,
     mut acks: mpsc::Receiver<ToAck>,
 ) {
-    while let Some(ack) = acks.recv().await {
-        if let Some(slot) = ack.slot {
+    while let Some(mut ack) = acks.recv().await {
+        if let Some(slot) = ack.slot.take() {
             // A request cancelled or given up meanwhile needs no slot.
             if !slot.is_closed() {
                 // The semaphore is never closed.
@@ -1157,9 +1165,7 @@ async fn ack_in_order(
         if ack.connection != connection.load(Ordering::Acquire) {
             continue;
         }
-        let mut publish = Publish::new("", ack.qos, Bytes::new(), None);
-        publish.pkid = ack.pkid;
-        if client.ack(&publish).await.is_err() {
+        if client.ack(&ack.publish()).await.is_err() {
             // The event loop is gone: the host has stopped.
             return;
         }
