@@ -176,6 +176,22 @@ pub fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn tune_malloc() {}
 
+/// Gives back to the kernel what starting up allocated and freed: building the router and the
+/// OpenAPI document peaks at about 2.4 MiB of heap, most of it free once the gateway serves; with
+/// [`tune_malloc`]'s threshold glibc would keep it resident for the process's life. Called
+/// once, when the HTTP side is built and before it serves.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn release_startup_memory() {
+    // SAFETY: malloc_trim only returns free pages of the heap to the kernel, under its lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other allocators decide for themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn release_startup_memory() {}
+
 /// A started gateway: connected (or connecting) to the broker, the demo device running if
 /// asked for, not yet serving HTTP.
 pub struct App {

@@ -2,7 +2,10 @@
 //! `#[utoipa::path]` annotations, and Swagger UI to read it and try calls (vendored: it works
 //! with no internet access).
 
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::get;
 use axum::Router;
+use bytes::Bytes;
 use utoipa::openapi::{RefOr, Required};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
@@ -106,18 +109,28 @@ fn describe_problem_codes(spec: &mut utoipa::openapi::OpenApi) {
     schema.description = Some(text);
 }
 
-/// Swagger UI at `/docs`, reading the document at `/openapi.json`, and offering each online
-/// device's document too (its configuration comes from `/docs/swagger-config.json`, made when
-/// the page loads).
+/// Swagger UI at `/docs`, and the document at `/openapi.json`, serialized once here: the
+/// gateway keeps its JSON, not the document as a structure (dropped here, and its memory given
+/// back before the gateway serves: `app::release_startup_memory`). Swagger UI also
+/// offers each online device's document (its configuration comes from
+/// `/docs/swagger-config.json`, made when the page loads).
 pub(super) fn swagger_ui<S: Clone + Send + Sync + 'static>(
     spec: utoipa::openapi::OpenApi,
 ) -> Router<S> {
-    let config =
-        utoipa_swagger_ui::Config::default().config_url(super::device_docs::SWAGGER_CONFIG_PATH);
-    SwaggerUi::new(UI_PATH)
-        .url(SPEC_PATH, spec)
-        .config(config)
-        .into()
+    let json = match spec.to_json() {
+        Ok(json) => Bytes::from(json),
+        Err(e) => Bytes::from(format!("{{\"error\": \"{e}\"}}")),
+    };
+    drop(spec);
+    let document = get(move || {
+        let json = json.clone();
+        std::future::ready(([(CONTENT_TYPE, "application/json")], json))
+    });
+    let config = utoipa_swagger_ui::Config::new([SPEC_PATH])
+        .config_url(super::device_docs::SWAGGER_CONFIG_PATH);
+    Router::new()
+        .route(SPEC_PATH, document)
+        .merge(SwaggerUi::new(UI_PATH).config(config))
 }
 
 /// The document as pretty JSON with a trailing newline: what `mqtt-gateway openapi` prints and

@@ -196,7 +196,9 @@ pub(crate) async fn serve(
     stats: Arc<server::ServerStats>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    server::serve(listener, service(state), limits, stats, shutdown).await
+    let service = service(state);
+    crate::app::release_startup_memory();
+    server::serve(listener, service, limits, stats, shutdown).await
 }
 
 async fn not_found(method: Method, request: Request) -> ApiError {
