@@ -1,5 +1,6 @@
 //! `POST /api/v1/devices/{device_id}/services/{service}`: one HTTP call, one MQTT 5 request.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -219,19 +220,23 @@ impl HttpCall {
         }
     }
 
-    pub(super) async fn run(self, state: &AppState) -> Response {
+    pub(super) fn run(self, state: &AppState) -> impl Future<Output = Response> + Send + '_ {
         // Everything up to the publish runs boxed: it lasts only until the request is sent, and
-        // a parked call's future must not keep room for it (see `front`'s size test).
-        let (pending, caller) = match Box::pin(self.send(state)).await {
-            Ok(sent) => sent,
-            Err(response) => return response,
-        };
-        let reply = pending.reply().await.map_err(ApiError::from);
-        // The caller's place is given back once the answer is known.
-        drop(caller);
-        match reply {
-            Ok(reply) => reply_response(reply, &state.limits),
-            Err(error) => error.into_response(),
+        // a parked call's future must not keep room for it (see `front`'s size test). Boxed
+        // here, not in an `async fn`, which would also keep room for `self` while parked.
+        let send = Box::pin(self.send(state));
+        async move {
+            let (pending, caller) = match send.await {
+                Ok(sent) => sent,
+                Err(response) => return response,
+            };
+            let reply = pending.reply().await.map_err(ApiError::from);
+            // The caller's place is given back once the answer is known.
+            drop(caller);
+            match reply {
+                Ok(reply) => reply_response(reply, &state.limits),
+                Err(error) => error.into_response(),
+            }
         }
     }
 

@@ -119,13 +119,15 @@ fn answer(front: Arc<Front>, mut request: Request) -> impl Future<Output = Respo
             }
         }
     };
+    // Logs the call even if the future is dropped before the answer (the client left). Made
+    // here, not in the block: a block that built it from captured parts would keep room for
+    // the parts and for the log, 104 bytes twice in every parked call.
+    let log = CallLog {
+        front,
+        observed,
+        request_id,
+    };
     async move {
-        // Logs the call even if this future is dropped before the answer (the client left).
-        let log = CallLog {
-            front,
-            observed,
-            request_id,
-        };
         let mut response = match next {
             Next::Answer(response) => *response,
             Next::Call(call) => call.run(&log.front.state).await,
@@ -280,6 +282,9 @@ mod tests {
         let service = crate::http::service(front.state.clone());
         let oneshot_size = std::mem::size_of_val(&service.oneshot(request()));
         eprintln!("handle: {handle_size} B, oneshot: {oneshot_size} B");
-        assert!(oneshot_size <= 640, "a call's future is {oneshot_size} B");
+        // Tokio allocates a task in multiples of 128 bytes (its cells are cache-line aligned),
+        // and hyper's HTTP/2 task adds about 190 bytes to the future: up to 448 bytes here the
+        // task is 640 bytes; a little more makes it 768 (it was 896 at 608 bytes).
+        assert!(oneshot_size <= 448, "a call's future is {oneshot_size} B");
     }
 }

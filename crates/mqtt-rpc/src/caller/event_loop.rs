@@ -254,7 +254,7 @@ impl Inner {
                         .map(|(k, v)| k.len() + v.len())
                         .sum::<usize>();
                 match self.budget.try_hold(bytes) {
-                    Some(held) => CallOutcome::Reply(Received {
+                    Some(held) => CallOutcome::Reply(Box::new(Received {
                         reply: Reply {
                             payload: publish.payload,
                             content_type: properties.content_type,
@@ -262,7 +262,7 @@ impl Inner {
                             user_properties,
                         },
                         held: Some(held),
-                    }),
+                    })),
                     None => CallOutcome::BufferFull,
                 }
             }

@@ -81,8 +81,9 @@ pub struct Received {
 /// How a parked call ends, as seen from the event loop.
 #[derive(Debug)]
 pub(crate) enum CallOutcome {
-    /// The reply came.
-    Reply(Received),
+    /// The reply came. Boxed: every parked call's channel keeps room for one outcome, and a
+    /// reply inline would make that room 112 bytes instead of 32.
+    Reply(Box<Received>),
     /// A reply came, but the budget holds as many bytes for calls as it may.
     BufferFull,
     /// The broker answered the request's PUBLISH with a failure reason code (PUBACK).
@@ -810,19 +811,44 @@ enum CancelTo {
 
 impl Parked {
     /// Waits for the reply, the broker's refusal, or the call's timeout.
-    ///
-    /// An `async` block that uses its captured `self` in place: an `async fn` would also keep a
-    /// second copy of `self` in the future, and a parked call is this future.
-    #[allow(clippy::manual_async_fn)]
-    pub fn reply(mut self) -> impl std::future::Future<Output = Result<Received, CallError>> {
-        async move {
-            // Named, so the block captures it: precise capture would take only the fields used
-            // below and drop the in-flight slot as soon as `reply` returns.
-            let _slot = &self._slot;
-            match tokio::time::timeout(self.timeout, self.parked.outcome()).await {
-                Ok(outcome) => self.caller.result(outcome),
-                Err(_) => Err(CallError::Timeout(self.timeout)),
-            }
+    pub fn reply(self) -> impl std::future::Future<Output = Result<Received, CallError>> {
+        let deadline = tokio::time::sleep(self.timeout);
+        AwaitReply {
+            parked: self,
+            deadline,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Parked::reply`]'s future: the parked call and its deadline, nothing more. A parked
+    /// call is this future, 100,000 times over; written out, it is 48 bytes smaller than an
+    /// `async` block around `tokio::time::timeout`, which keeps room for the block's own state
+    /// and for the future it wraps beside the call. The parked call (and so its in-flight slot)
+    /// lives as long as this future.
+    struct AwaitReply {
+        parked: Parked,
+        #[pin]
+        deadline: tokio::time::Sleep,
+    }
+}
+
+impl std::future::Future for AwaitReply {
+    type Output = Result<Received, CallError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.project();
+        // The outcome first, as `tokio::time::timeout` does: a reply that is there wins.
+        if let Poll::Ready(outcome) = this.parked.parked.poll_outcome(cx) {
+            return Poll::Ready(this.parked.caller.result(outcome));
+        }
+        match this.deadline.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(CallError::Timeout(this.parked.timeout))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -986,7 +1012,7 @@ impl Inner {
     /// A call's outcome as the caller reports it.
     fn result(&self, outcome: CallOutcome) -> Result<Received, CallError> {
         match outcome {
-            CallOutcome::Reply(reply) => Ok(reply),
+            CallOutcome::Reply(reply) => Ok(*reply),
             CallOutcome::Refused(PublishRefusal::NoMatchingSubscribers) if self.settling() => {
                 Err(CallError::DevicesReconnecting)
             }
