@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::callers::{json_payload, service_path, Http2Connection};
 use crate::devices::{SilentDevice, ECHO_DEVICE, SILENT_DEVICE};
-use crate::procs::{rss_kib, GatewayProcess};
+use crate::procs::{rss_anon_kib, rss_kib, GatewayProcess};
 
 /// Below the gateway's 200 concurrent streams per HTTP/2 connection, so no call waits for a
 /// stream on the client side.
@@ -53,6 +53,8 @@ pub struct Parked {
     /// The most calls on their way (sent, not yet parked) at once; 0: all sent at once.
     pub window: usize,
     pub rss_idle_kib: u64,
+    /// The anonymous part of the idle RSS (heap and stacks, not code pages).
+    pub rss_idle_anon_kib: u64,
     pub rss_connected_kib: u64,
     pub rss_parked_kib: u64,
     pub time_to_park: Duration,
@@ -124,6 +126,7 @@ pub async fn measure(
         }
     }
     let rss_idle_kib = settled_rss(pid).await?;
+    let rss_idle_anon_kib = rss_anon_kib(pid).ok_or("cannot read the gateway's RssAnon")?;
 
     let connections_needed = calls.div_ceil(STREAMS_PER_CONNECTION);
     let mut connections = Vec::with_capacity(connections_needed);
@@ -189,6 +192,7 @@ pub async fn measure(
         connections: connections_needed,
         window,
         rss_idle_kib,
+        rss_idle_anon_kib,
         rss_connected_kib,
         rss_parked_kib,
         time_to_park,

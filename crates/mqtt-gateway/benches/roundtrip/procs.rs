@@ -270,6 +270,15 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     )
 }
 
+/// The anonymous part of it (heap, stacks: RssAnon); the rest is file pages, mostly the
+/// binary's code, which the kernel maps 64 KiB at a time around each page touched.
+pub fn rss_anon_kib(pid: u32) -> Option<u64> {
+    read_status_kib(
+        &Path::new("/proc").join(pid.to_string()).join("status"),
+        "RssAnon:",
+    )
+}
+
 fn read_status_kib(path: &Path, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(path).ok()?;
     let line = status.lines().find(|l| l.starts_with(key))?;

@@ -267,6 +267,11 @@ impl Report {
             let _ = writeln!(w, "| RSS idle | {} KiB |", p.rss_idle_kib);
             let _ = writeln!(
                 w,
+                "| of which anonymous (heap, stacks; the rest is code pages) | {} KiB |",
+                p.rss_idle_anon_kib
+            );
+            let _ = writeln!(
+                w,
                 "| RSS with the connections open, no calls | {} KiB |",
                 p.rss_connected_kib
             );
@@ -475,7 +480,8 @@ impl Report {
             ));
             let idle_mib = p.rss_idle_kib as f64 / 1024.0;
             lines.push(format!(
-                "idle RSS of a fresh gateway: {idle_mib:.1} MiB (target ≤ 12 MiB): {}",
+                "idle RSS of a fresh gateway: {idle_mib:.1} MiB, {:.1} MiB of it anonymous (target ≤ 12 MiB): {}",
+                p.rss_idle_anon_kib as f64 / 1024.0,
                 verdict(idle_mib <= 12.0)
             ));
         }
@@ -570,6 +576,7 @@ impl Report {
                 "connections": p.connections,
                 "window": p.window,
                 "rss_idle_kib": p.rss_idle_kib,
+                "rss_idle_anon_kib": p.rss_idle_anon_kib,
                 "rss_connected_kib": p.rss_connected_kib,
                 "rss_parked_kib": p.rss_parked_kib,
                 "bytes_per_call": p.bytes_per_call(),
