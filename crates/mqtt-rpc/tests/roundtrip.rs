@@ -85,6 +85,25 @@ async fn a_caller_gets_the_responders_reply_byte_for_byte_with_its_status() {
     assert_eq!(caller.stats().parked, 0, "nothing stays parked");
 }
 
+/// A parked call's wait may be made on a thread with no runtime (a program that sends from
+/// synchronous code and awaits elsewhere): its timer starts at the first poll, not before.
+#[tokio::test]
+async fn a_reply_can_be_awaited_from_a_wait_made_outside_the_runtime() {
+    let broker = broker();
+    let _device = device(&broker).await;
+    let caller = caller(&broker, "two-step-caller").await;
+    let slot = caller.reserve().expect("a slot is free");
+    let parked = caller
+        .send(slot, call("d1", "echo", "later"))
+        .expect("the request is queued");
+    let wait = std::thread::spawn(move || parked.reply())
+        .join()
+        .expect("making the wait outside the runtime does not panic");
+    let received = wait.await.expect("the echo answers");
+    assert_eq!(&received.reply.payload[..], b"later");
+    assert_eq!(caller.stats().parked, 0, "nothing stays parked");
+}
+
 #[tokio::test]
 async fn a_call_nobody_answers_ends_typed_not_hanging() {
     let broker = broker();

@@ -812,10 +812,9 @@ enum CancelTo {
 impl Parked {
     /// Waits for the reply, the broker's refusal, or the call's timeout.
     pub fn reply(self) -> impl std::future::Future<Output = Result<Received, CallError>> {
-        let deadline = tokio::time::sleep(self.timeout);
         AwaitReply {
             parked: self,
-            deadline,
+            deadline: None,
         }
     }
 }
@@ -828,8 +827,9 @@ pin_project_lite::pin_project! {
     /// lives as long as this future.
     struct AwaitReply {
         parked: Parked,
+        // Set at the first poll, as `timeout` would: inside the runtime, whoever called `reply`.
         #[pin]
-        deadline: tokio::time::Sleep,
+        deadline: Option<tokio::time::Sleep>,
     }
 }
 
@@ -841,14 +841,18 @@ impl std::future::Future for AwaitReply {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         use std::task::Poll;
-        let this = self.project();
+        let mut this = self.project();
         // The outcome first, as `tokio::time::timeout` does: a reply that is there wins.
         if let Poll::Ready(outcome) = this.parked.parked.poll_outcome(cx) {
             return Poll::Ready(this.parked.caller.result(outcome));
         }
-        match this.deadline.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(CallError::Timeout(this.parked.timeout))),
-            Poll::Pending => Poll::Pending,
+        if this.deadline.is_none() {
+            let timeout = this.parked.timeout;
+            this.deadline.set(Some(tokio::time::sleep(timeout)));
+        }
+        match this.deadline.as_pin_mut().map(|deadline| deadline.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(CallError::Timeout(this.parked.timeout))),
+            _ => Poll::Pending,
         }
     }
 }
