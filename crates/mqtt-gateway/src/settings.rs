@@ -263,7 +263,9 @@ impl Settings {
             });
         }
         let access = access_policy(&args.security)?;
-        let server = server_limits(&args.http, embedded_broker)?;
+        let mut server = server_limits(&args.http, embedded_broker)?;
+        server.shutdown_drain =
+            Duration::from_millis(args.shutdown_grace_ms).min(crate::http::server::SHUTDOWN_DRAIN);
         if !access.authenticator.enabled()
             && !args.listen.ip().is_loopback()
             && !args.security.insecure_no_auth
@@ -483,5 +485,6 @@ fn server_limits(args: &HttpArgs, embedded_broker: bool) -> Result<ServerLimits,
         write_timeout: Duration::from_millis(args.http_write_timeout_ms),
         max_header_bytes: args.http_max_header_bytes as usize,
         http2_max_streams: args.http2_max_streams,
+        shutdown_drain: Duration::ZERO,
     })
 }

@@ -76,7 +76,18 @@ pub struct ServerLimits {
     pub write_timeout: Duration,
     pub max_header_bytes: usize,
     pub http2_max_streams: u32,
+    /// After the shutdown signal, how long connections already open stay open while idle (the
+    /// listener is closed at once). A balancer that reuses an idle connection to this gateway
+    /// the moment the gateway closes it gets no answer, and passes that on to its client as a
+    /// closed connection; in this window its requests get an answer (503 for calls, which it
+    /// may retry elsewhere), and its health checks, refused by the closed listener, take this
+    /// gateway out first.
+    pub shutdown_drain: Duration,
 }
+
+/// [`ServerLimits::shutdown_drain`] unless the shutdown grace is shorter: the shipped HAProxy
+/// configuration takes a gateway out within 750 ms of its first refused check.
+pub(crate) const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 
 impl ServerLimits {
     /// How often the watchdog looks at every connection: a quarter of the shortest timeout,
@@ -166,6 +177,15 @@ where
         });
     }
     drop(listener);
+    // Connections stay open (and answered) for the drain, unless all of them close first.
+    if let Ok(all) = tokio::time::timeout(
+        limits.shutdown_drain,
+        slots.clone().acquire_many_owned(max as u32),
+    )
+    .await
+    {
+        drop(all);
+    }
     watchdog.stop_all();
     // Every connection gives its slot back when it ends; each ends once its requests are
     // answered (the caller bounds that with the shutdown grace) or a timeout closes it.
@@ -860,6 +880,7 @@ mod tests {
             write_timeout: Duration::from_millis(500),
             max_header_bytes: 8192,
             http2_max_streams: 10,
+            shutdown_drain: Duration::ZERO,
         }
     }
 

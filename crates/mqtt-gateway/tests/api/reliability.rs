@@ -302,6 +302,60 @@ async fn sigterm_lets_calls_in_flight_finish_answers_the_rest_502_and_exits_0() 
     );
 }
 
+/// A balancer keeps idle connections to each gateway and may send a call on one the moment
+/// the gateway stops. Closed then, the call is lost to the balancer's client (HAProxy passes it
+/// on as a closed connection, a POST it cannot retry). For a moment after the signal the
+/// gateway keeps them open and answers: 503 `shutting-down`, which is safe to retry elsewhere.
+#[tokio::test]
+async fn after_sigterm_a_call_on_an_idle_kept_alive_connection_is_answered_not_dropped() {
+    let broker = TestBroker::start();
+    let _device = demo_device(&broker, "d").await;
+    let mut gateway = GatewayProcess::serve(
+        &broker.url(),
+        &["--shutdown-grace-ms", "3000", "--id", "gw-drain"],
+        &[],
+    )
+    .await;
+    // One connection, kept alive and idle in the client's pool.
+    let kept = http_client();
+    let url = gateway.service_url("d", "echo");
+    let first = kept.post(&url).body("1").send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+
+    gateway.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fresh = http_client()
+        .get(format!("{}/healthz", gateway.base))
+        .send()
+        .await;
+    assert!(fresh.is_err(), "the listener is closed: {fresh:?}");
+
+    let answer = kept
+        .post(&url)
+        .body("2")
+        .send()
+        .await
+        .expect("the idle connection is still open and answered");
+    assert_eq!(answer.status(), 503);
+    assert_eq!(
+        answer
+            .headers()
+            .get("mqtt-request-sent")
+            .and_then(|v| v.to_str().ok()),
+        Some("no"),
+        "safe to retry elsewhere"
+    );
+    let body = answer.text().await.unwrap();
+    assert!(body.contains("shutting-down"), "{body}");
+
+    let exit = gateway
+        .wait_exit(Duration::from_secs(6))
+        .await
+        .expect("exited");
+    assert!(exit.success(), "{exit:?}");
+}
+
 #[tokio::test]
 async fn a_persistent_session_delivers_replies_published_while_the_gateway_was_away() {
     let broker = TestBroker::start();
