@@ -112,8 +112,9 @@ pub(crate) struct ServerStats {
     pub timed_out: AtomicU64,
 }
 
-/// Serves `service` on `listener` until `shutdown` completes; then stops accepting, asks every
-/// connection to close once its requests are answered, and returns when all have.
+/// Serves `service` on `listener` until `shutdown` completes; then stops accepting, keeps the
+/// connections already open for [`ServerLimits::shutdown_drain`], asks every connection to
+/// close once its requests are answered, and returns when all have.
 pub(crate) async fn serve<S>(
     listener: TcpListener,
     service: S,
